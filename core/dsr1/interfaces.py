@@ -1,0 +1,361 @@
+"""The abstract base class of each plugin family.
+
+Each class has a small required surface (its abstract methods). Optional features
+are *declared* as capabilities in the plugin's :class:`~dsr1.specs.PluginSpec`, and
+``validate(...)`` returns human-readable reasons why an implementation does not fit a
+setting (an empty list means it fits). Every implementation is constructed as
+``Impl(options)`` with its validated pydantic options model.
+
+Tensor shape conventions used throughout:
+``B`` batch, ``T`` query length, ``S`` key length, ``H`` query heads, ``Hkv`` key/value
+heads, ``D`` head dim, ``V`` vocab size.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel
+
+from dsr1.specs import NoOptions
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+
+class Plugin(ABC):
+    """Common base: holds the validated options."""
+
+    #: Options model used when the class is instantiated without a spec.
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        """Reasons this implementation cannot run on ``device`` / ``dtype`` (empty: it can)."""
+        return []
+
+
+# --- attention ----------------------------------------------------------------------------
+
+
+class AttentionMechanism(Plugin):
+    """The attention computation of one layer.
+
+    ``forward(query, key, value)`` is the seed's plugin shape and is all a plugin
+    must implement. ``query`` is ``(B, H, T, D)``; ``key``/``value`` are ``(B, Hkv, S, D)``
+    with ``H % Hkv == 0`` (grouped-query attention); the result is ``(B, H, T, D)``.
+
+    ``mask`` is ``None`` (plain causal attention with the last ``T`` keys aligned to
+    the queries) or a boolean ``(B, 1, T, S)`` tensor, ``True`` where a query may attend
+    a key: the engine folds causality, padding and sliding windows into it. ``scale``
+    defaults to ``D ** -0.5``.
+    """
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attend ``query`` to ``key``/``value``; returns ``(B, H, T, D)``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.forward(*args, **kwargs)
+
+
+# --- device ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether a device backend can run here, and why not."""
+
+    available: bool
+    reason: str = ""
+    device_count: int = 0
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    total: int
+    free: int
+    used: int
+
+
+class Device(Plugin):
+    """A hardware backend. Importing it must not start the device runtime."""
+
+    #: torch device type (``"cpu"``, ``"cuda"``, ``"mlu"``, ``"npu"``).
+    torch_device_type: ClassVar[str] = "cpu"
+    #: collective backend name for multi-device work (``"gloo"``, ``"nccl"``, ``"cncl"``, ``"hccl"``).
+    collective_backend: ClassVar[str] = "gloo"
+    #: environment variable that restricts visible devices (empty when none).
+    visible_devices_env: ClassVar[str] = ""
+
+    @abstractmethod
+    def probe(self) -> ProbeResult:
+        """Available or not, with the reason, without side effects on failure."""
+
+    @abstractmethod
+    def device_count(self) -> int: ...
+
+    @abstractmethod
+    def memory_info(self, index: int = 0) -> MemoryInfo: ...
+
+    @abstractmethod
+    def synchronize(self, index: int = 0) -> None: ...
+
+    @abstractmethod
+    def supported_dtypes(self) -> list[torch.dtype]: ...
+
+    def torch_device(self, index: int = 0) -> torch.device:
+        import torch
+
+        if self.torch_device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.torch_device_type, index)
+
+    def compile_backend(self) -> tuple[str, dict[str, Any]]:
+        """``torch.compile`` backend name and its options for this device."""
+        return "inductor", {}
+
+    def autotune_settings(self, strategy: str) -> dict[str, Any]:
+        """Compile/tiling options for ``tiling_strategy`` (``"auto"`` or ``"fixed"``)."""
+        return {"mode": "max-autotune-no-cudagraphs"} if strategy == "auto" else {}
+
+
+# --- quant / pruning ------------------------------------------------------------------------
+
+
+class QuantPolicy(Plugin):
+    """A precision / quantization policy applied to a built model, in place."""
+
+    #: SQNR (dB) the policy guarantees against fp32 on the conformance cases.
+    sqnr_threshold: ClassVar[float] = 20.0
+
+    @abstractmethod
+    def quantize_(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Convert ``model`` in place; returns it."""
+
+    @abstractmethod
+    def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
+        """Quantize then dequantize one weight: the round trip the kit checks."""
+
+    def compute_dtype(self) -> torch.dtype | None:
+        """The activation dtype this policy runs in (``None``: keep the checkpoint's)."""
+        return None
+
+
+class Pruner(Plugin):
+    """A sparsification strategy.
+
+    ``score`` ranks weights (higher = more important); ``mask`` keeps the best
+    ``1 - sparsity`` fraction; ``prune_`` zeroes the rest of every prunable linear layer
+    in place and returns the masks by module name.
+    """
+
+    @abstractmethod
+    def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Importance of each weight, same shape as ``weight``."""
+
+    @abstractmethod
+    def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean keep-mask of ``weight``'s shape with ``sparsity`` of it False."""
+
+    def prune_(
+        self,
+        model: torch.nn.Module,
+        sparsity: float,
+        calibration: Iterable[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Zero the pruned weights of every ``nn.Linear`` except the output head."""
+        import torch
+
+        masks: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                keep = self.mask(module.weight.data, sparsity)
+                module.weight.data.mul_(keep)
+                masks[name] = keep
+        return masks
+
+
+# --- preprocess / model ---------------------------------------------------------------------
+
+
+class Preprocessor(Plugin):
+    """Text → token batches. Built per checkpoint with :meth:`load`."""
+
+    @abstractmethod
+    def load(self, model_dir: Path) -> Any:
+        """Return a tokenizer object for the checkpoint in ``model_dir``."""
+
+
+class ModelBuilder(Plugin):
+    """Checkpoint dir → ``torch.nn.Module`` for one or more ``model_type`` values."""
+
+    #: ``config.json`` ``model_type`` values this builder accepts.
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
+        """Build the model on the meta device, assign weights, place it, return it."""
+
+
+# --- graph / pool ---------------------------------------------------------------------------
+
+
+class GraphPass(Plugin):
+    """A graph-level rewrite applied once, after weights are placed."""
+
+    @abstractmethod
+    def apply(self, model: Any, device: Device) -> Any:
+        """Return the rewritten model (may be the same object)."""
+
+
+class Pool(Plugin):
+    """Placement of a model's modules over devices and memory tiers."""
+
+    @abstractmethod
+    def place(self, model: torch.nn.Module, device: Device) -> torch.nn.Module:
+        """Move ``model`` (or parts of it) to where it should run; returns it."""
+
+
+# --- scheduler ------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One generation request (plain data: the scheduler never touches tensors)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+class Scheduler(Plugin):
+    """Groups requests into batches."""
+
+    @abstractmethod
+    def add(self, request: Request) -> None: ...
+
+    @abstractmethod
+    def next_batch(self) -> list[Request]:
+        """The requests to run in the next step (empty when idle)."""
+
+    @abstractmethod
+    def has_pending(self) -> bool: ...
+
+
+# --- kv cache -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    n_layers: int
+    batch_size: int
+    max_len: int
+    n_kv_heads: int
+    head_dim: int
+
+
+class KVCache(Plugin):
+    """Per-layer key/value storage for incremental decoding.
+
+    ``allocate`` is called once per ``generate`` call; ``update`` is called by each
+    layer on every forward with the new keys/values ``(B, Hkv, T, D)`` written at
+    positions ``[start, start + T)``; it returns the keys/values attention should see,
+    ``(B, Hkv, S, D)``.
+    """
+
+    @abstractmethod
+    def allocate(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None: ...
+
+    @abstractmethod
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the cache holds now."""
+
+    def reset(self) -> None:
+        """Forget all stored tokens (keeps the allocation)."""
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+class SamplingParams(BaseModel):
+    """Per-call sampling settings (validated: bad values raise one-line errors)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+class Decoder(Plugin):
+    """Chooses the next token from logits, and decides when a sequence stops."""
+
+    @abstractmethod
+    def next_token(
+        self,
+        logits: torch.Tensor,
+        generated: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """``logits`` ``(B, V)``, ``generated`` ``(B, L)`` ids so far → next ids ``(B,)``."""
+
+    def stopped(self, token_ids: Sequence[int], text: str, stop: Sequence[str], eos_ids: Sequence[int]) -> bool:
+        """Whether a sequence is finished after its latest token."""
+        return bool(token_ids) and token_ids[-1] in eos_ids or any(s and s in text for s in stop)
+
+
+# --- monitor --------------------------------------------------------------------------------
+
+
+class Monitor(Plugin):
+    """Receives telemetry: spans, counters and byte gauges. Must be cheap."""
+
+    @abstractmethod
+    def record(self, event: str, **values: Any) -> None:
+        """Store one event (``"prefill"``, ``"decode"``, ``"kvcache.bytes"``...)."""
+
+    @abstractmethod
+    def summary(self) -> dict[str, Any]:
+        """Plain-data summary of what was recorded."""
+
+    def stream(self) -> Iterator[dict[str, Any]]:
+        """Recorded events, oldest first."""
+        return iter(())
+
+
+#: Base class of each family, by family name.
+BASE_CLASSES: dict[str, type[Plugin]] = {
+    "preprocess": Preprocessor,
+    "model": ModelBuilder,
+    "attention": AttentionMechanism,
+    "device": Device,
+    "quant": QuantPolicy,
+    "pruning": Pruner,
+    "graph": GraphPass,
+    "pool": Pool,
+    "scheduler": Scheduler,
+    "kvcache": KVCache,
+    "decoding": Decoder,
+    "monitor": Monitor,
+}

@@ -1,0 +1,261 @@
+"""Plugin discovery (metadata only), loading by name (stevedore) and registration (pluggy).
+
+A :class:`PluginRegistry` is an object owned by whoever builds a pipeline; there is no
+module-level registry, so every test can make a fresh one.
+
+* :meth:`PluginRegistry.discover` reads entry points with importlib-metadata and imports
+  nothing.
+* :meth:`PluginRegistry.load` imports exactly one named plugin through a stevedore
+  ``NamedExtensionManager``, registers its module with pluggy, runs ``check_pending()``
+  and returns its typed :class:`~dsr1.specs.PluginSpec`.
+* :meth:`PluginRegistry.resolve` turns an :class:`~dsr1.config.EngineConfig` into a
+  :class:`~dsr1.pipeline.Pipeline` of plain objects: pluggy is not involved after that.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import importlib_metadata
+import pluggy
+from pydantic import ValidationError
+
+from dsr1 import hookspecs
+from dsr1.config import EngineConfig, PluginChoice, format_validation_error
+from dsr1.errors import Dsr1Error, did_you_mean
+from dsr1.hookspecs import FAMILIES
+from dsr1.specs import SUPPORTED_API_VERSIONS, PluginSpec
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from dsr1.pipeline import Pipeline
+
+#: Distributions that ship the builtin plugins (they need no separate pip install).
+CORE_DISTRIBUTION = "dsr1"
+
+
+@dataclass(frozen=True)
+class EntryPointInfo:
+    """What metadata alone says about one plugin."""
+
+    family: str
+    name: str
+    value: str
+    distribution: str
+    version: str
+
+
+def pip_hint(family: str, name: str) -> str:
+    return f"pip install dsr1-{family}-{name}"
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise Dsr1Error(f"unknown plugin family {family!r}{did_you_mean(family, FAMILIES)}")
+
+
+class PluginRegistry:
+    """Discovers, loads and registers dsr1 plugins.
+
+    :param allowlist: entry-point names that may be loaded (``DSR1_PLUGINS``); ``None``
+        allows every installed plugin. Builtins of the core are always allowed.
+    :param trace: write pluggy's hook-call trace to stderr (``DSR1_DEBUG_PLUGINS``).
+    """
+
+    def __init__(self, allowlist: Iterable[str] | None = None, trace: bool = False) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.allowlist = frozenset(allowlist) if allowlist is not None else None
+        self._loaded: dict[tuple[str, str], PluginSpec] = {}
+        self._origin: dict[tuple[str, str], EntryPointInfo] = {}
+        if trace:
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PluginRegistry:
+        environ = os.environ if environ is None else environ
+        allow = environ.get("DSR1_PLUGINS")
+        allowlist = [n.strip() for n in allow.split(",") if n.strip()] if allow else None
+        trace = environ.get("DSR1_DEBUG_PLUGINS", "") not in ("", "0", "false")
+        return cls(allowlist=allowlist, trace=trace)
+
+    # --- discovery (imports nothing) ----------------------------------------------------
+
+    def discover(self, family: str | None = None) -> list[EntryPointInfo]:
+        """Every installed plugin of ``family`` (or of all families), from metadata alone."""
+        families = FAMILIES if family is None else (family,)
+        found: list[EntryPointInfo] = []
+        for fam in families:
+            _check_family(fam)
+            for ep in importlib_metadata.entry_points(group=f"dsr1.{fam}"):
+                dist = ep.dist
+                found.append(
+                    EntryPointInfo(
+                        family=fam,
+                        name=ep.name,
+                        value=ep.value,
+                        distribution=dist.name if dist is not None else "?",
+                        version=dist.version if dist is not None else "?",
+                    )
+                )
+        return sorted(found, key=lambda i: (FAMILIES.index(i.family), i.name, i.distribution))
+
+    def names(self, family: str) -> list[str]:
+        return sorted({i.name for i in self.discover(family)})
+
+    # --- loading one plugin ---------------------------------------------------------------
+
+    def load(self, family: str, name: str) -> PluginSpec:
+        """Import the plugin ``family``/``name`` (and nothing else) and return its spec."""
+        _check_family(family)
+        key = (family, name)
+        if key in self._loaded:
+            return self._loaded[key]
+        candidates = [i for i in self.discover(family) if i.name == name]
+        if not candidates:
+            installed = self.names(family)
+            listing = ", ".join(installed) if installed else "none"
+            raise Dsr1Error(
+                f"no {family} plugin named {name!r}{did_you_mean(name, installed)} "
+                f"(installed {family} plugins: {listing}); if it is published, `{pip_hint(family, name)}`"
+            )
+        if self.allowlist is not None and name not in self.allowlist:
+            if any(c.distribution != CORE_DISTRIBUTION for c in candidates):
+                raise Dsr1Error(
+                    f"{family} plugin {name!r} is installed but not in DSR1_PLUGINS "
+                    f"({', '.join(sorted(self.allowlist)) or 'empty'}); add it there to use it"
+                )
+        modules = self._import(family, name, candidates)
+        claims: list[tuple[PluginSpec, EntryPointInfo]] = []
+        for info, module in modules:
+            claims.append((self._spec_from(family, name, info, module), info))
+        spec, origin = self._pick(family, name, claims)
+        self._loaded[key] = spec
+        self._origin[key] = origin
+        return spec
+
+    def origin(self, family: str, name: str) -> EntryPointInfo:
+        """The distribution a loaded plugin came from."""
+        return self._origin[(family, name)]
+
+    def _import(
+        self, family: str, name: str, candidates: list[EntryPointInfo]
+    ) -> list[tuple[EntryPointInfo, ModuleType]]:
+        from stevedore import NamedExtensionManager
+
+        failures: list[tuple[Any, BaseException]] = []
+
+        def on_failure(_manager: Any, entrypoint: Any, error: BaseException) -> None:
+            failures.append((entrypoint, error))
+
+        manager = NamedExtensionManager(
+            namespace=f"dsr1.{family}",
+            names=[name],
+            invoke_on_load=False,
+            on_load_failure_callback=on_failure,
+            verify_requirements=False,
+        )
+        if failures:
+            entrypoint, error = failures[0]
+            info = next((c for c in candidates if c.value == entrypoint.value), candidates[0])
+            others = [n for n in self.names(family) if n != name]
+            raise Dsr1Error(
+                f"{family} plugin {name!r} from {info.distribution} {info.version} failed to import: "
+                f"{type(error).__name__}: {error}; installed alternatives: {', '.join(others) or 'none'}; "
+                f"reinstall it with `pip install --force-reinstall {info.distribution}`"
+            ) from error
+        loaded: list[tuple[EntryPointInfo, ModuleType]] = []
+        for ext in manager.extensions:
+            info = next((c for c in candidates if c.value == ext.entry_point.value), candidates[0])
+            loaded.append((info, ext.plugin))
+        if not loaded:
+            raise Dsr1Error(f"{family} plugin {name!r} could not be loaded from {candidates[0].distribution}")
+        return loaded
+
+    def _register(self, info: EntryPointInfo, module: Any) -> None:
+        if self.pm.is_registered(module):
+            return
+        try:
+            self.pm.register(module, name=f"{info.distribution}:{getattr(module, '__name__', info.value)}")
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            if self.pm.is_registered(module):
+                self.pm.unregister(module)
+            raise Dsr1Error(
+                f"{info.family} plugin {info.name!r} from {info.distribution} {info.version} has an invalid hook: "
+                f"{str(err).splitlines()[0]}; hooks are named dsr1_<family> and take the arguments "
+                f"documented in dsr1.hookspecs"
+            ) from None
+
+    def _spec_from(self, family: str, name: str, info: EntryPointInfo, module: Any) -> PluginSpec:
+        self._register(info, module)
+        others = [p for p in self.pm.get_plugins() if p is not module]
+        caller = self.pm.subset_hook_caller(f"dsr1_{family}", remove_plugins=others)
+        records: list[Any] = []
+        for result in caller():
+            records.extend(result if isinstance(result, (list, tuple)) else [result])
+        where = f"{family} plugin {name!r} from {info.distribution} {info.version}"
+        specs = [r for r in records if isinstance(r, PluginSpec) and r.name == name]
+        if not specs:
+            got = ", ".join(repr(getattr(r, "name", r)) for r in records) or "nothing"
+            raise Dsr1Error(
+                f"{where}: its dsr1_{family} hook returned {got}, not a PluginSpec named {name!r} "
+                f"(the entry-point name must equal the spec name)"
+            )
+        spec = specs[0]
+        if spec.api_version not in SUPPORTED_API_VERSIONS:
+            raise Dsr1Error(
+                f"{where} declares plugin API version {spec.api_version}, but this dsr1 supports "
+                f"{', '.join(map(str, sorted(SUPPORTED_API_VERSIONS)))}; install a release of "
+                f"{info.distribution} written for API {max(SUPPORTED_API_VERSIONS)}"
+            )
+        if spec.family != family:
+            raise Dsr1Error(f"{where} registered a spec of family {spec.family!r}")
+        from dsr1.interfaces import BASE_CLASSES
+
+        base = BASE_CLASSES[family]
+        if not (isinstance(spec.impl, type) and issubclass(spec.impl, base)):
+            raise Dsr1Error(f"{where}: impl {spec.impl!r} is not a subclass of dsr1.interfaces.{base.__name__}")
+        return spec
+
+    def _pick(
+        self, family: str, name: str, claims: list[tuple[PluginSpec, EntryPointInfo]]
+    ) -> tuple[PluginSpec, EntryPointInfo]:
+        if len(claims) == 1:
+            return claims[0]
+        overriding = [c for c in claims if c[0].overrides]
+        if len(overriding) == 1:
+            return overriding[0]
+        who = " and ".join(f"{i.distribution} {i.version}" for _, i in claims)
+        raise Dsr1Error(
+            f"two plugins claim {family} {name!r}: {who}; uninstall one, or mark the one that should win "
+            f"with PluginSpec(overrides=True)"
+        )
+
+    # --- building a pipeline --------------------------------------------------------------
+
+    def make(self, family: str, choice: PluginChoice, **extra: Any) -> Any:
+        """Load ``choice`` and instantiate it with validated options."""
+        spec = self.load(family, choice.name)
+        try:
+            options = spec.options.model_validate(choice.options)
+        except ValidationError as err:
+            raise Dsr1Error(format_validation_error(err, spec.options, prefix=f"{family}.options.")) from None
+        return spec.make(options, **extra)
+
+    def resolve(self, config: EngineConfig) -> Pipeline:
+        """Resolve every family of ``config`` into plain objects, once."""
+        from dsr1.pipeline import Pipeline
+
+        parts: dict[str, Any] = {}
+        for family in FAMILIES:
+            if family == "model":
+                continue  # picked per checkpoint, see Pipeline.model_builder
+            choice = config.choice(family)
+            parts[family] = self.make(family, choice) if choice is not None else None
+        self.pm.hook.dsr1_configure(config=config)
+        return Pipeline(config=config, registry=self, **parts)
