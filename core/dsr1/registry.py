@@ -13,6 +13,7 @@ module-level registry, so every test can make a fresh one.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -55,6 +56,25 @@ def pip_hint(family: str, name: str) -> str:
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise Dsr1Error(f"unknown plugin family {family!r}{did_you_mean(family, FAMILIES)}")
+
+
+@functools.cache
+def _fresh_named_manager() -> type[Any]:
+    from stevedore import NamedExtensionManager
+
+    class FreshNamedManager(NamedExtensionManager):  # type: ignore[misc]
+        """stevedore keeps entry points per namespace in a class attribute, process-wide
+        (``ExtensionManager.ENTRY_POINT_CACHE``); a dsr1 registry is per context, so it
+        hands stevedore the entry points it has just read itself."""
+
+        def __init__(self, entry_points: list[Any], **kwargs: Any) -> None:
+            self._fresh_entry_points = entry_points
+            super().__init__(**kwargs)
+
+        def list_entry_points(self) -> list[Any]:
+            return self._fresh_entry_points
+
+    return FreshNamedManager
 
 
 class PluginRegistry:
@@ -145,14 +165,13 @@ class PluginRegistry:
     def _import(
         self, family: str, name: str, candidates: list[EntryPointInfo]
     ) -> list[tuple[EntryPointInfo, ModuleType]]:
-        from stevedore import NamedExtensionManager
-
         failures: list[tuple[Any, BaseException]] = []
 
         def on_failure(_manager: Any, entrypoint: Any, error: BaseException) -> None:
             failures.append((entrypoint, error))
 
-        manager = NamedExtensionManager(
+        manager = _fresh_named_manager()(
+            entry_points=list(importlib_metadata.entry_points(group=f"dsr1.{family}", name=name)),
             namespace=f"dsr1.{family}",
             names=[name],
             invoke_on_load=False,
