@@ -1,0 +1,133 @@
+"""``sdpa``: attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+torch picks the fastest kernel it has for the inputs (flash, memory-efficient, cuDNN or
+the math fallback on CUDA; a fused flash-style kernel on CPU). The ``backend`` option
+pins one of them on CUDA through ``torch.nn.attention.sdpa_kernel``; ``validate`` refuses
+a CUDA-only backend on another device, with the reason.
+
+How the engine's calls map onto SDPA (``q (B, H, T, D)``, ``k, v (B, Hkv, S, D)``):
+
+* ``mask is None, T == S``  → ``is_causal=True`` (no mask tensor is built);
+* ``mask is None, T == 1``  → no mask (one decode query sees every key);
+* ``mask is None, 1 < T < S`` → a ``(T, S)`` lower-right causal mask (chunked prefill);
+  SDPA's own ``is_causal`` is upper-left aligned and would be wrong here;
+* boolean ``mask (B, 1, T, S)`` → passed as ``attn_mask`` (``True`` = may attend).
+
+Grouped-query attention uses ``enable_gqa=True`` where the kernel supports it (torch ≥ 2.5
+without a mask, or with the math/flash backends), else repeats key/value heads.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from dsr1_sdk import AttentionMechanism, Field, PluginOptions, PluginSpec, hookimpl
+
+__all__ = ["SdpaAttention", "SdpaOptions", "dsr1_attention"]
+
+Backend = Literal["auto", "flash", "efficient", "cudnn", "math"]
+
+#: Backends that exist only as CUDA kernels.
+CUDA_ONLY: frozenset[str] = frozenset({"flash", "efficient", "cudnn"})
+#: Backends that compute in fp16/bf16 only.
+HALF_ONLY: frozenset[str] = frozenset({"flash", "cudnn"})
+
+
+#: ``enable_gqa`` appeared in torch 2.5 (``torch.__version__`` compares as a version).
+HAS_ENABLE_GQA = torch.__version__ >= "2.5"
+
+
+class SdpaOptions(PluginOptions):
+    """Options of the ``sdpa`` plugin."""
+
+    backend: Backend = Field(
+        "auto", description="pin an SDPA kernel on CUDA (flash, efficient, cudnn, math); auto lets torch choose"
+    )
+
+
+class SdpaAttention(AttentionMechanism):
+    """Softmax attention through torch's fused SDPA kernels; see the module docstring."""
+
+    Options = SdpaOptions
+    options: SdpaOptions
+
+    def __init__(self, options: SdpaOptions | None = None) -> None:
+        super().__init__(options)
+        self._pinned = None if self.options.backend == "auto" else self.options.backend
+
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        backend = self.options.backend
+        reasons = []
+        if backend in CUDA_ONLY and device != "cuda":
+            reasons.append(
+                f"sdpa backend {backend!r} is a CUDA kernel and cannot run on {device!r}; use backend 'auto' or 'math'"
+            )
+        if backend in HALF_ONLY and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"sdpa backend {backend!r} runs fp16/bf16 only, not {dtype}; use 'efficient' or 'auto'")
+        return reasons
+
+    @contextlib.contextmanager
+    def _kernel(self) -> Iterator[None]:
+        if self._pinned is None:
+            yield
+            return
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[self._pinned]
+        with sdpa_kernel(backend):
+            yield
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        t, s = query.shape[2], key.shape[2]  # q (B, H, T, D), k/v (B, Hkv, S, D)
+        h, hkv = query.shape[1], key.shape[1]
+        attn_mask: torch.Tensor | None = mask  # (B, 1, T, S) bool or None
+        is_causal = False
+        if mask is None and t > 1:
+            if t == s:
+                is_causal = True
+            else:  # chunked prefill: queries are the last T positions (lower-right causal)
+                attn_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
+        extra = {}
+        if h != hkv:
+            # Only the flash and math kernels take enable_gqa; with a mask (no flash) the
+            # memory-efficient kernel on repeated heads beats the math fallback on CUDA.
+            native = HAS_ENABLE_GQA and (
+                self._pinned in ("flash", "math") or (self._pinned is None and (attn_mask is None or not query.is_cuda))
+            )
+            if native:
+                extra["enable_gqa"] = True
+            else:
+                key = key.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
+                value = value.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
+        with self._kernel():
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
+            )  # (B, H, T, D)
+
+
+@hookimpl
+def dsr1_attention() -> PluginSpec:
+    return PluginSpec(
+        name="sdpa",
+        family="attention",
+        impl=SdpaAttention,
+        options=SdpaOptions,
+        capabilities=frozenset({"gqa", "mask", "fp16", "bf16"}),
+        description="torch scaled_dot_product_attention (GQA, boolean masks, pinnable CUDA backend)",
+    )

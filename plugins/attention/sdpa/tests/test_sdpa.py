@@ -1,0 +1,82 @@
+"""The sdpa attention plugin: the SDK's conformance kit plus its own fast paths and options."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import dsr1_attention_sdpa
+from dsr1.errors import Dsr1Error
+from dsr1.config import PluginChoice
+from dsr1.registry import PluginRegistry
+from dsr1_sdk.reference import softmax_attention
+from dsr1_sdk.testing import AttentionConformance
+
+
+class TestSdpa(AttentionConformance):
+    plugin = "sdpa"
+
+
+class TestSdpaMathBackend(AttentionConformance):
+    """The math kernel pinned: runs everywhere, so the kit checks it on CPU too."""
+
+    plugin = "sdpa"
+    options = {"backend": "math"}
+    max_examples = 5
+
+
+def make(**options: Any) -> dsr1_attention_sdpa.SdpaAttention:
+    return PluginRegistry().make("attention", PluginChoice(name="sdpa", options=options))
+
+
+@pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn"])
+def test_validate_refuses_cuda_only_backend_on_cpu(backend: str) -> None:
+    reasons = make(backend=backend).validate("cpu", torch.float32)
+    assert reasons and all(backend in r and "cpu" in r for r in reasons[:1])
+    assert make(backend=backend).validate("cuda", torch.bfloat16) == []
+
+
+def test_validate_refuses_fp32_on_flash() -> None:
+    assert any("fp16/bf16" in r for r in make(backend="flash").validate("cuda", torch.float32))
+    assert make(backend="efficient").validate("cuda", torch.float32) == []
+
+
+def test_unknown_backend_is_a_one_line_error() -> None:
+    with pytest.raises(Dsr1Error, match="attention.options.backend"):
+        make(backend="flashy")
+
+
+def test_unknown_option_is_refused() -> None:
+    with pytest.raises(Dsr1Error, match="unknown config key 'attention.options.backnd'.*backend"):
+        make(backnd="math")
+
+
+class Recorder:
+    """Stands in for F.scaled_dot_product_attention and remembers its keyword arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.real = torch.nn.functional.scaled_dot_product_attention
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls.append(kwargs)
+        return self.real(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("t", "s", "causal", "mask_shape"),
+    [(6, 6, True, None), (1, 9, False, None), (3, 9, False, (3, 9))],
+    ids=["prefill_is_causal", "decode_no_mask", "chunk_lower_right_mask"],
+)
+def test_fast_paths(monkeypatch: pytest.MonkeyPatch, t: int, s: int, causal: bool, mask_shape: Any) -> None:
+    recorder = Recorder()
+    monkeypatch.setattr(dsr1_attention_sdpa.F, "scaled_dot_product_attention", recorder)
+    q, k, v = torch.randn(2, 4, t, 16), torch.randn(2, 2, s, 16), torch.randn(2, 2, s, 16)
+    out = make()(q, k, v)
+    (kwargs,) = recorder.calls
+    assert kwargs["is_causal"] is causal
+    mask = kwargs["attn_mask"]
+    assert (mask is None) if mask_shape is None else tuple(mask.shape) == mask_shape
+    assert kwargs.get("enable_gqa") is True  # torch 2.13 has it, and CPU takes it with a mask
+    torch.testing.assert_close(out, softmax_attention(q, k, v).float(), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,100 @@
+"""dsr1-sdk: everything a dsr1 plugin author imports.
+
+A plugin is a module that implements its family's registration hook and returns a
+typed :class:`PluginSpec`::
+
+    from dsr1_sdk import AttentionMechanism, PluginOptions, PluginSpec, hookimpl
+
+    class MyAttention(AttentionMechanism):
+        def forward(self, query, key, value, mask=None, scale=None):
+            ...
+
+    @hookimpl
+    def dsr1_attention() -> PluginSpec:
+        return PluginSpec(name="mine", family="attention", impl=MyAttention,
+                          capabilities=frozenset({"gqa", "mask"}), description="...")
+
+and declares it in its ``pyproject.toml`` under ``[project.entry-points."dsr1.attention"]``.
+
+Importing this package is cheap: it imports pydantic and pluggy, never torch.
+
+* :mod:`dsr1_sdk.reference` - slow, obviously correct oracles per family.
+* :mod:`dsr1_sdk.testing` - the conformance kit (``AttentionConformance`` ...).
+* :mod:`dsr1_sdk.scaffold` - ``new_plugin(family, name, directory)``.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dsr1.errors import Dsr1Error
+from dsr1.hookspecs import FAMILIES, hookimpl
+from dsr1.interfaces import (
+    BASE_CLASSES,
+    AttentionMechanism,
+    CacheShape,
+    Decoder,
+    Device,
+    GraphPass,
+    KVCache,
+    MemoryInfo,
+    ModelBuilder,
+    Monitor,
+    Plugin,
+    Pool,
+    Preprocessor,
+    ProbeResult,
+    Pruner,
+    QuantPolicy,
+    Request,
+    SamplingParams,
+    Scheduler,
+)
+from dsr1.specs import API_VERSION, SUPPORTED_API_VERSIONS, NoOptions, PluginSpec
+
+__version__ = "0.1.0"
+
+
+class PluginOptions(BaseModel):
+    """Base for a plugin's options model: unknown keys are refused, JSON round-trips.
+
+    Subclass it and declare typed fields with defaults; constrain ranges with
+    :func:`Field` (``threads: int | None = Field(None, ge=1)``) so that a bad value in a
+    user's config is a one-line error naming the key.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+__all__ = [
+    "API_VERSION",
+    "BASE_CLASSES",
+    "FAMILIES",
+    "SUPPORTED_API_VERSIONS",
+    "AttentionMechanism",
+    "BaseModel",
+    "CacheShape",
+    "ConfigDict",
+    "Decoder",
+    "Device",
+    "Dsr1Error",
+    "Field",
+    "GraphPass",
+    "KVCache",
+    "MemoryInfo",
+    "ModelBuilder",
+    "Monitor",
+    "NoOptions",
+    "Plugin",
+    "PluginOptions",
+    "PluginSpec",
+    "Pool",
+    "Preprocessor",
+    "ProbeResult",
+    "Pruner",
+    "QuantPolicy",
+    "Request",
+    "SamplingParams",
+    "Scheduler",
+    "__version__",
+    "hookimpl",
+]

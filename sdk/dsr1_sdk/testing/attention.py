@@ -1,0 +1,268 @@
+"""Attention conformance: parity with the reference on named cases and hypothesis shapes.
+
+Capabilities the kit understands (declare them in ``PluginSpec.capabilities``):
+
+``gqa``   accepts ``Hkv < H`` (grouped-query / multi-query attention).
+``mask``  honours boolean ``(B, 1, T, S)`` masks (padding, arbitrary, sliding windows).
+``fp16``, ``bf16``  runs in that dtype (fp32 is always checked).
+
+A case that needs an undeclared capability is skipped and says so; a declared one that
+fails is a failure. Rows of the output whose query sees no key are not compared.
+Override :meth:`AttentionConformance.reference` to check against another oracle (e.g. a
+linear-attention plugin against an exact linear-attention reference).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsr1.interfaces import AttentionMechanism
+import dsr1_sdk.reference.attention as ref
+from dsr1_sdk.testing.base import PluginConformance, declared_devices
+from dsr1_sdk.testing.tolerances import ATTENTION_TOLERANCES, DTYPES, close_problem
+
+MaskKind = Literal["none", "padding", "random", "sliding", "bidirectional"]
+Reference = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One attention call: shapes, dtype, mask kind, scale, memory layout, seed."""
+
+    batch: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    q_len: int = 16
+    kv_len: int = 16
+    head_dim: int = 32
+    dtype: str = "fp32"
+    mask: MaskKind = "none"
+    scale: float | None = None
+    contiguous: bool = True
+    window: int = 4
+    seed: int = 0
+
+    def requires(self) -> frozenset[str]:
+        """Capabilities a plugin must declare for this case to apply."""
+        caps = set()
+        if self.kv_heads < self.heads:
+            caps.add("gqa")
+        if self.mask != "none":
+            caps.add("mask")
+        if self.dtype != "fp32":
+            caps.add(self.dtype)
+        return frozenset(caps)
+
+    def make_mask(self, gen: torch.Generator) -> torch.Tensor | None:
+        """Boolean ``(B, 1, T, S)`` keep-mask (``None`` for plain causal)."""
+        b, t, s = self.batch, self.q_len, self.kv_len
+        if self.mask == "none":
+            return None
+        causal = ref.causal_mask(t, s).expand(b, 1, t, s)  # (B, 1, T, S)
+        if self.mask == "sliding":
+            i = torch.arange(t).unsqueeze(1) + (s - t)  # (T, 1) absolute query positions
+            j = torch.arange(s).unsqueeze(0)  # (1, S)
+            return (causal & (j > i - self.window)).contiguous()
+        if self.mask == "random":
+            keep = torch.rand(b, 1, t, s, generator=gen) < 0.6  # (B, 1, T, S)
+            col = torch.randint(0, s, (b, 1, t, 1), generator=gen)
+            return keep.scatter(-1, col, True)  # every row sees at least one key
+        # left padding: sequence b starts at key pad[b]; pad[0] = 0 keeps one full row
+        pad = torch.randint(0, max(s - 1, 1), (b,), generator=gen)
+        pad[0] = 0
+        valid = torch.arange(s).unsqueeze(0) >= pad.unsqueeze(1)  # (B, S)
+        valid = valid[:, None, None, :]  # (B, 1, 1, S)
+        if self.mask == "bidirectional":
+            return valid.expand(b, 1, t, s).contiguous()
+        return (causal & valid).contiguous()
+
+    def make(self, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs ``q (B, H, T, D)``, ``k, v (B, Hkv, S, D)`` and the mask, on ``device``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        dtype = DTYPES[self.dtype]
+        b, h, hkv, t, s, d = self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim
+
+        def rand(heads: int, length: int) -> torch.Tensor:
+            if self.contiguous:
+                return torch.randn(b, heads, length, d, generator=gen)  # (B, heads, L, D)
+            return torch.randn(b, length, heads, d, generator=gen).transpose(1, 2)  # strided (B, heads, L, D)
+
+        q, k, v = rand(h, t), rand(hkv, s), rand(hkv, s)
+        mask = self.make_mask(gen)
+        q, k, v = (x.to(device=device, dtype=dtype) for x in (q, k, v))
+        return q, k, v, (mask.to(device) if mask is not None else None)
+
+
+#: The named case table (parametrized by name). Extend it in a subclass: ``CASES = {**CASES, ...}``.
+CASES: dict[str, AttentionCase] = {
+    "prefill_mha": AttentionCase(),
+    "prefill_batch1_odd_len": AttentionCase(batch=1, q_len=7, kv_len=7),
+    "decode_mha": AttentionCase(q_len=1, kv_len=19),
+    "chunked_prefill": AttentionCase(q_len=5, kv_len=21),
+    "single_token": AttentionCase(q_len=1, kv_len=1),
+    "prefill_gqa_2to1": AttentionCase(heads=4, kv_heads=2),
+    "decode_gqa_4to1": AttentionCase(heads=8, kv_heads=2, q_len=1, kv_len=23),
+    "mqa": AttentionCase(heads=4, kv_heads=1, q_len=9, kv_len=9),
+    "head_dim_64": AttentionCase(heads=2, kv_heads=2, head_dim=64),
+    "head_dim_80": AttentionCase(heads=2, kv_heads=2, head_dim=80),
+    "head_dim_128": AttentionCase(heads=2, kv_heads=2, head_dim=128),
+    "custom_scale": AttentionCase(scale=0.3),
+    "non_contiguous": AttentionCase(contiguous=False, q_len=6, kv_len=10),
+    "long_prefill_256": AttentionCase(batch=1, heads=2, kv_heads=2, q_len=256, kv_len=256, head_dim=64),
+    "padded_batch": AttentionCase(batch=3, q_len=8, kv_len=8, mask="padding"),
+    "padded_decode": AttentionCase(batch=3, q_len=1, kv_len=12, mask="padding"),
+    "padded_gqa": AttentionCase(batch=3, heads=6, kv_heads=2, q_len=10, kv_len=10, mask="padding"),
+    "random_mask": AttentionCase(mask="random"),
+    "sliding_window_mask": AttentionCase(q_len=12, kv_len=12, mask="sliding"),
+    "bidirectional_padded": AttentionCase(mask="bidirectional"),
+    "prefill_fp16": AttentionCase(dtype="fp16"),
+    "prefill_bf16": AttentionCase(dtype="bf16"),
+    "decode_gqa_bf16": AttentionCase(heads=8, kv_heads=2, q_len=1, kv_len=23, dtype="bf16"),
+    "padded_batch_bf16": AttentionCase(batch=3, q_len=8, kv_len=8, mask="padding", dtype="bf16"),
+}
+
+
+def missing_capabilities(case: AttentionCase, capabilities: frozenset[str]) -> frozenset[str]:
+    return case.requires() - capabilities
+
+
+def check_attention_case(
+    impl: AttentionMechanism,
+    case: AttentionCase,
+    device: str = "cpu",
+    reference: Reference = ref.softmax_attention,
+    tolerances: dict[str, tuple[float, float]] = ATTENTION_TOLERANCES,
+) -> None:
+    """Run ``impl`` on ``case`` and compare with ``reference``; raises AssertionError naming the problem."""
+    q, k, v, mask = case.make(device)
+    originals = [x.clone() for x in (q, k, v)]
+    if mask is None and case.scale is None:
+        out = impl(q, k, v)  # the seed's plugin shape: forward(query, key, value)
+    else:
+        out = impl(q, k, v, mask=mask, scale=case.scale)
+    where = f"case {case}"
+    assert isinstance(out, torch.Tensor), f"{where}: returned {type(out).__name__}, not a Tensor"
+    expected_shape = (case.batch, case.heads, case.q_len, case.head_dim)
+    assert tuple(out.shape) == expected_shape, f"{where}: output shape {tuple(out.shape)} != {expected_shape}"
+    assert out.dtype == q.dtype, f"{where}: output dtype {out.dtype} != query dtype {q.dtype}"
+    assert out.device.type == q.device.type, f"{where}: output on {out.device}, inputs on {q.device}"
+    for name, before, after in zip(("query", "key", "value"), originals, (q, k, v)):
+        assert torch.equal(before, after), f"{where}: forward modified its {name} input in place"
+    expected = reference(q, k, v, mask=mask, scale=case.scale)  # (B, H, T, D)
+    rows = ref.attended_rows(mask.cpu() if mask is not None else None, case.batch, case.q_len, case.kv_len)
+    rows = rows.expand(case.batch, case.heads, case.q_len, case.head_dim)  # (B, H, T, D)
+    atol, rtol = tolerances[case.dtype]
+    problem = close_problem(out.cpu()[rows], expected.cpu()[rows], atol, rtol, where)
+    assert problem is None, problem
+
+
+def check_batch_invariance(
+    impl: AttentionMechanism,
+    case: AttentionCase,
+    device: str = "cpu",
+    tolerances: dict[str, tuple[float, float]] = ATTENTION_TOLERANCES,
+) -> None:
+    """Each batch row computed alone equals the same row computed in the batch."""
+    q, k, v, mask = case.make(device)
+    whole = impl(q, k, v, mask=mask, scale=case.scale)  # (B, H, T, D)
+    rows = ref.attended_rows(mask.cpu() if mask is not None else None, case.batch, case.q_len, case.kv_len)
+    atol, rtol = tolerances[case.dtype]
+    for b in range(case.batch):
+        sub_mask = mask[b : b + 1] if mask is not None else None
+        alone = impl(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask=sub_mask, scale=case.scale)  # (1, H, T, D)
+        keep = rows[b : b + 1].expand(1, case.heads, case.q_len, case.head_dim)
+        problem = close_problem(alone.cpu()[keep], whole[b : b + 1].cpu()[keep], atol, rtol, f"batch row {b} alone")
+        assert problem is None, problem
+
+
+@st.composite
+def attention_cases(draw: Any, capabilities: frozenset[str]) -> AttentionCase:
+    """Hypothesis strategy: small cases that only use declared capabilities."""
+    kv_heads = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 3)) if "gqa" in capabilities else 1
+    q_len = draw(st.integers(1, 9))
+    kv_len = q_len + draw(st.integers(0, 8))
+    masks: list[MaskKind] = ["none", "padding", "random", "sliding"] if "mask" in capabilities else ["none"]
+    dtypes = ["fp32"] + [d for d in ("fp16", "bf16") if d in capabilities]
+    return AttentionCase(
+        batch=draw(st.integers(1, 3)),
+        heads=kv_heads * group,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        kv_len=kv_len,
+        head_dim=draw(st.sampled_from([8, 16, 32, 64, 80])),
+        dtype=draw(st.sampled_from(dtypes)),
+        mask=draw(st.sampled_from(masks)),
+        scale=draw(st.none() | st.floats(0.05, 1.0)),
+        contiguous=draw(st.booleans()),
+        window=draw(st.integers(1, 6)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+class AttentionConformance(PluginConformance):
+    """Conformance kit of the ``attention`` family. Subclass it and set ``plugin``."""
+
+    family: ClassVar[str] = "attention"
+    CASES: ClassVar[dict[str, AttentionCase]] = CASES
+    tolerances: ClassVar[dict[str, tuple[float, float]]] = ATTENTION_TOLERANCES
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrize ``case_name`` over this class's ``CASES`` table."""
+        if "case_name" in metafunc.fixturenames:
+            metafunc.parametrize("case_name", list(type(self).CASES))
+
+    def reference(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        mask: torch.Tensor | None = None, scale: float | None = None,
+    ) -> torch.Tensor:
+        """The oracle (float64 softmax attention); override for other attention kinds."""
+        return ref.softmax_attention(query, key, value, mask=mask, scale=scale)
+
+    def _prepared(self, case: AttentionCase) -> AttentionMechanism:
+        missing = missing_capabilities(case, self.capabilities())
+        if missing:
+            pytest.skip(f"{self.plugin} does not declare {sorted(missing)}")
+        impl = self.make_impl()
+        self.skip_unless_runs_here(impl, DTYPES[case.dtype])
+        return impl
+
+    def test_case(self, case_name: str) -> None:
+        case = type(self).CASES[case_name]
+        impl = self._prepared(case)
+        check_attention_case(impl, case, self.target_device(), self.reference, self.tolerances)
+
+    def test_batch_invariance(self) -> None:
+        case = CASES["padded_batch"]
+        if "mask" not in self.capabilities():
+            case = replace(case, mask="none")
+        impl = self._prepared(case)
+        check_batch_invariance(impl, case, self.target_device(), self.tolerances)
+
+    def test_runs_on_kit_device(self) -> None:
+        devices = declared_devices(self.capabilities())
+        if devices is not None and self.target_device() not in devices:
+            pytest.skip(f"{self.plugin} declares devices {sorted(devices)}")
+        reasons = self.make_impl().validate(self.target_device(), torch.float32)
+        assert reasons == [], f"declares it runs on {self.target_device()} but validate refuses: {reasons}"
+
+    def test_hypothesis_shapes(self) -> None:
+        impl = self.make_impl()
+        caps = self.capabilities()
+        device = self.target_device()
+
+        @settings(max_examples=self.max_examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=attention_cases(caps))
+        def run(case: AttentionCase) -> None:
+            if impl.validate(device, DTYPES[case.dtype]):
+                return  # the plugin refuses this dtype here, with reasons (checked in test_case)
+            check_attention_case(impl, case, device, self.reference, self.tolerances)
+
+        run()

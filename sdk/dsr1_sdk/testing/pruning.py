@@ -1,0 +1,202 @@
+"""Pruning conformance: exact sparsity, exact zeros, idempotent masks, model-level pruning.
+
+Capabilities the kit understands:
+
+``unstructured``      the mask keeps the highest ``score`` values (every kept score ≥ every
+                      pruned score), so ties aside it equals the reference top-k mask.
+``activation_aware``  ``score``/``mask`` use ``activation_norm`` (Wanda); the kit passes one.
+
+Every pruner: realized sparsity within ±``sparsity_tolerance`` (1%; or one element on
+tiny matrices) of the target, masks idempotent (pruning the pruned weight at the same
+sparsity gives the same mask), ``prune_`` zeroes exactly the masked weights, leaves kept
+weights, embeddings and the ``lm_head`` bit-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsr1.interfaces import Pruner
+from dsr1_sdk.reference.pruning import sparsity as realized
+from dsr1_sdk.testing.base import PluginConformance
+
+Distribution = Literal["normal", "uniform", "ties", "with_zeros"]
+
+#: Target sparsities every case is pruned at.
+SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class PruneCase:
+    """One weight ``(out_features, in_features)``; ``ties`` draws from 5 values only."""
+
+    rows: int = 64
+    cols: int = 64
+    distribution: Distribution = "normal"
+    seed: int = 0
+
+    def make(self, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and a positive activation norm ``(in_features,)``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        shape = (self.rows, self.cols)
+        if self.distribution == "uniform":
+            w = torch.rand(shape, generator=gen) * 2 - 1
+        elif self.distribution == "ties":
+            w = torch.randint(-2, 3, shape, generator=gen).float()
+        elif self.distribution == "with_zeros":
+            w = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.6)
+        else:
+            w = torch.randn(shape, generator=gen)
+        act = torch.rand(self.cols, generator=gen) + 0.1
+        return w.to(device), act.to(device)
+
+
+CASES: dict[str, PruneCase] = {
+    "square_64": PruneCase(),
+    "tall_256x32": PruneCase(rows=256, cols=32, seed=1),
+    "wide_16x512": PruneCase(rows=16, cols=512, seed=2),
+    "uniform_48x80": PruneCase(rows=48, cols=80, distribution="uniform", seed=3),
+    "many_ties": PruneCase(rows=40, cols=50, distribution="ties", seed=4),
+    "with_zeros": PruneCase(rows=32, cols=64, distribution="with_zeros", seed=5),
+    "tiny_3x5": PruneCase(rows=3, cols=5, seed=6),
+    "row_1x1024": PruneCase(rows=1, cols=1024, seed=7),
+}
+
+
+def tolerance(numel: int, base: float = 0.01) -> float:
+    """±1%, or one element when a single element is more than 1% of the matrix."""
+    return max(base, 1.0 / numel) + 1e-9
+
+
+def check_mask(pruner: Pruner, weight: torch.Tensor, target: float, act: torch.Tensor | None,
+               capabilities: frozenset[str], base_tolerance: float = 0.01) -> torch.Tensor:
+    """The mask's type, shape, sparsity, score consistency and idempotence; returns it."""
+    before = weight.clone()
+    keep = pruner.mask(weight, target, act)
+    what = f"mask of a {tuple(weight.shape)} weight at sparsity {target}"
+    assert torch.equal(before, weight), f"{what}: mask() modified the weight"
+    assert isinstance(keep, torch.Tensor) and keep.dtype == torch.bool, f"{what}: not a bool tensor"
+    assert keep.shape == weight.shape, f"{what}: shape {tuple(keep.shape)}"
+    got = realized(keep)
+    tol = tolerance(weight.numel(), base_tolerance)
+    assert abs(got - target) <= tol, f"{what}: realized sparsity {got:.4f} not within ±{tol:.4f}"
+    if "unstructured" in capabilities and 0 < int((~keep).sum()) < keep.numel():
+        score = pruner.score(weight, act)
+        assert score.shape == weight.shape, f"score shape {tuple(score.shape)} != weight shape"
+        low_kept, high_pruned = score[keep].min().item(), score[~keep].max().item()
+        assert low_kept >= high_pruned, f"{what}: kept a score {low_kept} below a pruned score {high_pruned}"
+    pruned = weight * keep
+    assert bool((pruned[~keep] == 0).all())
+    again = pruner.mask(pruned, target, act)
+    assert torch.equal(again, keep), (
+        f"{what}: not idempotent, re-pruning the pruned weight changes {int((again != keep).sum())} entries"
+    )
+    return keep
+
+
+class TinyLM(torch.nn.Module):
+    """embed → up/down MLP with a residual → proj → lm_head (the head is never pruned)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 16, hidden: int = 48, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = torch.nn.Embedding(vocab, dim)
+            self.up = torch.nn.Linear(dim, hidden)
+            self.down = torch.nn.Linear(hidden, dim)
+            self.proj = torch.nn.Linear(dim, dim, bias=False)
+            self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)  # (B, L, dim)
+        h = h + self.down(torch.relu(self.up(h)))  # (B, L, dim)
+        return self.lm_head(self.proj(h))  # (B, L, vocab)
+
+
+def check_prune_model(pruner: Pruner, target: float, device: str = "cpu", base_tolerance: float = 0.01) -> None:
+    """``prune_`` zeroes exactly the masked weights of the model's linears, and nothing else."""
+    model = TinyLM().to(device)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(s)).to(device) for s in (0, 1)]
+    with torch.no_grad():
+        masks = pruner.prune_(model, target, calibration)
+    assert isinstance(masks, dict), f"prune_ returned {type(masks).__name__}, expected dict[str, Tensor]"
+    modules = dict(model.named_modules())
+    assert "lm_head" not in masks, "prune_ must skip the lm_head"
+    assert torch.equal(model.lm_head.weight, original["lm_head.weight"]), "prune_ changed the lm_head"
+    assert torch.equal(model.embed.weight, original["embed.weight"]), "prune_ changed the embedding"
+    if target > 0:
+        assert masks, "prune_ returned no masks for a positive sparsity"
+    zeros = total = 0
+    for name, keep in masks.items():
+        weight = modules[name].weight  # (out, in)
+        before = original[f"{name}.weight"]
+        assert keep.dtype == torch.bool and keep.shape == weight.shape, f"mask of {name} has the wrong type/shape"
+        assert bool((weight[~keep] == 0).all()), f"{name}: pruned weights are not exactly zero"
+        assert torch.equal(weight[keep], before[keep]), f"{name}: prune_ changed weights it kept"
+        zeros += int((~keep).sum())
+        total += keep.numel()
+    if total:
+        got = zeros / total
+        tol = tolerance(total, base_tolerance)
+        assert abs(got - target) <= tol, f"prune_: realized sparsity {got:.4f} over pruned layers, target {target}"
+    if target == 0:
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, original[key]), f"sparsity 0 changed {key}"
+
+
+class PruningConformance(PluginConformance):
+    """Conformance kit of the ``pruning`` family. Subclass it and set ``plugin``."""
+
+    family: ClassVar[str] = "pruning"
+    CASES: ClassVar[dict[str, PruneCase]] = CASES
+    sparsities: ClassVar[tuple[float, ...]] = SPARSITIES
+    sparsity_tolerance: ClassVar[float] = 0.01
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrize ``case_name`` over ``CASES`` and ``target`` over ``sparsities``."""
+        if "case_name" in metafunc.fixturenames:
+            metafunc.parametrize("case_name", list(type(self).CASES))
+        if "target" in metafunc.fixturenames:
+            metafunc.parametrize("target", list(type(self).sparsities))
+
+    def runnable_impl(self) -> Pruner:
+        impl: Pruner = self.make_impl()
+        self.skip_unless_runs_here(impl)
+        return impl
+
+    def activation(self, act: torch.Tensor) -> torch.Tensor | None:
+        return act if "activation_aware" in self.capabilities() else None
+
+    def test_case(self, case_name: str) -> None:
+        impl = self.runnable_impl()
+        caps = self.capabilities()
+        weight, act = type(self).CASES[case_name].make(self.target_device())
+        for target in type(self).sparsities:
+            check_mask(impl, weight, target, self.activation(act), caps, self.sparsity_tolerance)
+
+    def test_prune_model(self, target: float) -> None:
+        check_prune_model(self.runnable_impl(), target, self.target_device(), self.sparsity_tolerance)
+
+    def test_hypothesis_shapes_and_sparsities(self) -> None:
+        impl = self.runnable_impl()
+        caps = self.capabilities()
+        device = self.target_device()
+        use_act = "activation_aware" in caps
+
+        @settings(max_examples=self.max_examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(
+            rows=st.integers(1, 40), cols=st.integers(1, 80), target=st.floats(0.0, 0.95),
+            dist=st.sampled_from(["normal", "uniform", "ties", "with_zeros"]), seed=st.integers(0, 2**16),
+        )
+        def run(rows: int, cols: int, target: float, dist: Any, seed: int) -> None:
+            weight, act = PruneCase(rows, cols, dist, seed).make(device)
+            check_mask(impl, weight, target, act if use_act else None, caps, self.sparsity_tolerance)
+
+        run()
