@@ -1,0 +1,123 @@
+"""``AutoModel`` / ``AutoTokenizer``: a name or path in, a ready model or tokenizer out.
+
+``from_pretrained(name_or_path, config=None, **overrides)``: ``config`` is an
+:class:`~dsr1.config.EngineConfig`, a dict or a YAML/TOML/JSON path; keyword overrides use
+the family names (``attention="sdpa"``, ``device="cpu"``, ``quant="bf16"``). The pipeline is
+resolved once into plain objects; the checkpoint's ``model_type`` picks the builder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsr1.config import EngineConfig, load_config
+from dsr1.errors import Dsr1Error
+from dsr1.models.loading import read_hf_config, resolve_model_dir
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def generation_defaults(model_dir: Path, hf: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """eos/pad ids: ``generation_config.json``, then ``config.json``, then the tokenizer."""
+    gen = _read_json(model_dir / "generation_config.json")
+    eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    pad = gen.get("pad_token_id", hf.get("pad_token_id"))
+    if pad is None and tokenizer is not None and tokenizer.pad_token is not None:
+        pad = tokenizer.pad_token_id
+    eos_list = [eos] if isinstance(eos, int) else [int(e) for e in (eos or [])]
+    return {"eos_token_id": eos_list, "pad_token_id": pad}
+
+
+class AutoModel:
+    """Loads any supported checkpoint through the plugin pipeline."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        config: EngineConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        allow_pickle: bool = False,
+        registry: Any = None,
+        **overrides: Any,
+    ) -> Any:
+        """Build the model in ``name_or_path`` with the plugins ``config`` + ``overrides`` select.
+
+        :param dtype: compute dtype (``torch.bfloat16`` or ``"bf16"``); default: the checkpoint's.
+        :param allow_pickle: allow ``*.bin``/``*.pt`` checkpoints (loaded with ``weights_only=True``).
+        :param registry: a :class:`~dsr1.registry.PluginRegistry` (default: ``PluginRegistry.from_env()``).
+        """
+        from dsr1.registry import PluginRegistry
+
+        model_dir = resolve_model_dir(name_or_path)
+        hf = read_hf_config(model_dir)
+        cfg = load_config(config, **overrides)
+        registry = registry if registry is not None else PluginRegistry.from_env()
+        pipeline = registry.resolve(cfg)
+        builder = pipeline.model_builder(str(hf["model_type"]))
+        fields = type(builder.options).model_fields
+        update = {k: v for k, v in (("dtype", _dtype_name(dtype)), ("allow_pickle", allow_pickle)) if k in fields}
+        if update:
+            builder.options = type(builder.options).model_validate({**builder.options.model_dump(), **update})
+        elif dtype is not None:
+            raise Dsr1Error(f"model builder {type(builder).__name__} takes no dtype option")
+        model = builder.build(model_dir, hf, pipeline)
+        model.pipeline = pipeline
+        model.source_dir = model_dir
+        model.tokenizer = pipeline.preprocess.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        model.generation_defaults = generation_defaults(model_dir, hf, model.tokenizer)
+        pipeline.fire_model_loaded(model)
+        return model
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else str(dtype)
+
+
+#: transformers' name for the same thing.
+AutoModelForCausalLM = AutoModel
+
+
+class AutoTokenizer:
+    """Loads the tokenizer of a checkpoint through the ``preprocess`` plugin."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        config: EngineConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        padding_side: str | None = None,
+        registry: Any = None,
+        **overrides: Any,
+    ) -> Any:
+        from dsr1.registry import PluginRegistry
+
+        model_dir = resolve_model_dir(name_or_path)
+        cfg = load_config(config, **overrides)
+        registry = registry if registry is not None else PluginRegistry.from_env()
+        choice = cfg.choice("preprocess")
+        if choice is None:
+            raise Dsr1Error("config sets no preprocess plugin; AutoTokenizer needs one (e.g. 'tokenizers')")
+        tokenizer = registry.make("preprocess", choice).load(model_dir)
+        if padding_side is not None:
+            if padding_side not in ("left", "right"):
+                raise Dsr1Error(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            tokenizer.padding_side = padding_side
+        return tokenizer

@@ -1,0 +1,83 @@
+"""Builtin graph pass ``compile``: ``torch.compile`` of the decode step only.
+
+Prefill runs eagerly (one call per ``generate``); the per-token decode step is compiled
+with the device's backend (``Device.compile_backend()``) and its tiling settings
+(``Device.autotune_settings(tiling_strategy)``: ``auto`` = autotune, ``fixed`` = defaults).
+The model keeps its plain ``forward_step``; the compiled one is ``model.compiled_step``,
+which :mod:`dsr1.generation` prefers when present.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from dsr1.errors import Dsr1Error
+from dsr1.hookspecs import hookimpl
+from dsr1.interfaces import Device, GraphPass
+from dsr1.specs import PluginSpec
+
+
+class CompileOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``auto``: the device's autotuning settings; ``fixed``: its defaults.
+    tiling_strategy: Literal["auto", "fixed"] = "fixed"
+    #: a ``torch.compile`` mode (``"reduce-overhead"``, ``"max-autotune"``...); overrides the device's.
+    mode: str | None = None
+    #: ``torch.compile(dynamic=...)``; ``None`` lets dynamo mark the growing cache length dynamic.
+    dynamic: bool | None = None
+
+
+def compile_kwargs(options: CompileOptions, device: Device) -> dict[str, Any]:
+    """The ``torch.compile`` arguments for ``device`` (mode and options merged when both are set)."""
+    backend, backend_options = device.compile_backend()
+    tuning = dict(device.autotune_settings(options.tiling_strategy))
+    mode = options.mode or tuning.pop("mode", None)
+    merged = {**backend_options, **tuning}
+    kwargs: dict[str, Any] = {"backend": backend, "dynamic": options.dynamic}
+    if mode and merged:
+        if backend != "inductor":
+            raise Dsr1Error(f"graph compile: mode {mode!r} and options {merged} cannot both go to backend {backend!r}")
+        import torch._inductor
+
+        merged = {**torch._inductor.list_mode_options(mode, options.dynamic), **merged}
+        kwargs["options"] = merged
+    elif mode:
+        kwargs["mode"] = mode
+    elif merged:
+        kwargs["options"] = merged
+    return kwargs
+
+
+class CompileGraph(GraphPass):
+    Options = CompileOptions
+    options: CompileOptions
+
+    def apply(self, model: Any, device: Device) -> Any:
+        step = getattr(model, "forward_step", None)
+        if step is None:  # encoders have no decode step: nothing to compile
+            return model
+        kwargs = compile_kwargs(self.options, device)
+        model.compiled_step = torch.compile(step, **kwargs)
+        model.compile_kwargs = kwargs
+        return model
+
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        reasons = []
+        if not hasattr(torch, "compile"):
+            reasons.append(f"torch {torch.__version__} has no torch.compile")
+        return reasons
+
+
+@hookimpl
+def dsr1_graph() -> PluginSpec:
+    return PluginSpec(
+        name="compile",
+        family="graph",
+        impl=CompileGraph,
+        options=CompileOptions,
+        capabilities=frozenset({"kernel_fusion", "autotune"}),
+        description="torch.compile of the decode step with the device's backend and tiling settings",
+    )

@@ -1,0 +1,285 @@
+"""Pieces shared by the model files: norms, rotary embeddings, masks, the attention call.
+
+Shapes: ``B`` batch, ``T`` new tokens this forward, ``S`` keys attended, ``H`` query heads,
+``Hkv`` key/value heads, ``D`` head dim. Masks are boolean, ``True`` = may attend.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsr1.errors import Dsr1Error
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from dsr1.interfaces import AttentionMechanism
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+class _Output:
+    """Attribute and key access, like transformers' ``ModelOutput``."""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [k for k in self.__dataclass_fields__ if getattr(self, k) is not None]  # type: ignore[attr-defined]
+
+
+@dataclass
+class CausalLMOutput(_Output):
+    logits: torch.Tensor  # (B, T, V)
+
+
+@dataclass
+class EncoderOutput(_Output):
+    last_hidden_state: torch.Tensor  # (B, T, hidden)
+    pooler_output: torch.Tensor | None = None  # (B, hidden), BERT's tanh pooler (None when absent)
+    sentence_embedding: torch.Tensor | None = None  # (B, hidden), mean-pooled then L2-normalized
+
+
+# --- norms --------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 like transformers' ``LlamaRMSNorm``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fused kernel, same math in fp32
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The slow path, op for op as transformers does it (used for half precision)."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# --- rotary position embedding --------------------------------------------------------------
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """The rope settings of a ``config.json``: transformers 5 ``rope_parameters`` or 4.x
+    ``rope_theta`` + ``rope_scaling``, as one dict with ``rope_type`` and ``rope_theta``."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = rope_type
+    if rope_type not in ROPE_TYPES:
+        raise Dsr1Error(f"unsupported rope_type {rope_type!r} in config.json; supported: {', '.join(ROPE_TYPES)}")
+    return params
+
+
+def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``(D/2,)`` fp32 and the cos/sin scale, as transformers computes them."""
+    base = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()  # never on meta
+    inv_freq = 1.0 / (base ** (steps / dim))
+    rope_type = params["rope_type"]
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params.get("original_max_position_embeddings", max_positions))
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq, 1.0
+
+
+class RotaryEmbedding:
+    """cos/sin tables, grown on demand, gathered by position ids.
+
+    Not an ``nn.Module``: it holds no weights and is rebuilt on the model's device at load.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
+        self.inv_freq = inv_freq  # (D/2,) fp32
+        self.scaling = scaling
+        self.cos = torch.empty(0, device=inv_freq.device)
+        self.sin = torch.empty(0, device=inv_freq.device)
+
+    def to(self, device: torch.device) -> RotaryEmbedding:
+        self.inv_freq = self.inv_freq.to(device)
+        self.cos = self.sin = torch.empty(0, device=device)
+        return self
+
+    def ensure(self, n: int, dtype: torch.dtype) -> None:
+        """Make the tables cover positions ``[0, n)`` in ``dtype`` (call before a forward)."""
+        if self.cos.shape[0] >= n and self.cos.dtype == dtype:
+            return
+        n = max(n, 2 * self.cos.shape[0], 256)
+        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = t[:, None] * self.inv_freq[None, :]  # (n, D/2), the same fp32 products as transformers
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
+        self.cos = (emb.cos() * self.scaling).to(dtype)
+        self.sin = (emb.sin() * self.scaling).to(dtype)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` ``(B, T)`` → cos, sin ``(B, T, 1, D)`` (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, T, h, D)`` rotated by position; cos/sin ``(B, T, 1, D)``."""
+    return x * cos + rotate_half(x) * sin
+
+
+# --- masks ---------------------------------------------------------------------------------
+
+
+def build_mask(key_valid: torch.Tensor, t: int, start: int, window: int | None = None) -> torch.Tensor:
+    """Fold causality, padding and a sliding window into one boolean mask.
+
+    :param key_valid: ``(B, S)`` True where a cache slot holds a real (non-padding) token.
+    :param t: number of queries; they sit at cache slots ``[start, start + t)``.
+    :param window: keys ``k`` with ``q - window < k <= q`` are visible (Mistral / transformers).
+    :returns: ``(B, 1, T, S)``. Every query sees at least itself, so a padding row never
+        becomes all-masked (that would give NaN and poison the batch through ``0 * NaN``).
+    """
+    s = key_valid.shape[1]
+    q = torch.arange(start, start + t, device=key_valid.device)[:, None]  # (T, 1)
+    k = torch.arange(s, device=key_valid.device)[None, :]  # (1, S)
+    allowed = k <= q  # (T, S)
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    mask = allowed[None, None] & key_valid[:, None, None, :]  # (B, 1, T, S)
+    return mask | (k == q)[None, None]
+
+
+# --- the attention call ---------------------------------------------------------------------
+
+
+class AttentionCall:
+    """The attention plugin bound once at build time (no registry lookup per layer or token).
+
+    If the plugin does not declare the ``gqa`` capability, keys/values are repeated to the
+    query head count before the call.
+    """
+
+    def __init__(self, plugin: AttentionMechanism, n_rep: int, gqa: bool) -> None:
+        self.forward = plugin.forward
+        self.n_rep = n_rep if not gqa else 1
+        self.name = type(plugin).__name__
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+    ) -> torch.Tensor:
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        return self.forward(q, k, v, mask=mask, scale=scale)
+
+
+def plugin_capabilities(pipeline: Any, family: str) -> frozenset[str]:
+    """The declared capabilities of the plugin a pipeline selected for ``family``."""
+    obj = getattr(pipeline, family, None)
+    caps = getattr(obj, "capabilities", None)
+    if caps is not None:
+        return frozenset(caps)
+    choice = pipeline.config.choice(family)
+    try:
+        return pipeline.registry.load(family, choice.name).capabilities
+    except Exception:  # noqa: BLE001 - a plugin object set by hand has no spec: assume no extras
+        return frozenset()
+
+
+def bind_attention(pipeline: Any, n_heads: int, n_kv_heads: int) -> AttentionCall:
+    gqa = "gqa" in plugin_capabilities(pipeline, "attention")
+    return AttentionCall(pipeline.attention, n_heads // n_kv_heads, gqa)
+
+
+# --- model base --------------------------------------------------------------------------------
+
+
+class Dsr1Model(nn.Module):
+    """Base of dsr1 models: ``config`` (the HF config dict), ``pipeline`` and ``save_pretrained``."""
+
+    config: dict[str, Any]
+    pipeline: Any
+    tokenizer: Any
+    source_dir: Path | None
+
+    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors under their transformers names (fused weights split again)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files), atomically."""
+        from dsr1.models.loading import save_pretrained
+
+        return save_pretrained(self, Path(save_directory))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+
+class CausalLM(Dsr1Model):
+    """Base of decoder-only models: the surface :mod:`dsr1.generation` drives.
+
+    Subclasses implement :meth:`forward_step` and set ``context_length``, ``cache_shape``
+    and ``min_window``.
+    """
+
+    context_length: int
+    #: smallest sliding window of any layer (``None``: no sliding-window layer).
+    min_window: int | None = None
+
+    def cache_shape(self, batch_size: int, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        start: int,
+        cache: Any,
+        mask: torch.Tensor | None,
+        window_mask: torch.Tensor | None,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """One forward over ``input_ids`` ``(B, T)`` at cache slots ``[start, start+T)``.
+
+        Returns logits ``(B, V)`` of the last position if ``last_only`` else ``(B, T, V)``.
+        """
+        raise NotImplementedError
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Generate like transformers' ``generate``; see :func:`dsr1.generation.generate`."""
+        from dsr1.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)

@@ -1,0 +1,422 @@
+"""The ``llama`` architecture: Llama 2/3 (llama3 rope scaling), Mistral (sliding window),
+Qwen2 (qkv bias, tied or untied embeddings). DeepSeek-R1-Distill-{Qwen,Llama} use these.
+
+Data flows: token ids → embed → N × [RMSNorm → attention (+ rope, KV cache, plugin) →
+residual → RMSNorm → SwiGLU MLP → residual] → RMSNorm → lm_head → logits.
+
+At load, q/k/v and gate/up projections are fused into one matmul each (``fuse`` option);
+``hf_state_dict`` splits them again so saved checkpoints are plain transformers format.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsr1.errors import Dsr1Error
+from dsr1.hookspecs import hookimpl
+from dsr1.interfaces import CacheShape, KVCache, ModelBuilder
+from dsr1.models.common import (
+    AttentionCall,
+    CausalLM,
+    CausalLMOutput,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    bind_attention,
+    build_mask,
+    rope_inv_freq,
+    rope_parameters,
+)
+from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
+from dsr1.specs import PluginSpec
+
+
+def _need(hf: Mapping[str, Any], key: str) -> Any:
+    if key not in hf:
+        raise Dsr1Error(f"config.json lacks {key!r}, which a {hf.get('model_type')} model needs")
+    return hf[key]
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """The parts of a ``config.json`` this file uses."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    eps: float
+    context_length: int
+    rope: dict[str, Any]
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_embeddings: bool
+    windows: tuple[int | None, ...]
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> LlamaArgs:
+        mt = str(hf.get("model_type"))
+        hidden, heads = int(_need(hf, "hidden_size")), int(_need(hf, "num_attention_heads"))
+        n_layers = int(_need(hf, "num_hidden_layers"))
+        kv = int(hf.get("num_key_value_heads") or heads)
+        if heads % kv:
+            raise Dsr1Error(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise Dsr1Error(f"config.json: hidden_act {act!r} is not supported by the llama builder (silu only)")
+        window = hf.get("sliding_window")
+        if mt == "qwen2" and not hf.get("use_sliding_window", False):
+            window = None
+        layer_types = hf.get("layer_types")
+        if window is None:
+            windows: tuple[int | None, ...] = (None,) * n_layers
+        elif layer_types:
+            windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+        elif mt == "qwen2":
+            first = int(hf.get("max_window_layers", n_layers))
+            windows = tuple(int(window) if i >= first else None for i in range(n_layers))
+        else:
+            windows = (int(window),) * n_layers
+        return cls(
+            model_type=mt,
+            vocab_size=int(_need(hf, "vocab_size")),
+            hidden_size=hidden,
+            n_layers=n_layers,
+            n_heads=heads,
+            n_kv_heads=kv,
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            intermediate_size=int(_need(hf, "intermediate_size")),
+            eps=float(hf.get("rms_norm_eps", 1e-6)),
+            context_length=int(hf.get("max_position_embeddings", 2048)),
+            rope=rope_parameters(dict(hf)),
+            qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
+            o_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            windows=windows,
+        )
+
+    def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the transformers checkpoint, with its shape."""
+        c, h, kv, d, f = self.hidden_size, self.n_heads, self.n_kv_heads, self.head_dim, self.intermediate_size
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, c)}
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = (c,)
+            for name, rows in (("q", h * d), ("k", kv * d), ("v", kv * d)):
+                out[p + f"self_attn.{name}_proj.weight"] = (rows, c)
+                if self.qkv_bias:
+                    out[p + f"self_attn.{name}_proj.bias"] = (rows,)
+            out[p + "self_attn.o_proj.weight"] = (c, h * d)
+            if self.o_bias:
+                out[p + "self_attn.o_proj.bias"] = (c,)
+            out[p + "post_attention_layernorm.weight"] = (c,)
+            for name, shape in (("gate", (f, c)), ("up", (f, c)), ("down", (c, f))):
+                out[p + f"mlp.{name}_proj.weight"] = shape
+                if self.mlp_bias:
+                    out[p + f"mlp.{name}_proj.bias"] = (shape[0],)
+        out["model.norm.weight"] = (c,)
+        if not self.tie_embeddings:
+            out["lm_head.weight"] = (self.vocab_size, c)
+        return out
+
+
+#: fused module → the transformers modules it concatenates (along the output dim).
+FUSED: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_FUSED_RE = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(.+)$")
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, a: LlamaArgs, layer: int, attn: AttentionCall, fused: bool) -> None:
+        super().__init__()
+        self.layer, self.attn, self.fused = layer, attn, fused
+        self.h, self.kv, self.d = a.n_heads, a.n_kv_heads, a.head_dim
+        self.window = a.windows[layer]
+        self.scale = a.head_dim**-0.5
+        c = a.hidden_size
+        if fused:
+            self.qkv_proj = nn.Linear(c, (self.h + 2 * self.kv) * self.d, bias=a.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(c, self.h * self.d, bias=a.qkv_bias)
+            self.k_proj = nn.Linear(c, self.kv * self.d, bias=a.qkv_bias)
+            self.v_proj = nn.Linear(c, self.kv * self.d, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.h * self.d, c, bias=a.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, kv, d = self.h, self.kv, self.d
+        if self.fused:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d)  # (B, T, H + 2Hkv, D)
+            qk = apply_rope(qkv[:, :, : h + kv], cos, sin)  # (B, T, H + Hkv, D): one rope for q and k
+            q = qk[:, :, :h].transpose(1, 2)  # (B, H, T, D)
+            k = qk[:, :, h:].transpose(1, 2)  # (B, Hkv, T, D)
+            v = qkv[:, :, h + kv :].transpose(1, 2)  # (B, Hkv, T, D)
+        else:  # reference path, module for module as transformers
+            q = apply_rope(self.q_proj(x).view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, T, D)
+            k = apply_rope(self.k_proj(x).view(b, t, kv, d), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)  # (B, Hkv, S, D)
+        s = k.shape[2]
+        if self.window is not None and t == 1 and s > self.window:
+            k, v = k[:, :, s - self.window :], v[:, :, s - self.window :]  # decode: only the window
+            if mask is not None:
+                mask = mask[..., s - self.window :]
+        elif mask is not None and mask.shape[-1] != s:
+            mask = mask[..., -s:]  # a cache that keeps fewer slots than written (compressed caches)
+        o = self.attn(q, k, v, mask, self.scale)  # (B, H, T, D)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, T, C)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, a: LlamaArgs, fused: bool) -> None:
+        super().__init__()
+        c, f = a.hidden_size, a.intermediate_size
+        self.fused = fused
+        if fused:
+            self.gate_up_proj = nn.Linear(c, 2 * f, bias=a.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(c, f, bias=a.mlp_bias)
+            self.up_proj = nn.Linear(c, f, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(f, c, bias=a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 × (B, T, F)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, a: LlamaArgs, layer: int, attn: AttentionCall, fused: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.eps)
+        self.self_attn = LlamaAttention(a, layer, attn, fused)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.eps)
+        self.mlp = LlamaMLP(a, fused)
+        self.windowed = a.windows[layer] is not None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        masks: tuple[torch.Tensor | None, torch.Tensor | None],
+        cache: KVCache | None,
+        start: int,
+    ) -> torch.Tensor:
+        mask = masks[1] if self.windowed else masks[0]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, a: LlamaArgs, attn: AttentionCall, fused: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(a, i, attn, fused) for i in range(a.n_layers))
+        self.norm = RMSNorm(a.hidden_size, a.eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, a: LlamaArgs, attn: AttentionCall, fused: bool) -> None:
+        super().__init__()
+        self.args = a
+        self.fused = fused
+        self.model = LlamaBackbone(a, attn, fused)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        inv_freq, scaling = rope_inv_freq(a.rope, a.head_dim, a.context_length)
+        self.rope = RotaryEmbedding(inv_freq, scaling)
+        self.context_length = a.context_length
+        windows = [w for w in a.windows if w is not None]
+        self.min_window = min(windows) if windows else None
+
+    def cache_shape(self, batch_size: int, max_len: int) -> CacheShape:
+        a = self.args
+        return CacheShape(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim)
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        start: int,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+        window_mask: torch.Tensor | None,
+        last_only: bool,
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rope(positions)  # (B, T, 1, D)
+        masks = (mask, window_mask)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, masks, cache, start)
+        if last_only:
+            x = x[:, -1]  # (B, C)
+        return self.lm_head(self.model.norm(x))  # (B, V) or (B, T, V)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Logits of every position ``(B, T, V)``, without a cache (like transformers' ``model(**inputs)``)."""
+        input_ids = _as_ids(input_ids)
+        b, t = input_ids.shape
+        self.rope.ensure(t, self.dtype)
+        mask = window_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens 0..
+            if not bool(attention_mask.all()):
+                key_valid = attention_mask.bool()
+                mask = build_mask(key_valid, t, 0)
+                if self.min_window is not None:
+                    window_mask = build_mask(key_valid, t, 0, self.min_window)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        if window_mask is None and self.min_window is not None and t > self.min_window:
+            window_mask = build_mask(torch.ones(b, t, dtype=torch.bool, device=input_ids.device), t, 0, self.min_window)
+        logits = self.forward_step(input_ids, position_ids, 0, None, mask, window_mask, last_only=False)
+        return CausalLMOutput(logits=logits)
+
+    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        a = self.args
+        split = {
+            "self_attn.qkv_proj": [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim],
+            "mlp.gate_up_proj": [a.intermediate_size, a.intermediate_size],
+        }
+        for name, t in self.state_dict().items():
+            if a.tie_embeddings and name == "lm_head.weight":
+                continue
+            m = _FUSED_RE.match(name)
+            if m is None:
+                yield name, t
+                continue
+            prefix, fused, suffix = m.groups()
+            sizes = split[fused]
+            parts = t.split(sizes, dim=0) if t.dim() and t.shape[0] == sum(sizes) else [t] * len(sizes)
+            for part_name, part in zip(FUSED[fused], parts):
+                yield f"{prefix}{part_name}.{suffix}", part
+
+
+def _as_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise Dsr1Error(f"empty prompt: input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    return input_ids
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+class LlamaOptions(LoadOptions):
+    #: fuse q/k/v and gate/up projections into one matmul each at load time.
+    fuse: bool = True
+
+
+def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: LlamaOptions) -> LlamaForCausalLM:
+    """Build on the meta device, then assign the checkpoint's tensors (no second copy)."""
+    a = LlamaArgs.from_hf(hf)
+    names = check_names(
+        reader,
+        a.hf_tensor_shapes(),
+        ignorable=lambda n: n.endswith("rotary_emb.inv_freq") or (a.tie_embeddings and n == "lm_head.weight"),
+    )
+    dtype = choose_dtype(options, pipeline, reader)
+    device = pipeline.device.torch_device()
+    attn = bind_attention(pipeline, a.n_heads, a.n_kv_heads)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(a, attn, options.fuse)
+    state: dict[str, torch.Tensor] = {}
+    for name in model.state_dict():
+        if a.tie_embeddings and name == "lm_head.weight":
+            continue
+        m = _FUSED_RE.match(name)
+        if m is None:
+            state[name] = reader.read(names[name], dtype, device)
+            continue
+        prefix, fused, suffix = m.groups()
+        parts = [reader.read(names[f"{prefix}{p}.{suffix}"], dtype, device) for p in FUSED[fused]]
+        state[name] = torch.cat(parts, dim=0)  # (sum of outputs, in)
+        del parts
+    if a.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    if a.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope.to(device)
+    model.config = dict(hf)
+    model.pipeline = pipeline
+    model.tokenizer = None
+    model.source_dir = None
+    return model
+
+
+class LlamaBuilder(ModelBuilder):
+    """Llama / Mistral / Qwen2 checkpoints → :class:`LlamaForCausalLM`."""
+
+    Options = LlamaOptions
+    model_types = ("llama", "mistral", "qwen2")
+    options: LlamaOptions
+
+    def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
+        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle)
+        try:
+            model = build_llama(hf_config, reader, pipeline, self.options)
+        finally:
+            reader.close()
+        model.source_dir = model_dir
+        return finish_model(model, pipeline)
+
+    def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
+        """Build from any object with ``names/shape/read/float_dtype`` (e.g. in-memory tensors)."""
+        return finish_model(build_llama(hf_config, reader, pipeline, self.options), pipeline)
+
+    @staticmethod
+    def tensor_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        return LlamaArgs.from_hf(hf_config).hf_tensor_shapes()
+
+
+@hookimpl
+def dsr1_model() -> PluginSpec:
+    return PluginSpec(
+        name="llama",
+        family="model",
+        impl=LlamaBuilder,
+        options=LlamaOptions,
+        capabilities=frozenset({"model_type:llama", "model_type:mistral", "model_type:qwen2"}),
+        description="Llama 2/3, Mistral and Qwen2 decoder-only LMs (fused qkv and gate/up at load)",
+    )
