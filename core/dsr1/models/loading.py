@@ -363,11 +363,11 @@ def check_names(
     present = {rename(n): n for n in reader.names()}
     missing = sorted(n for n in expected if n not in present)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise Dsr1Error(f"checkpoint in {str(reader.model_dir)!r} is missing {len(missing)} tensor(s): {shown}")
     extra = sorted(n for n in present if n not in expected and not ignorable(n))
     if extra:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        shown = ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
         raise Dsr1Error(
             f"checkpoint in {str(reader.model_dir)!r} has {len(extra)} unexpected tensor(s): {shown} "
             f"(does config.json match these weights?)"

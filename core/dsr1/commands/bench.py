@@ -1,0 +1,359 @@
+"""``dsr1 bench``: prefill / decode tokens per second and peak memory, against transformers.
+
+Each (engine, batch size) runs in its own subprocess, so peak memory is that process's own
+high-water mark: ``ru_maxrss`` after the run minus the baseline after imports on CPU, or
+``torch.cuda.max_memory_allocated`` on CUDA. Both engines get the same weights (random ones
+are generated per tensor name from one seed, normal with std 0.02, norm weights 1), dtype,
+thread count and prompts; generation is forced to the full length (no eos).
+
+Timing: one warm-up ``generate``, then ``--reps`` repetitions of a prefill-only
+``generate`` (1 new token) and a full one; medians. prefill tok/s = B·P / t(1 token);
+decode tok/s = B·(N−1) / (t(N tokens) − t(1 token)); end-to-end tok/s = B·N / t(N tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from dsr1.errors import Dsr1Error
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny-125m": {
+        "model_type": "llama", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "num_key_value_heads": 4, "intermediate_size": 2048, "vocab_size": 32000, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "architectures": ["LlamaForCausalLM"],
+    },
+    "qwen2-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "use_sliding_window": False,
+        "architectures": ["Qwen2ForCausalLM"],
+    },
+    "llama3-8b": {
+        "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
+        "eos_token_id": 128001, "hidden_act": "silu", "architectures": ["LlamaForCausalLM"],
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+}
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="measure prefill/decode tok/s and peak memory (optionally vs transformers)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model name or HF-format directory")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="a built-in model shape (use with --random-weights)")
+    p.add_argument("--random-weights", action="store_true", help="random weights (normal, std 0.02) of --shape")
+    p.add_argument("--config", help="engine config file (YAML/TOML/JSON)")
+    p.add_argument("--batch-size", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--compare", choices=["hf"], help="also run transformers generate on the same inputs")
+    p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default=None, help="device plugin (cpu, cuda); default from config")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", help="also write the JSON to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+# --- parent: spawn one worker per (engine, batch) -----------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _bandwidth_gbs(device: str) -> float:
+    """Memory read bandwidth (GB/s): sum over a 512 MiB fp32 tensor, best of 5."""
+    import torch
+
+    x = torch.ones(128 * 1024 * 1024, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return x.nbytes / best / 1e9
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    if args.shape and not args.random_weights:
+        raise Dsr1Error("--shape needs --random-weights (or give --model NAME_OR_PATH)")
+    try:
+        batches = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
+    except ValueError:
+        raise Dsr1Error(f"--batch-size must be comma-separated integers, got {args.batch_size!r}") from None
+    if not batches or min(batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.reps < 1:
+        raise Dsr1Error("--batch-size ≥ 1, --prompt-len ≥ 1, --new-tokens ≥ 2 and --reps ≥ 1 are required")
+    import torch
+
+    device = args.device or "cpu"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    threads = args.threads or os.cpu_count() or 1
+    engines = ["dsr1"] + (["hf"] if args.compare else [])
+    spec = {
+        "model": args.model, "shape": args.shape, "config": args.config, "dtype": dtype, "device": device,
+        "threads": threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+    }
+    results: list[dict[str, Any]] = []
+    for b in batches:
+        row: dict[str, Any] = {"batch_size": b}
+        for engine in engines:
+            got = _spawn({**spec, "engine": engine, "batch_size": b})
+            row[engine] = got
+            if not args.json:
+                print(f"batch {b:>3} {engine:>5}: prefill {got['prefill_tok_s']:9.1f} tok/s  decode "
+                      f"{got['decode_tok_s']:8.1f} tok/s  end-to-end {got['e2e_tok_s']:8.1f} tok/s  "
+                      f"peak {got['peak_mem_mb']:8.1f} MB", file=sys.stderr, flush=True)
+        if "hf" in row:
+            d, h = row["dsr1"], row["hf"]
+            row["ratio_vs_hf"] = {k: round(d[k] / h[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")}
+            row["ratio_vs_hf"]["peak_mem"] = round(d["peak_mem_mb"] / h["peak_mem_mb"], 3) if h["peak_mem_mb"] > 0 else None
+        results.append(row)
+    weight_bytes = results[0]["dsr1"]["weight_bytes"]
+    bandwidth = _bandwidth_gbs(device)
+    report = {
+        "command": "dsr1 bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None,
+            "load_avg_1m": os.getloadavg()[0],
+        },
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "python":
+                     platform.python_version()},
+        "settings": spec,
+        "floor": {"weight_bytes": weight_bytes, "read_bandwidth_gbs": round(bandwidth, 2),
+                  "batch1_decode_floor_tok_s": round(bandwidth * 1e9 / weight_bytes, 1)},
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        print(text)
+    else:
+        print(f"decode floor at batch 1: {report['floor']['batch1_decode_floor_tok_s']} tok/s "
+              f"({weight_bytes / 1e6:.0f} MB of weights, {bandwidth:.1f} GB/s)")
+        for row in results:
+            if "ratio_vs_hf" in row:
+                r = row["ratio_vs_hf"]
+                print(f"batch {row['batch_size']}: dsr1/transformers decode {r['decode_tok_s']:.2f}x, end-to-end "
+                      f"{r['e2e_tok_s']:.2f}x, prefill {r['prefill_tok_s']:.2f}x, peak memory {r['peak_mem']}x")
+            else:
+                d = row["dsr1"]
+                print(f"batch {row['batch_size']}: decode {d['decode_tok_s']:.1f} tok/s, e2e {d['e2e_tok_s']:.1f}")
+    return 0
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    cmd = [sys.executable, "-m", "dsr1.cli", "bench", "--shape", "tiny-125m", "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise Dsr1Error(f"bench worker ({spec['engine']}, batch {spec['batch_size']}) failed: {tail}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+# --- worker: one engine, one batch size -----------------------------------------------------------
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class RandomWeights:
+    """A reader of random tensors: each one from its own generator seeded by its name."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: Any, device: Any, seed: int = 0) -> None:
+        self.shapes, self.dtype, self.device, self.seed = shapes, dtype, device, seed
+        self.model_dir = Path("<random weights>")
+
+    def names(self) -> set[str]:
+        return set(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def float_dtype(self) -> Any:
+        return self.dtype
+
+    def tensor(self, name: str) -> Any:
+        import torch
+
+        shape = self.shapes[name]
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed ^ zlib.crc32(name.encode()))
+        t = torch.empty(shape, dtype=torch.float32, device=self.device).normal_(0.0, 0.02, generator=gen)
+        return t.to(self.dtype)
+
+    def read(self, name: str, dtype: Any, device: Any) -> Any:
+        t = self.tensor(name)
+        return t.to(dtype=dtype or t.dtype, device=device)
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    cuda = spec["device"] == "cuda"
+    dtype = getattr(torch, spec["dtype"]) if spec["dtype"] else torch.float32
+    if spec["engine"] == "hf":
+        import transformers  # noqa: F401 - imported before the baseline, like dsr1's modules
+    from dsr1.auto import AutoModel  # noqa: F401
+    from dsr1.models.llama import LlamaArgs
+
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        base = _maxrss_mb()
+    device = torch.device("cuda" if cuda else "cpu")
+    if spec["shape"]:
+        hf_cfg = dict(SHAPES[spec["shape"]])
+        reader = RandomWeights(LlamaArgs.from_hf(hf_cfg).hf_tensor_shapes(), dtype, device)
+    else:
+        from dsr1.models.loading import read_hf_config, resolve_model_dir
+
+        model_dir = resolve_model_dir(spec["model"])
+        hf_cfg = read_hf_config(model_dir)
+        reader = None
+    if spec["engine"] == "dsr1":
+        model, gen = _load_dsr1(spec, hf_cfg, reader, dtype)
+    else:
+        model, gen = _load_hf(spec, hf_cfg, reader, dtype, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    b, p, n = int(spec["batch_size"]), int(spec["prompt_len"]), int(spec["new_tokens"])
+    vocab = int(hf_cfg["vocab_size"])
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(min(100, vocab - 1), vocab, (b, p), generator=g).to(device)
+    mask = torch.ones_like(ids)
+
+    def timed(new: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = gen(ids, mask, new)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t
+        if out.shape != (b, p + new):
+            raise Dsr1Error(f"{spec['engine']} generated {tuple(out.shape)}, expected {(b, p + new)}")
+        return elapsed
+
+    timed(n)  # warm-up (allocator, kernels, caches)
+    t1, tn = [], []
+    for _ in range(int(spec["reps"])):
+        t1.append(timed(1))
+        tn.append(timed(n))
+    m1, mn = statistics.median(t1), statistics.median(tn)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()) - base
+    out = {
+        "prefill_tok_s": b * p / m1, "decode_tok_s": b * (n - 1) / max(mn - m1, 1e-9), "e2e_tok_s": b * n / mn,
+        "prefill_s": m1, "generate_s": mn, "peak_mem_mb": peak, "weight_bytes": weight_bytes,
+        "times_1": t1, "times_n": tn,
+    }
+    if spec["engine"] == "dsr1":
+        out["pipeline"] = model.pipeline.describe()
+    return out
+
+
+def _load_dsr1(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype: Any) -> tuple[Any, Any]:
+    import torch
+
+    from dsr1.auto import AutoModel
+
+    overrides = {"device": spec["device"]} if spec["device"] else {}
+    if reader is None:
+        model = AutoModel.from_pretrained(spec["model"], spec["config"], dtype=dtype, **overrides)
+    else:
+        from dsr1.config import load_config
+        from dsr1.registry import PluginRegistry
+
+        pipeline = PluginRegistry.from_env().resolve(load_config(spec["config"], **overrides))
+        builder = pipeline.model_builder(hf_cfg["model_type"])
+        builder.options = type(builder.options).model_validate(
+            {**builder.options.model_dump(), "dtype": str(dtype).removeprefix("torch.")})
+        model = builder.build_from(hf_cfg, reader, pipeline)
+        model.generation_defaults = {}
+        pipeline.fire_model_loaded(model)
+
+    def gen(ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+        return model.generate(ids, mask, max_new_tokens=new, ignore_eos=True)
+
+    return model, gen
+
+
+def _load_hf(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype: Any, device: Any) -> tuple[Any, Any]:
+    import torch
+    import transformers
+
+    if reader is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device)
+    else:
+        cfg = transformers.AutoConfig.for_model(**hf_cfg)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with torch.no_grad():
+            for name, param in model.state_dict().items():
+                if name in reader.shapes:
+                    param.copy_(reader.tensor(name))
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+
+    def gen(ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out: torch.Tensor = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                               do_sample=False)
+        return out
+
+    return model, gen

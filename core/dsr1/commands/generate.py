@@ -1,0 +1,81 @@
+"""``dsr1 generate``: stream a completion of PROMPT to stdout through the full plugin pipeline."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from dsr1.errors import Dsr1Error
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt",
+                              description="Generate text with a model through the configured plugin pipeline.")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    p.add_argument("--model", default="dsr1-tiny", help="model name or HF-format directory (default dsr1-tiny)")
+    p.add_argument("--config", help="engine config file (YAML/TOML/JSON)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise Dsr1Error("empty prompt; pass the text to continue, e.g. dsr1 generate 'The Python interpreter'")
+    from dsr1.auto import AutoModel
+
+    started = time.perf_counter()
+    model = AutoModel.from_pretrained(args.model, args.config)
+    load_s = time.perf_counter() - started
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise Dsr1Error(f"model {args.model!r} has no tokenizer.json; dsr1 generate needs one")
+    if not hasattr(model, "generate"):
+        raise Dsr1Error(f"model {args.model!r} ({model.config.get('model_type')}) is an encoder; it cannot generate")
+    if args.chat:
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+    else:
+        enc = tokenizer(args.prompt, return_tensors="pt")
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    monitor = model.pipeline.monitor
+    if args.json:
+        out = model.generate(enc["input_ids"], enc["attention_mask"], **sampling)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        eos = set(model.generation_defaults.get("eos_token_id") or [])
+        summary = monitor.summary()
+        report = {
+            "model": args.model,
+            "prompt": args.prompt,
+            "text": tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True),
+            "prompt_tokens": int(enc["input_ids"].shape[1]),
+            "new_tokens": summary.get("decode", {}).get("tokens", len(new)),
+            "timings": {
+                "load_s": round(load_s, 4),
+                "prefill_s": round(summary.get("prefill", {}).get("seconds", 0.0), 4),
+                "decode_s": round(summary.get("decode", {}).get("seconds", 0.0), 4),
+                "decode_tok_s": round(summary.get("decode", {}).get("tokens_per_s", 0.0), 2),
+            },
+            "kvcache_bytes": summary.get("kvcache.bytes", {}).get("bytes", 0),
+            "pipeline": model.pipeline.describe(),
+        }
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in model.generate(enc["input_ids"], enc["attention_mask"], stream=True, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

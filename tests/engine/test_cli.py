@@ -1,0 +1,68 @@
+"""``dsr1 generate`` and ``dsr1 bench`` end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsr1.cli import main
+
+
+def test_generate_streams_and_json(ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(ckpts["llama"])
+    assert main(["generate", "--model", path, "--max-new-tokens", "8", "The Python interpreter"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("The Python interpreter") and len(streamed) > len("The Python interpreter\n")
+    assert main(["generate", "--model", path, "--max-new-tokens", "8", "--json", "The Python interpreter"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "The Python interpreter" + report["text"] + "\n" == streamed
+    assert report["prompt_tokens"] > 0 and report["new_tokens"] <= 8
+    assert report["timings"]["decode_s"] > 0 and report["pipeline"]["kvcache"]["name"] == "contiguous"
+    assert report["pipeline"]["attention"]["name"] == "sdpa"
+    args = ["generate", "--model", path, "--max-new-tokens", "8", "--temperature", "0.9", "--top-k", "20",
+            "--top-p", "0.9", "--seed", "3", "--json", "A function"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)["text"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == first
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--model", "{llama}", "   "], "empty prompt"),
+        (["generate", "--model", "/no/such/dir", "hi"], "model path '/no/such/dir' does not exist"),
+        (["generate", "--model", "{llama}", "--max-new-tokens", "0", "hi"], "max_new_tokens must be a positive"),
+        (["generate", "--model", "{llama}", "--temperature", "-1", "hi"], "temperature must be >= 0"),
+        (["generate", "--model", "{llama}", "--top-p", "0", "hi"], r"top_p must be in (0, 1]"),
+    ],
+)
+def test_generate_errors_are_one_line(ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                      argv: list[str], message: str) -> None:
+    argv = [a.replace("{llama}", str(ckpts["llama"])) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsr1: error: ") and message in err and err.count("\n") == 1
+
+
+def test_bench_compares_with_transformers(ckpts: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(ckpts["qwen2"]), "--compare", "hf", "--batch-size", "1,2", "--prompt-len", "4",
+            "--new-tokens", "4", "--reps", "1", "--threads", "1", "--json", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == report
+    assert [r["batch_size"] for r in report["results"]] == [1, 2]
+    row = report["results"][1]
+    for engine in ("dsr1", "hf"):
+        assert row[engine]["decode_tok_s"] > 0 and row[engine]["peak_mem_mb"] >= 0
+    assert set(row["ratio_vs_hf"]) == {"prefill_tok_s", "decode_tok_s", "e2e_tok_s", "peak_mem"}
+    assert report["command"].startswith("dsr1 bench --model") and report["versions"]["torch"]
+    assert report["floor"]["weight_bytes"] > 0 and report["machine"]["cpu"]
+
+
+def test_bench_rejects_shape_without_random_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--shape", "tiny-125m"]) == 2
+    assert "--shape needs --random-weights" in capsys.readouterr().err
