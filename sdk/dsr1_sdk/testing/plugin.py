@@ -14,6 +14,8 @@ import os
 
 import pytest
 
+_PREVIOUS = pytest.StashKey[str | None]()
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dsr1", "dsr1 plugin conformance kit")
@@ -29,7 +31,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "conformance: a test inherited from a dsr1_sdk conformance kit")
     device = config.getoption("--dsr1-device", default=None)
     if device:
+        config.stash[_PREVIOUS] = os.environ.get("DSR1_TEST_DEVICE")
         os.environ["DSR1_TEST_DEVICE"] = device
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PREVIOUS in config.stash:  # restore what --dsr1-device replaced
+        previous = config.stash[_PREVIOUS]
+        if previous is None:
+            os.environ.pop("DSR1_TEST_DEVICE", None)
+        else:
+            os.environ["DSR1_TEST_DEVICE"] = previous
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
