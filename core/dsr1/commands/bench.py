@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     weight_bytes = results[0]["dsr1"]["weight_bytes"]
     bandwidth = _bandwidth_gbs(device)
     report = {
-        "command": "dsr1 bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": _command(args),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
@@ -176,6 +176,20 @@ def run(args: argparse.Namespace) -> int:
                 d = row["dsr1"]
                 print(f"batch {row['batch_size']}: decode {d['decode_tok_s']:.1f} tok/s, e2e {d['e2e_tok_s']:.1f}")
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (from the parsed options, not sys.argv)."""
+    import shlex
+
+    parts = ["dsr1", "bench"]
+    for flag in ("model", "shape", "config", "batch_size", "prompt_len", "new_tokens", "reps", "compare", "dtype",
+                 "device", "threads", "output"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += ["--" + flag.replace("_", "-"), str(value)]
+    parts += [f for f, on in (("--random-weights", args.random_weights), ("--json", args.json)) if on]
+    return shlex.join(parts)
 
 
 def _version(dist: str) -> str | None:
