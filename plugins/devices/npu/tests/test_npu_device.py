@@ -133,8 +133,9 @@ def test_probe_quotes_the_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_probe_quotes_the_driver_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_torch_npu(monkeypatch, count=0, warning="Ascend driver not loaded (dsmi_get_device_count failed)")
-    assert NpuDevice().probe().reason == "the Ascend driver refused: Ascend driver not loaded (dsmi_get_device_count failed)"
+    warning = "Ascend driver not loaded (dsmi_get_device_count failed)"
+    fake_torch_npu(monkeypatch, count=0, warning=warning)
+    assert NpuDevice().probe().reason == f"the Ascend driver refused: {warning}"
 
 
 def test_probe_checks_device_index(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,7 +183,10 @@ def test_class_attributes_and_compile_settings() -> None:
         inductor.autotune_settings("fast")
 
 
-@pytest.mark.parametrize("options", [{"memory_fraction": 0.0}, {"memory_fraction": 1.5}, {"device_index": -1}, {"compile_backend": "ge"}])
+BAD_OPTIONS = [{"memory_fraction": 0.0}, {"memory_fraction": 1.5}, {"device_index": -1}, {"compile_backend": "ge"}]
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS)
 def test_bad_options_are_one_line_errors(options: dict[str, Any]) -> None:
     with pytest.raises(Dsr1Error, match=f"device.options.{next(iter(options))}"):
         PluginRegistry().make("device", PluginChoice(name="npu", options=options))
