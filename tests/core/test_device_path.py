@@ -101,3 +101,17 @@ def test_automodel_forward_on_cpudev(cpudev: dict[str, str], tmp_path: Path) -> 
     assert got.shape == (2, 7, 96)
     assert torch.equal(got, on_cpu), "the same weights on the builtin cpu device give other logits"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dsr1.auto") is None, reason="dsr1.auto (AutoModel) is not written yet")
+@pytest.mark.parametrize("name, package", [("mlu", "torch_mlu"), ("npu", "torch_npu")])
+def test_automodel_on_absent_accelerator_says_why(name: str, package: str, tmp_path: Path) -> None:
+    """Selecting a device plugin whose hardware is missing fails at load with its probe's reason."""
+    if name not in PluginRegistry().names("device"):
+        pytest.skip(f"dsr1-device-{name} is not installed in this environment")
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    from dsr1.auto import AutoModel
+
+    with pytest.raises(Dsr1Error, match=f"^{name} device is not available here: {package} is not installed"):
+        AutoModel.from_pretrained(_tiny_llama(tmp_path / "tiny-llama"), device=name)
