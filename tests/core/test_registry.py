@@ -170,3 +170,29 @@ def test_selecting_broken_plugin_from_cli_is_one_line(with_plugins, tmp_path):
     assert "failed to import" in proc.stderr
     debug = run_cli("--debug", "config", "check", str(cfg), env=env)
     assert "Traceback" in debug.stderr
+
+
+def test_resolving_a_config_imports_only_selected_plugins():
+    code = (
+        "import sys; from dsr1.config import load_config; from dsr1.registry import PluginRegistry; "
+        "p = PluginRegistry().resolve(load_config(attention='eager')); "
+        "print(type(p.attention).__name__, sorted(m for m in sys.modules if m.startswith('dsr1_')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert out[0] == "EagerAttention"
+    imported = out[1]
+    assert "dsr1_attention_eager" in imported and "dsr1_device_cpu" in imported
+    for unselected in ("dsr1_attention_sdpa", "dsr1_device_cuda", "dsr1_device_mlu", "dsr1_quant_float",
+                       "dsr1_pruning_magnitude"):
+        assert unselected not in imported
+
+
+def test_lifecycle_events_reach_plugins(with_plugins):
+    with_plugins("options")
+    from dsr1.config import load_config
+
+    pipeline = PluginRegistry().resolve(load_config(attention={"name": "windowed", "options": {"window": 4}}))
+    pipeline.fire_step_finished({"new_tokens": 3})
+    import dsr1_test_options as mod
+
+    assert mod.STEPS == [{"new_tokens": 3}]
