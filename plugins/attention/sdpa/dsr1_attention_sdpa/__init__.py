@@ -13,8 +13,10 @@ How the engine's calls map onto SDPA (``q (B, H, T, D)``, ``k, v (B, Hkv, S, D)`
   SDPA's own ``is_causal`` is upper-left aligned and would be wrong here;
 * boolean ``mask (B, 1, T, S)`` → passed as ``attn_mask`` (``True`` = may attend).
 
-Grouped-query attention uses ``enable_gqa=True`` where the kernel supports it (torch ≥ 2.5
-without a mask, or with the math/flash backends), else repeats key/value heads.
+Grouped-query attention passes ``enable_gqa=True`` (torch ≥ 2.5), except with the pinned
+``efficient`` kernel, which lacks it: there (and on older torch) key/value heads are
+repeated. On an H200 with torch 2.11, native GQA decodes 2.3× faster than repeated heads
+(see the README for the figures and the command).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dsr1_sdk import AttentionMechanism, Field, PluginOptions, PluginSpec, hookimpl
+from dsr1_sdk import AttentionMechanism, Dsr1Error, Field, PluginOptions, PluginSpec, hookimpl
 
 __all__ = ["SdpaAttention", "SdpaOptions", "dsr1_attention"]
 
@@ -105,20 +107,26 @@ class SdpaAttention(AttentionMechanism):
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
         extra = {}
         if h != hkv:
-            # Only the flash and math kernels take enable_gqa; with a mask (no flash) the
-            # memory-efficient kernel on repeated heads beats the math fallback on CUDA.
-            native = HAS_ENABLE_GQA and (
-                self._pinned in ("flash", "math") or (self._pinned is None and (attn_mask is None or not query.is_cuda))
-            )
-            if native:
+            if HAS_ENABLE_GQA and self._pinned != "efficient":  # the efficient kernel has no GQA
                 extra["enable_gqa"] = True
             else:
                 key = key.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
                 value = value.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
-        with self._kernel():
+        if self._pinned is None:
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
             )  # (B, H, T, D)
+        try:
+            with self._kernel():
+                return F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
+                )  # (B, H, T, D)
+        except RuntimeError as err:  # a pinned kernel refuses these inputs: say which, never fall back
+            raise Dsr1Error(
+                f"sdpa backend {self._pinned!r} cannot run this call ({query.dtype}, head dim {query.shape[-1]}, "
+                f"{'a mask' if attn_mask is not None else 'no mask'}, on {query.device.type}): "
+                f"{str(err).strip().splitlines()[0]}; use backend 'auto'"
+            ) from err
 
 
 @hookimpl

@@ -80,3 +80,10 @@ def test_fast_paths(monkeypatch: pytest.MonkeyPatch, t: int, s: int, causal: boo
     assert (mask is None) if mask_shape is None else tuple(mask.shape) == mask_shape
     assert kwargs.get("enable_gqa") is True  # torch 2.13 has it, and CPU takes it with a mask
     torch.testing.assert_close(out, softmax_attention(q, k, v).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_pinned_kernel_failure_is_a_one_line_error() -> None:
+    attention = make(backend="efficient")
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(Dsr1Error, match="sdpa backend 'efficient' cannot run this call .*use backend 'auto'"):
+        attention(q, q, q)
