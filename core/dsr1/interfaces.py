@@ -149,6 +149,11 @@ class QuantPolicy(Plugin):
     def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
         """Quantize then dequantize one weight: the round trip the kit checks."""
 
+    def error_bound(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Largest ``|quantize_tensor(weight) - weight|`` per element, broadcastable to
+        ``weight.shape`` (``None``: no elementwise bound declared, only ``sqnr_threshold``)."""
+        return None
+
     def compute_dtype(self) -> torch.dtype | None:
         """The activation dtype this policy runs in (``None``: keep the checkpoint's)."""
         return None

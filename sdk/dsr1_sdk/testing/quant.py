@@ -71,7 +71,10 @@ CASES: dict[str, QuantCase] = {
 
 
 def declared_bound(policy: QuantPolicy, weight: torch.Tensor) -> torch.Tensor | None:
-    """The plugin's elementwise error bound for ``weight`` (``None``: it declares none)."""
+    """The plugin's elementwise error bound for ``weight`` (``None``: it declares none).
+
+    ``QuantPolicy.error_bound`` (core ≥ 0.1 with the method; looked up defensively so the
+    kit also runs against a core without it)."""
     fn = getattr(policy, "error_bound", None)
     return fn(weight) if callable(fn) else None
 
