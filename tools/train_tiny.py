@@ -203,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--tiny-config-for-tests`` overrides sizes so a run takes seconds."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", default="softmax", help="attention variant; only 'softmax' exists so far")
     p.add_argument("--batch-size", type=int, default=16)
