@@ -35,7 +35,8 @@ def int_error_bound(weight: torch.Tensor, bits: int = 8, axis: int = 0) -> torch
     dims = [d for d in range(w.dim()) if d != axis % max(w.dim(), 1)]
     amax = w.abs().amax(dim=dims, keepdim=True) if dims else w.abs()
     eps = torch.finfo(weight.dtype).eps if weight.is_floating_point() else 0.0
-    return amax / qmax / 2 + 2 * amax * eps
+    bound: torch.Tensor = amax / qmax / 2 + 2 * amax * eps
+    return bound
 
 
 def cast_round_trip(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

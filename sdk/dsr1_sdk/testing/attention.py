@@ -152,7 +152,7 @@ def check_attention_case(
     assert tuple(out.shape) == expected_shape, f"{where}: output shape {tuple(out.shape)} != {expected_shape}"
     assert out.dtype == q.dtype, f"{where}: output dtype {out.dtype} != query dtype {q.dtype}"
     assert out.device.type == q.device.type, f"{where}: output on {out.device}, inputs on {q.device}"
-    for name, before, after in zip(("query", "key", "value"), originals, (q, k, v)):
+    for name, before, after in zip(("query", "key", "value"), originals, (q, k, v), strict=True):
         assert torch.equal(before, after), f"{where}: forward modified its {name} input in place"
     expected = reference(q, k, v, mask=mask, scale=case.scale)  # (B, H, T, D)
     rows = ref.attended_rows(mask.cpu() if mask is not None else None, case.batch, case.q_len, case.kv_len)
@@ -229,7 +229,7 @@ class AttentionConformance(PluginConformance):
         missing = missing_capabilities(case, self.capabilities())
         if missing:
             pytest.skip(f"{self.plugin} does not declare {sorted(missing)}")
-        impl = self.make_impl()
+        impl: AttentionMechanism = self.make_impl()
         self.skip_unless_runs_here(impl, DTYPES[case.dtype])
         return impl
 

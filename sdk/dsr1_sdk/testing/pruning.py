@@ -115,7 +115,8 @@ class TinyLM(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)  # (B, L, dim)
         h = h + self.down(torch.relu(self.up(h)))  # (B, L, dim)
-        return self.lm_head(self.proj(h))  # (B, L, vocab)
+        logits: torch.Tensor = self.lm_head(self.proj(h))  # (B, L, vocab)
+        return logits
 
 
 def check_prune_model(pruner: Pruner, target: float, device: str = "cpu", base_tolerance: float = 0.01) -> None:

@@ -51,8 +51,7 @@ def close_problem(actual: torch.Tensor, expected: torch.Tensor, atol: float, rto
     if bool((err <= allowed).all()):
         return None
     worst = (err - allowed).argmax()
-    idx = list(torch.unravel_index(worst, err.shape))
-    idx = [int(i) for i in idx]
+    idx = [int(i) for i in torch.unravel_index(worst, err.shape)]
     return (
         f"{what}: max |diff| {err.max().item():.3g} (atol {atol:g}, rtol {rtol:g}); worst at {idx}: "
         f"got {a[tuple(idx)].item():.6g}, expected {e[tuple(idx)].item():.6g}; "

@@ -51,7 +51,7 @@ class CudaDevice(Device):
     # --- without initializing CUDA ------------------------------------------------------
 
     def probe(self) -> ProbeResult:
-        if not torch.backends.cuda.is_built():
+        if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]  # untyped in torch
             return ProbeResult(
                 available=False,
                 reason=f"torch {torch.__version__} is built without CUDA; install a CUDA build of torch",
@@ -102,11 +102,11 @@ class CudaDevice(Device):
 
     def stream(self, index: int = 0) -> torch.cuda.Stream:
         """A new CUDA stream on device ``index`` (capability ``streams``)."""
-        return torch.cuda.Stream(device=index)
+        return torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]  # untyped in torch
 
     def event(self, enable_timing: bool = True) -> torch.cuda.Event:
         """A CUDA event for timing and cross-stream waits (capability ``events``)."""
-        return torch.cuda.Event(enable_timing=enable_timing)
+        return torch.cuda.Event(enable_timing=enable_timing)  # type: ignore[no-untyped-call]  # untyped in torch
 
 
 @hookimpl

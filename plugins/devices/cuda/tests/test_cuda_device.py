@@ -62,9 +62,8 @@ def test_available_reports_count(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_compile_and_autotune_options() -> None:
-    device = PluginRegistry().make(
-        "device", PluginChoice(name="cuda", options={"cudagraphs": True, "inductor_options": {"epilogue_fusion": False}})
-    )
+    options = {"cudagraphs": True, "inductor_options": {"epilogue_fusion": False}}
+    device = PluginRegistry().make("device", PluginChoice(name="cuda", options=options))
     assert device.compile_backend() == ("inductor", {"triton.cudagraphs": True, "epilogue_fusion": False})
     assert device.autotune_settings("auto") == {"mode": "max-autotune"}
     assert CudaDevice().autotune_settings("auto") == {"mode": "max-autotune-no-cudagraphs"}

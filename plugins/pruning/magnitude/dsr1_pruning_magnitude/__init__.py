@@ -87,8 +87,12 @@ class MagnitudePruner(Pruner):
         layers = self.prunable(model)
         if self.options.scope == "global" and layers:
             scores = torch.cat([self.score(m.weight).reshape(-1).cpu() for _, m in layers])  # (sum N,)
-            keep_all = exact_keep_mask(scores, sparsity).split([m.weight.numel() for _, m in layers])
-            masks = {n: k.reshape(m.weight.shape).to(m.weight.device) for (n, m), k in zip(layers, keep_all)}
+            sizes = [m.weight.numel() for _, m in layers]
+            keep_all = torch.split(exact_keep_mask(scores, sparsity), sizes)  # one flat mask per layer
+            masks = {
+                name: keep.reshape(module.weight.shape).to(module.weight.device)
+                for (name, module), keep in zip(layers, keep_all, strict=True)
+            }
         else:
             masks = {name: self.mask(module.weight, sparsity) for name, module in layers}
         with torch.no_grad():
