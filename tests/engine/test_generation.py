@@ -13,7 +13,7 @@ from dsr1.auto import AutoModel
 from dsr1.decoding.sampling import SamplingDecoder, top_k_filter, top_p_filter
 from dsr1.errors import Dsr1Error
 from dsr1.interfaces import CacheShape, Request, SamplingParams
-from dsr1.kvcache.contiguous import ContiguousKVCache
+from dsr1.kvcache.contiguous import ContiguousKVCache, ContiguousOptions
 from dsr1.scheduler.static import StaticOptions, StaticScheduler
 
 
@@ -178,7 +178,7 @@ def test_step_finished_fires_once_per_batch_and_monitor_records(ckpts: dict[str,
     assert stats[0]["new_tokens"] == 9 and stats[0]["prompt_tokens"] == 4
     summary = m.pipeline.monitor.summary()
     assert summary["decode"]["count"] == 1 and summary["prefill"]["count"] == 1
-    assert summary["kvcache.bytes"]["bytes"] == 2 * 2 * 1 * 2 * 13 * 16 * 4  # K+V, L, B, Hkv, Tmax, D, fp32
+    assert summary["kvcache.bytes"]["bytes"] == 2 * 2 * 1 * 2 * 256 * 16 * 4  # K+V, L, B, Hkv, Tcap, D, fp32
 
     small = AutoModel.from_pretrained(ckpts["llama"], {"scheduler": {"name": "static",
                                                                     "options": {"max_batch_size": 2}}},
@@ -191,8 +191,8 @@ def test_step_finished_fires_once_per_batch_and_monitor_records(ckpts: dict[str,
 
 
 def test_kvcache_contiguous_writes_in_place() -> None:
-    cache = ContiguousKVCache()
-    shape = CacheShape(n_layers=2, batch_size=3, max_len=8, n_kv_heads=2, head_dim=4)
+    cache = ContiguousKVCache(ContiguousOptions(granularity=4))
+    shape = CacheShape(n_layers=2, batch_size=3, max_len=7, n_kv_heads=2, head_dim=4)  # capacity 8
     cache.allocate(shape, torch.float32, torch.device("cpu"))
     storage = cache.k.data_ptr()  # type: ignore[union-attr]
     k = torch.randn(3, 2, 5, 4)
@@ -204,8 +204,10 @@ def test_kvcache_contiguous_writes_in_place() -> None:
     assert k_all.shape == (3, 2, 6, 4) and torch.equal(k_all[:, :, 5:], k2) and torch.equal(k_all[:, :, :5], k)
     assert k_all.data_ptr() == storage + cache.k[1].storage_offset() * 4  # type: ignore[union-attr]  # a view
     assert cache.nbytes() == 2 * 2 * 3 * 2 * 8 * 4 * 4
-    cache.allocate(shape, torch.float32, torch.device("cpu"))
-    assert cache.k.data_ptr() == storage  # type: ignore[union-attr]  # same shape: buffers reused
+    cache.allocate(CacheShape(2, 3, 5, 2, 4), torch.float32, torch.device("cpu"))
+    assert cache.k.data_ptr() == storage  # type: ignore[union-attr]  # fits: buffers reused, same strides
+    cache.allocate(CacheShape(2, 3, 9, 2, 4), torch.float32, torch.device("cpu"))
+    assert cache.k.shape == (2, 3, 2, 12, 4)  # type: ignore[union-attr]  # grown, rounded up to 4
 
 
 def test_static_scheduler_fifo_batches() -> None:

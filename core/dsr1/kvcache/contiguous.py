@@ -1,30 +1,53 @@
-"""Builtin KV cache ``contiguous``: one preallocated ``(L, B, Hkv, Tmax, D)`` tensor for keys
+"""Builtin KV cache ``contiguous``: one preallocated ``(L, B, Hkv, Tcap, D)`` tensor for keys
 and one for values. ``update`` writes in place and returns views; nothing is allocated per
-token. A second ``allocate`` with the same shape, dtype and device reuses the buffers.
+token.
+
+``Tcap`` is ``max_len`` rounded up to a multiple of ``granularity`` (256), and a later
+``allocate`` that fits in the buffers reuses them. Both keep the views' strides the same
+from one ``generate`` to the next, which matters on CUDA: cuDNN attention builds an
+execution plan per shape-and-stride (tens of ms each, seen on an H200, torch 2.11).
 """
 from __future__ import annotations
 
 import torch
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import CacheShape, KVCache
 from dsr1.specs import PluginSpec
 
 
+class ContiguousOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: the token capacity is rounded up to a multiple of this.
+    granularity: int = Field(default=256, ge=1)
+
+
 class ContiguousKVCache(KVCache):
     """Static per-layer K/V storage for incremental decoding (gpt-fast style)."""
 
-    def __init__(self, options: object | None = None) -> None:
-        super().__init__(options)  # type: ignore[arg-type]
+    Options = ContiguousOptions
+    options: ContiguousOptions
+
+    def __init__(self, options: ContiguousOptions | None = None) -> None:
+        super().__init__(options)
         self.k: torch.Tensor | None = None  # (L, B, Hkv, Tmax, D)
         self.v: torch.Tensor | None = None
         self.shape: CacheShape | None = None
         self.length = 0
 
     def allocate(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None:
-        dims = (shape.n_layers, shape.batch_size, shape.n_kv_heads, shape.max_len, shape.head_dim)
+        g = self.options.granularity
+        cap = -(-shape.max_len // g) * g
+        dims = (shape.n_layers, shape.batch_size, shape.n_kv_heads, cap, shape.head_dim)
         k = self.k
-        if k is None or tuple(k.shape) != dims or k.dtype != dtype or k.device != torch.device(device):
+        fits = (
+            k is not None and k.dtype == dtype and k.device == torch.device(device)
+            and (k.shape[:3], k.shape[4]) == (dims[:3], dims[4]) and k.shape[3] >= shape.max_len
+        )
+        if not fits:
             self.k = self.v = None  # free the old buffers before taking new ones
             self.k = torch.zeros(dims, dtype=dtype, device=device)
             self.v = torch.zeros(dims, dtype=dtype, device=device)
@@ -59,6 +82,7 @@ def dsr1_kvcache() -> PluginSpec:
         name="contiguous",
         family="kvcache",
         impl=ContiguousKVCache,
+        options=ContiguousOptions,
         capabilities=frozenset({"preallocated", "kv"}),
         description="preallocated (L, B, Hkv, Tmax, D) key/value tensors, updated in place",
     )

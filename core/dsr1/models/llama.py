@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -344,6 +344,19 @@ def _as_ids(input_ids: Any) -> torch.Tensor:
 class LlamaOptions(LoadOptions):
     #: fuse q/k/v and gate/up projections into one matmul each at load time.
     fuse: bool = True
+    #: memory layout of linear weights: ``nk`` (out, in) as stored, ``kn`` the transpose kept contiguous
+    #: (``weight`` stays an (out, in) view), ``auto`` = ``kn`` on CPU, where MKL's small-batch matmul reads
+    #: that layout faster (tiny-125m, batch 8 decode: 37 → 28 ms of matmuls per step), else ``nk``.
+    weight_layout: Literal["auto", "nk", "kn"] = "auto"
+
+
+def use_kn_layout_(model: nn.Module) -> None:
+    """Store every untied linear weight transposed-contiguous; ``weight`` becomes a view of it."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in shared and module.weight.is_contiguous():
+            kn = module.weight.detach().t().contiguous()  # (in, out), one layer at a time
+            module.weight = nn.Parameter(kn.t(), requires_grad=False)  # (out, in) view, stride (1, out)
 
 
 def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: LlamaOptions) -> LlamaForCausalLM:
@@ -377,6 +390,9 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     del state
     if a.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    layout = options.weight_layout
+    if layout == "kn" or (layout == "auto" and device.type == "cpu"):
+        use_kn_layout_(model)
     model.rope.to(device)
     model.config = dict(hf)
     model.pipeline = pipeline
