@@ -7,6 +7,7 @@ for a query row that sees no key. The sdpa plugin's GQA rule and README figures 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -61,8 +62,9 @@ def main() -> None:
                 for name, backend in BACKENDS.items():
                     tag = f"mask={use_mask!s:5} gqa={'native' if native else 'repeat'} {name:9}"
                     try:
-                        ms, mib = timed(lambda: sdpa(backend, q, kk, vv, attn_mask=mask,
-                                                     is_causal=not use_mask and t == s, enable_gqa=native))
+                        call = functools.partial(sdpa, backend, q, kk, vv, attn_mask=mask,
+                                                 is_causal=not use_mask and t == s, enable_gqa=native)
+                        ms, mib = timed(call)
                         print(f"{tag} ok   {ms:8.3f} ms  peak +{mib:8.1f} MiB", flush=True)
                     except RuntimeError as err:
                         print(f"{tag} FAIL {str(err).strip().splitlines()[0][:90]}", flush=True)
