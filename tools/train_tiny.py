@@ -99,12 +99,9 @@ def train_model(
 ) -> dict[str, object]:
     """AdamW on random ``seq_len + 1`` windows of ``data``; returns the loss curves."""
     gen = torch.Generator().manual_seed(args.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
+    groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == wd], "weight_decay": 0.1 * wd}
+              for wd in (True, False)]  # no decay on the RMSNorm weights
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     forward = lambda x: model(input_ids=x).logits  # noqa: E731  (tiny adapter)
     every = max(1, args.steps // 10)
     losses: list[float] = []
@@ -149,9 +146,8 @@ def write_tokenizer_files(tok: Tokenizer, out: Path, max_len: int) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2) + "\n"
-    )
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def greedy_sample(out: Path, prompt: str, new_tokens: int = 40) -> str:
@@ -233,6 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Build the corpus, train tokenizer and model, evaluate, and write the HF-format directory atomically."""
     args = parse_args(argv)
+    command = shlex.join(["python", *(sys.argv if argv is None else ["tools/train_tiny.py", *argv])])
     t0 = time.time()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -277,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "train_tokens": int(train_ids.numel()), "parameters": params, "steps": args.steps, "seed": args.seed,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
             "attention": args.attention, **stats, "sample_prompt": PROMPT, "sample": greedy_sample(tmp, PROMPT),
-            "wall_seconds": round(time.time() - t0, 1), "command": shlex.join(["python", *sys.argv]),
+            "wall_seconds": round(time.time() - t0, 1), "command": command,
             "torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "date": datetime.date.today().isoformat(), "corpus": tiny_corpus.corpus_info(),
             "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -289,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             out.rename(old)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only files
+            path.chmod(0o755 if path.is_dir() else 0o644)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
