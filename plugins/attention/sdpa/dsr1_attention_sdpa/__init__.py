@@ -15,8 +15,8 @@ How the engine's calls map onto SDPA (``q (B, H, T, D)``, ``k, v (B, Hkv, S, D)`
 
 Grouped-query attention passes ``enable_gqa=True`` (torch ≥ 2.5), except with the pinned
 ``efficient`` kernel, which lacks it: there (and on older torch) key/value heads are
-repeated. On an H200 with torch 2.11, native GQA decodes 2.3× faster than repeated heads
-(see the README for the figures and the command).
+repeated. On an H200 with torch 2.11, native GQA decodes about 2× faster than repeated
+heads (see the README for the figures and the command).
 """
 from __future__ import annotations
 
