@@ -122,10 +122,11 @@ class RotaryEmbedding:
         self.scaling = scaling
         self.cos = torch.empty(0, device=inv_freq.device)
         self.sin = torch.empty(0, device=inv_freq.device)
+        self.sin_signed = torch.empty(0, device=inv_freq.device)
 
     def to(self, device: torch.device) -> RotaryEmbedding:
         self.inv_freq = self.inv_freq.to(device)
-        self.cos = self.sin = torch.empty(0, device=device)
+        self.cos = self.sin = self.sin_signed = torch.empty(0, device=device)
         return self
 
     def ensure(self, n: int, dtype: torch.dtype) -> None:
@@ -138,10 +139,16 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
         self.cos = (emb.cos() * self.scaling).to(dtype)
         self.sin = (emb.sin() * self.scaling).to(dtype)
+        half = self.sin.shape[-1] // 2
+        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)  # rotate_half's sign folded in
 
-    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions`` ``(B, T)`` → cos, sin ``(B, T, 1, D)`` (broadcast over heads)."""
-        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+    def __call__(self, positions: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` ``(B, T)`` → cos, sin ``(B, T, 1, D)`` (broadcast over heads).
+
+        ``signed``: the sine table with rotate_half's minus sign folded in (for :func:`apply_rope_fast`).
+        """
+        sin = self.sin_signed if signed else self.sin
+        return self.cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +157,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, T, h, D)`` rotated by position; cos/sin ``(B, T, 1, D)``."""
+    """``x`` ``(B, T, h, D)`` rotated by position; cos/sin ``(B, T, 1, D)`` (reference, as transformers)."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_fast(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Same as :func:`apply_rope` in three kernels: ``rotate_half(x) * sin == roll(x, D/2) * sin_signed``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 # --- masks ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from dsr1.models.common import (
     RMSNorm,
     RotaryEmbedding,
     apply_rope,
+    apply_rope_fast,
     bind_attention,
     build_mask,
     rope_inv_freq,
@@ -173,7 +174,7 @@ class LlamaAttention(nn.Module):
         h, kv, d = self.h, self.kv, self.d
         if self.fused:
             qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d)  # (B, T, H + 2Hkv, D)
-            qk = apply_rope(qkv[:, :, : h + kv], cos, sin)  # (B, T, H + Hkv, D): one rope for q and k
+            qk = apply_rope_fast(qkv[:, :, : h + kv], cos, sin)  # (B, T, H + Hkv, D): one rope for q and k
             q = qk[:, :, :h].transpose(1, 2)  # (B, H, T, D)
             k = qk[:, :, h:].transpose(1, 2)  # (B, Hkv, T, D)
             v = qkv[:, :, h + kv :].transpose(1, 2)  # (B, Hkv, T, D)
@@ -207,11 +208,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=a.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 × (B, T, F)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        if not self.fused:  # reference path, as transformers
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 × (B, T, F) views
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no (B, T, F) temporaries
 
 
 class LlamaBlock(nn.Module):
@@ -273,7 +275,7 @@ class LlamaForCausalLM(CausalLM):
         last_only: bool,
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(positions)  # (B, T, 1, D)
+        cos, sin = self.rope(positions, signed=self.fused)  # (B, T, 1, D)
         masks = (mask, window_mask)
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks, cache, start)

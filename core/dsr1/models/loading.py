@@ -401,6 +401,7 @@ def choose_dtype(options: LoadOptions, pipeline: Any, reader: CheckpointReader) 
 
 def finish_model(model: Dsr1Model, pipeline: Any) -> Dsr1Model:
     """The steps after weights are assigned: quantize, place, graph pass."""
+    model.requires_grad_(False)  # an inference engine: no autograd graph behind model(**inputs)
     if getattr(pipeline, "quant", None) is not None:
         model = pipeline.quant.quantize_(model) or model
     model = pipeline.pool.place(model, pipeline.device)
