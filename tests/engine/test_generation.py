@@ -244,3 +244,17 @@ def test_compile_graph_wires_the_decode_step(ckpts: dict[str, Path]) -> None:
                                                        "options": {"freezing": True}}
     auto = compile_kwargs(CompileOptions(tiling_strategy="auto"), Dev())  # type: ignore[arg-type]
     assert auto["options"]["max_autotune"] is True and auto["options"]["freezing"] is True
+
+
+def test_compile_with_inductor_on_cpu(ckpts: dict[str, Path]) -> None:
+    """The real thing: inductor compiles the tiny model's decode step (~35 s on 2 busy cores)."""
+    compiled = AutoModel.from_pretrained(ckpts["llama"], graph="compile")
+    assert compiled.compile_kwargs == {"backend": "inductor", "dynamic": None}
+    eager = AutoModel.from_pretrained(ckpts["llama"])
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(compiled.generate(ids, max_new_tokens=5, ignore_eos=True),
+                           eager.generate(ids, max_new_tokens=5, ignore_eos=True))
+    finally:
+        torch._dynamo.reset()
