@@ -28,6 +28,16 @@ def test_generate_streams_and_json(ckpts: dict[str, Path], capsys: pytest.Captur
     assert json.loads(capsys.readouterr().out)["text"] == first
 
 
+def test_generate_with_config_file(ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text("attention: engine-test-nogqa\nmonitor: timing\n")
+    argv = ["generate", "--model", str(ckpts["qwen2"]), "--config", str(cfg), "--max-new-tokens", "4", "--json", "Hi"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pipeline"]["attention"]["name"] == "engine-test-nogqa"
+    assert report["pipeline"]["attention"]["distribution"] == "dsr1-engine-testplugins"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
