@@ -176,7 +176,6 @@ class PluginRegistry:
             names=[name],
             invoke_on_load=False,
             on_load_failure_callback=on_failure,
-            verify_requirements=False,
         )
         if failures:
             entrypoint, error = failures[0]
