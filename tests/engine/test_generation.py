@@ -166,7 +166,7 @@ def test_step_finished_fires_once_per_batch_and_monitor_records(ckpts: dict[str,
 
     class Listener:
         @hookimpl
-        def dsr1_step_finished(self, stats: dict[str, Any]) -> None:  # noqa: D102
+        def dsr1_step_finished(self, stats: dict[str, Any]) -> None:
             seen.append(stats)
 
     seen = stats

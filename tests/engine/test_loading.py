@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from dsr1.auto import AutoModel, AutoTokenizer
 from dsr1.errors import Dsr1Error
 from dsr1.models.loading import CheckpointReader, resolve_model_dir
 
-from .conftest import make_checkpoint
 
 
 @pytest.fixture
@@ -218,5 +216,5 @@ def test_model_loaded_hook_fires_once(ckpts: dict[str, Path]) -> None:
 
 def test_import_is_cheap() -> None:
     code = "import sys, dsr1.auto; print('dsr1.models.llama' in sys.modules, 'transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

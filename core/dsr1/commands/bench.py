@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(row)
     weight_bytes = results[0]["dsr1"]["weight_bytes"]
     bandwidth = _bandwidth_gbs(device)
-    report = {
+    report: dict[str, Any] = {
         "command": _command(args),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -206,7 +206,7 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
     cmd = [sys.executable, "-m", "dsr1.cli", "bench", "--shape", "tiny-125m", "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise Dsr1Error(f"bench worker ({spec['engine']}, batch {spec['batch_size']}) failed: {tail}")
@@ -242,7 +242,7 @@ class RandomWeights:
         import torch
 
         shape = self.shapes[name]
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        if name.endswith(("norm.weight", "layernorm.weight")):
             return torch.ones(shape, dtype=self.dtype, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.seed ^ zlib.crc32(name.encode()))
         t = torch.empty(shape, dtype=torch.float32, device=self.device).normal_(0.0, 0.02, generator=gen)
@@ -336,7 +336,10 @@ def _load_dsr1(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype:
         builder = pipeline.model_builder(hf_cfg["model_type"])
         builder.options = type(builder.options).model_validate(
             {**builder.options.model_dump(), "dtype": str(dtype).removeprefix("torch.")})
-        model = builder.build_from(hf_cfg, reader, pipeline)
+        build_from = getattr(builder, "build_from", None)
+        if build_from is None:
+            raise Dsr1Error(f"model builder {type(builder).__name__} cannot build from random weights")
+        model = build_from(hf_cfg, reader, pipeline)
         model.generation_defaults = {}
         pipeline.fire_model_loaded(model)
 

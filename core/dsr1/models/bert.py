@@ -246,7 +246,10 @@ class BertBuilder(ModelBuilder):
 
     def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
         a = BertArgs.from_hf(hf_config)
-        rename = lambda n: n.removeprefix("bert.")  # noqa: E731 - BertForX checkpoints prefix the encoder
+
+        def rename(name: str) -> str:
+            return name.removeprefix("bert.")  # BertForX checkpoints prefix the encoder
+
         pooler = any(rename(n).startswith("pooler.") for n in reader.names())
         names = check_names(
             reader,

@@ -268,6 +268,7 @@ class CausalLM(Dsr1Model):
     """
 
     context_length: int
+    rope: RotaryEmbedding
     #: smallest sliding window of any layer (``None``: no sliding-window layer).
     min_window: int | None = None
 

@@ -433,7 +433,7 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
         for _, t in items:
             data = t.detach().to("cpu").contiguous().reshape(-1)
             if data.numel():
-                f.write(memoryview(data.view(torch.uint8).numpy()))
+                f.write(data.view(torch.uint8).numpy().data)  # the buffer, no bytes copy
         f.flush()
         os.fsync(f.fileno())
 

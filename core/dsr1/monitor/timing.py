@@ -43,9 +43,9 @@ class TimingMonitor(Monitor):
                 else:
                     s[k] = s.get(k, 0) + v
         for name in ("prefill", "decode"):
-            s = out.get(name)
-            if s and s.get("seconds"):
-                s["tokens_per_s"] = s.get("tokens", 0) / s["seconds"]
+            span = out.get(name)
+            if span and span.get("seconds"):
+                span["tokens_per_s"] = span.get("tokens", 0) / span["seconds"]
         return out
 
 
