@@ -1,0 +1,131 @@
+"""Swapping ``nn.Linear`` layers for quantized ones, and what every quantized layer shares.
+
+A quantized layer subclasses :class:`QuantizedLinear`. Its ``state_dict`` holds the
+*canonical* tensors written to a quantized checkpoint (``qweight``, ``scales``, ``zeros``,
+``bias``), whatever layout its kernel runs on: the checkpoint stays portable across devices,
+and every tensor splits along dim 0 like a weight (so fused ``qkv_proj`` splits back into
+``q_proj``/``k_proj``/``v_proj`` on save). ``FORMAT`` names the canonical layout
+(:data:`dsr1.quantization.checkpoint.FORMATS` knows how to dequantize each one).
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dsr1.errors import Dsr1Error
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class QuantizedLinear(nn.Module):
+    """Base of the quantized replacements of ``nn.Linear`` (``y = x Wᵀ + b`` on ``(..., in)``)."""
+
+    #: canonical checkpoint layout of this layer's tensors (see ``checkpoint.FORMATS``).
+    FORMAT: ClassVar[str] = ""
+    #: what :func:`precision_map` reports for this layer.
+    precision: str = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False) if bias is not None else None
+
+    def dequantize(self) -> torch.Tensor:
+        """The ``(out, in)`` fp32 weight this layer computes with (reference path)."""
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Slow path: ``x`` times the dequantized weight, in fp32, returned in ``x.dtype``."""
+        w = self.dequantize().to(x.device)
+        b = self.bias.float() if self.bias is not None else None
+        return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, precision={self.precision}")
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``(..., K)`` → ``(M, K)`` contiguous on the last dim (what the aten kernels require)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def skipped(name: str, patterns: Iterable[str]) -> bool:
+    """Whether module ``name`` matches one of the ``fnmatch`` ``patterns`` (``"lm_head"``, ``"*.down_proj"``)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def tied_weights(model: nn.Module) -> set[int]:
+    """ids of weights shared with an ``nn.Embedding`` (a tied output head stays in high precision)."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def linear_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """``(name, module)`` of every ``nn.Linear`` a policy would quantize, in module order."""
+    patterns, tied = list(skip), tied_weights(model)
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) not in tied and not skipped(n, patterns)]
+
+
+def replace_linears_(
+    model: nn.Module, make: Callable[[str, nn.Linear], nn.Module], skip: Iterable[str] = ()
+) -> list[str]:
+    """Replace each quantizable ``nn.Linear`` by ``make(name, linear)``, one layer at a time; returns the names.
+
+    A model that *is* one ``nn.Linear`` cannot be swapped in place: wrap it in a container.
+    """
+    if isinstance(model, nn.Linear):
+        raise Dsr1Error("quantize_ got a bare nn.Linear; pass the model (a module that contains the linear layers)")
+    names = []
+    for name, linear in linear_layers(model, skip):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(name, linear))
+        names.append(name)
+    return names
+
+
+def cast_floats_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and buffers to ``dtype``, except inside quantized layers (they set their own)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):  # no child modules: their tensors are theirs alone
+            continue
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
+
+
+def precision_map(model: nn.Module) -> dict[str, str]:
+    """Every linear layer of ``model`` and the precision it runs in now (``"int8"``, ``"bf16"`` ...)."""
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            out[name] = m.precision
+        elif isinstance(m, nn.Linear):
+            out[name] = str(m.weight.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+                "float32", "fp32").replace("float16", "fp16")
+    return out
+
+
+def device_type(model: nn.Module) -> str:
+    """The device type of the model's first tensor (``"cpu"`` for an empty model)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device.type
+    return "cpu"
+
+
+def refuse_unless_valid(policy: Any, model: nn.Module) -> None:
+    """Raise the policy's own ``validate`` reasons for the model's device, as one line."""
+    device = device_type(model)
+    reasons = policy.validate(device)
+    if reasons:
+        raise Dsr1Error("; ".join(reasons))
