@@ -63,9 +63,36 @@ FORMATS: dict[str, Format] = {
 }
 
 
+#: ``model_type`` of a dir written by ``dsr1 quantize`` (the real one is ``quantization_config.model_type``):
+#: transformers' ``AutoModel`` and a dsr1 without this hook refuse an unknown model type, so
+#: neither can load the integer tensors as plain weights.
+QUANTIZED_MODEL_TYPE = "dsr1_quantized"
+
+
 def is_quantized(hf: dict[str, Any]) -> bool:
     """Whether a ``config.json`` describes quantized weights (of any origin)."""
-    return hf.get("quantization_config") is not None
+    return hf.get("quantization_config") is not None or hf.get("model_type") == QUANTIZED_MODEL_TYPE
+
+
+def quantized_hf_config(config: dict[str, Any], quantization_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a quantized save: the marker model type, the real one kept in the config."""
+    real = config["model_type"] if config.get("model_type") != QUANTIZED_MODEL_TYPE else (
+        config.get("quantization_config") or {}).get("model_type")
+    return {**config, "model_type": QUANTIZED_MODEL_TYPE,
+            "quantization_config": {**quantization_config, "model_type": real}}
+
+
+def prepare_quantized(
+    config: EngineConfig, hf: dict[str, Any], model_dir: Path, registry: Any
+) -> tuple[EngineConfig, dict[str, Any]]:
+    """``config`` with ``quant`` set to the policy that wrote ``model_dir``, and ``hf`` with its real
+    ``model_type`` back; one-line errors for every reason it cannot load."""
+    config = select_policy(config, hf, model_dir, registry)
+    real = hf["quantization_config"].get("model_type") or hf.get("model_type")
+    if real == QUANTIZED_MODEL_TYPE or not real:
+        raise Dsr1Error(f"model dir {str(model_dir)!r} has no quantization_config.model_type (the architecture "
+                        f"behind model_type {QUANTIZED_MODEL_TYPE!r}); its config.json is corrupt")
+    return config, {**hf, "model_type": real}
 
 
 def select_policy(config: EngineConfig, hf: dict[str, Any], model_dir: Path, registry: Any) -> EngineConfig:
@@ -130,7 +157,8 @@ class DequantizedReader:
         layer = self._quantized.get(name)
         if layer is None:
             return tuple(self.reader.shape(name))
-        return tuple(self.format.weight_shape({t: tuple(self.reader.shape(f"{layer}.{t}")) for t in self.format.tensors}))
+        shapes = {t: tuple(self.reader.shape(f"{layer}.{t}")) for t in self.format.tensors}
+        return tuple(self.format.weight_shape(shapes))
 
     def float_dtype(self) -> torch.dtype | None:
         return self.reader.float_dtype()

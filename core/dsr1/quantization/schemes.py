@@ -34,7 +34,8 @@ def _eps(dtype: torch.dtype) -> float:
 def _rows(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as fp32 ``(rows, in)``: every leading dim is an output channel."""
     w = weight.detach().float()
-    return w.reshape(1, -1) if w.dim() < 2 else w.reshape(-1, w.shape[-1])
+    w = w.reshape(1, -1) if w.dim() < 2 else w.reshape(-1, w.shape[-1])
+    return w.contiguous()  # a transposed (kn-layout) weight view becomes row-major
 
 
 # --- int8, symmetric, per output channel -------------------------------------------------------
