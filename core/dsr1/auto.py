@@ -67,6 +67,11 @@ class AutoModel:
         hf = read_hf_config(model_dir)
         cfg = load_config(config, **overrides)
         registry = registry if registry is not None else PluginRegistry.from_env()
+        quantized = hf.get("quantization_config") is not None  # written by `dsr1 quantize`: never load as plain weights
+        if quantized:
+            from dsr1.quantization.checkpoint import build_quantized, prepare_quantized
+
+            cfg, hf = prepare_quantized(cfg, hf, model_dir, registry)
         pipeline = registry.resolve(cfg)
         builder = pipeline.model_builder(str(hf["model_type"]))
         fields = type(builder.options).model_fields
@@ -75,7 +80,10 @@ class AutoModel:
             builder.options = type(builder.options).model_validate({**builder.options.model_dump(), **update})
         elif dtype is not None:
             raise Dsr1Error(f"model builder {type(builder).__name__} takes no dtype option")
-        model = builder.build(model_dir, hf, pipeline)
+        if quantized:
+            model = build_quantized(builder, model_dir, hf, pipeline)
+        else:
+            model = builder.build(model_dir, hf, pipeline)
         model.pipeline = pipeline
         model.source_dir = model_dir
         model.tokenizer = pipeline.preprocess.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None

@@ -447,6 +447,10 @@ def save_pretrained(model: Dsr1Model, out: Path) -> Path:
         config = dict(model.config)
         config["dtype"] = str(model.dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
+        if getattr(model, "quantization_config", None):  # integer weights: config.json must say so
+            from dsr1.quantization.checkpoint import quantized_hf_config
+
+            config = quantized_hf_config(config, model.quantization_config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         write_safetensors(tmp / "model.safetensors", model.hf_state_dict(), {"format": "pt"})
         source = getattr(model, "source_dir", None)
