@@ -43,6 +43,13 @@ class BertArgs:
     type_vocab_size: int
     eps: float
     act: str
+    #: per-head size; ``hidden_size // n_heads`` unless config.json has ``head_dim`` (structured pruning
+    #: removes heads but keeps their size, which transformers' BertConfig cannot express).
+    head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> BertArgs:
@@ -57,6 +64,7 @@ class BertArgs:
                 type_vocab_size=int(hf.get("type_vocab_size", 2)),
                 eps=float(hf.get("layer_norm_eps", 1e-12)),
                 act=str(hf.get("hidden_act", "gelu")),
+                head_dim=int(hf.get("head_dim") or 0),
             )
         except KeyError as err:
             raise Dsr1Error(f"config.json lacks {err.args[0]!r}, which a bert model needs") from None
@@ -67,7 +75,7 @@ class BertArgs:
         return args
 
     def hf_tensor_shapes(self, pooler: bool) -> dict[str, tuple[int, ...]]:
-        c, f = self.hidden_size, self.intermediate_size
+        c, f, a = self.hidden_size, self.intermediate_size, self.n_heads * self.head_dim
         out: dict[str, tuple[int, ...]] = {
             "embeddings.word_embeddings.weight": (self.vocab_size, c),
             "embeddings.position_embeddings.weight": (self.max_positions, c),
@@ -78,10 +86,10 @@ class BertArgs:
         for i in range(self.n_layers):
             p = f"encoder.layer.{i}."
             for name in ("query", "key", "value"):
-                out[p + f"attention.self.{name}.weight"] = (c, c)
-                out[p + f"attention.self.{name}.bias"] = (c,)
+                out[p + f"attention.self.{name}.weight"] = (a, c)
+                out[p + f"attention.self.{name}.bias"] = (a,)
             layer = {
-                "attention.output.dense": (c, c), "intermediate.dense": (f, c), "output.dense": (c, f),
+                "attention.output.dense": (c, a), "intermediate.dense": (f, c), "output.dense": (c, f),
             }
             for name, shape in layer.items():
                 out[p + name + ".weight"] = shape
@@ -98,9 +106,9 @@ class BertArgs:
 class BertSelfAttention(nn.Module):
     def __init__(self, a: BertArgs) -> None:
         super().__init__()
-        self.query = nn.Linear(a.hidden_size, a.hidden_size)
-        self.key = nn.Linear(a.hidden_size, a.hidden_size)
-        self.value = nn.Linear(a.hidden_size, a.hidden_size)
+        self.query = nn.Linear(a.hidden_size, a.n_heads * a.head_dim)
+        self.key = nn.Linear(a.hidden_size, a.n_heads * a.head_dim)
+        self.value = nn.Linear(a.hidden_size, a.n_heads * a.head_dim)
 
 
 class BertDenseNorm(nn.Module):
@@ -119,7 +127,7 @@ class BertAttention(nn.Module):
     def __init__(self, a: BertArgs) -> None:
         super().__init__()
         self.self = BertSelfAttention(a)
-        self.output = BertDenseNorm(a.hidden_size, a.hidden_size, a.eps)
+        self.output = BertDenseNorm(a.n_heads * a.head_dim, a.hidden_size, a.eps)
 
 
 class BertIntermediate(nn.Module):
@@ -134,7 +142,7 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(a)
         self.intermediate = BertIntermediate(a)
         self.output = BertDenseNorm(a.intermediate_size, a.hidden_size, a.eps)
-        self.attn, self.h, self.d = attn, a.n_heads, a.hidden_size // a.n_heads
+        self.attn, self.h, self.d = attn, a.n_heads, a.head_dim
         self.act = ACTIVATIONS[a.act]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -143,7 +151,7 @@ class BertLayer(nn.Module):
         q = sa.query(x).view(b, t, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
         k = sa.key(x).view(b, t, self.h, self.d).transpose(1, 2)
         v = sa.value(x).view(b, t, self.h, self.d).transpose(1, 2)
-        o = self.attn(q, k, v, mask, self.d**-0.5).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        o = self.attn(q, k, v, mask, self.d**-0.5).transpose(1, 2).reshape(b, t, self.h * self.d)  # (B, T, H·D)
         x = self.attention.output(o, x)
         return self.output(self.act(self.intermediate.dense(x)), x)
 
