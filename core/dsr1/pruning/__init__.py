@@ -1,0 +1,29 @@
+"""Progressive pruning: the engine side of ``dsr1 prune``.
+
+Strategies are ``dsr1.pruning`` plugins (:class:`dsr1.interfaces.Pruner`); this package drives
+them: :mod:`.schedule` (settings and stages), :mod:`.data` (held-out and calibration text),
+:mod:`.metrics` (sparsity, perplexity, embedding fidelity), :mod:`.recover` (fine-tuning between
+stages), :mod:`.speed` (the bench code on each saved stage), :mod:`.report` (report.json, curve.csv,
+curve.png) and :mod:`.runner` (the stage loop, atomic stage dirs, Ctrl-C).
+
+Only the modules a command uses are imported; importing this package imports nothing heavy.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from dsr1.pruning.schedule import PruneSettings
+
+
+def prune(settings: PruneSettings | dict[str, Any], command: str = "", quiet: bool = False) -> int:
+    """Run a pruning job (``dsr1 prune`` in Python); returns the exit code (1: below the accuracy floor)."""
+    from dsr1.pruning.runner import PruneRun
+    from dsr1.pruning.schedule import PruneSettings
+
+    if not isinstance(settings, PruneSettings):
+        settings = PruneSettings.model_validate(settings)
+    return PruneRun(settings, command, quiet=quiet).run()
+
+
+__all__ = ["prune"]
