@@ -1,0 +1,173 @@
+"""``int4``: weight-only int4, asymmetric, group-wise (``group_size`` 32, 64 or 128).
+
+Each group of ``group_size`` input columns of a row gets ``scale ≥ (max - min) / 15`` and
+``zero = min + 8 · scale`` (both in the compute dtype), and its weights become
+``q = round((w - zero) / scale) + 8`` in ``[0, 15]``: ``w ≈ (q - 8) · scale + zero``, error at
+most half a step plus how far rounding ``zero`` moved the grid (``error_bound``).
+
+The group size must divide every quantized layer's input dim: a layer it does not divide
+is a one-line error naming the layer (keep such layers in floating point with
+``options.skip``). Kernels and packing: :mod:`dsr1_quant_int4.kernels` (torch's tinygemm on
+CPU and CUDA; other devices are refused with "int4 has no kernel on <device>; use int8").
+torchao is not used: its int4 weight-only config needs the ``mslk`` package, which has no
+CPU build, and its CPU path calls the same aten kernel used here.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from dsr1.errors import Dsr1Error
+from dsr1.quantization.modules import QuantizedLinear, device_type, flat, linear_layers
+from dsr1.quantization.policy import QuantOptions, StaticQuantPolicy
+from dsr1.quantization.schemes import (
+    int4_dequantize,
+    int4_error_bound,
+    int4_groupwise,
+    pack_nibbles,
+    unpack_nibbles,
+)
+from dsr1_quant_int4 import kernels
+from dsr1_sdk import PluginSpec, hookimpl
+
+__all__ = ["Int4Options", "Int4WeightOnly", "Int4WeightOnlyLinear", "dsr1_quant"]
+
+#: per group size: the lowest SQNR (dB) measured on the kit's cases (19.4, 17.6, 16.4) less ~1 dB.
+SQNR_THRESHOLDS: dict[int, float] = {32: 18.0, 64: 16.5, 128: 15.5}
+
+
+class Int4Options(QuantOptions):
+    #: input columns per scale/zero pair; must divide each quantized layer's input dim.
+    group_size: Literal[32, 64, 128] = Field(64)
+
+
+class Int4WeightOnlyLinear(QuantizedLinear):
+    """``y = x · ((q - 8) · scale + zero)ᵀ + b`` with a packed int4 weight.
+
+    Runtime tensors (not saved): ``packed`` in the device kernel's layout and
+    ``scales_and_zeros`` ``(in / group, out, 2)``. ``state_dict`` holds the canonical
+    ``qweight`` uint8 ``(out, in / 2)``, ``scales`` and ``zeros`` ``(out, in / group)``.
+    """
+
+    FORMAT: ClassVar[str] = "int4_groupwise"
+    precision = "int4"
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, group: int) -> None:
+        super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
+        self.group = group
+        q, scales, zeros = int4_groupwise(linear.weight, group, dtype)  # (out, in), (out, G), (out, G)
+        self._set(q, scales, zeros, linear.weight.device)
+
+    def _set(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, device: torch.device) -> None:
+        self.register_buffer("packed", kernels.pack(q, device), persistent=False)
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(device=device, dtype=self.compute_dtype)  # (G, out, 2)
+        self.register_buffer("scales_and_zeros", sz.contiguous(), persistent=False)
+
+    def canonical(self) -> dict[str, torch.Tensor]:
+        """``qweight`` (nibble pairs), ``scales`` and ``zeros`` as a checkpoint stores them (on the CPU)."""
+        q = kernels.unpack(self.packed, self.out_features, self.in_features)  # (out, in) uint8
+        sz = self.scales_and_zeros.cpu()
+        return {"qweight": pack_nibbles(q), "scales": sz[..., 0].t().contiguous(),
+                "zeros": sz[..., 1].t().contiguous()}
+
+    def dequantize(self) -> torch.Tensor:
+        c = self.canonical()
+        return int4_dequantize(unpack_nibbles(c["qweight"]), c["scales"], c["zeros"], self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.matmul(flat(x), self.packed, self.group, self.scales_and_zeros)  # (M, out)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
+        for key, t in self.canonical().items():
+            destination[prefix + key] = t
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        ours = {k: prefix + k for k in ("qweight", "scales", "zeros")}
+        rest = {k: v for k, v in state_dict.items() if k not in ours.values()}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        absent = [full for full in ours.values() if full not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        q = unpack_nibbles(state_dict[ours["qweight"]].cpu())
+        scales, zeros = state_dict[ours["scales"]], state_dict[ours["zeros"]]
+        groups = -(-self.in_features // self.group)
+        if q.shape != (self.out_features, self.in_features) or tuple(scales.shape) != (self.out_features, groups):
+            error_msgs.append(f"int4 layer {prefix!r}: stored qweight {tuple(q.shape)} / scales "
+                              f"{tuple(scales.shape)} do not fit ({self.out_features}, {self.in_features}) "
+                              f"with group {self.group}")
+            return
+        self._set(q, scales.cpu(), zeros.cpu(), self.packed.device)
+
+
+class Int4WeightOnly(StaticQuantPolicy):
+    """Weight-only int4 of every linear layer, group-wise scales and zeros."""
+
+    Options = Int4Options
+    name = "int4"
+    distribution = "dsr1-quant-int4"
+    FORMAT = "int4_groupwise"
+    options: Int4Options
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.sqnr_threshold = SQNR_THRESHOLDS[self.options.group_size]
+
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        if device == "cpu":
+            return []
+        if device != "cuda":
+            return [f"int4 has no kernel on {device}; use int8"]
+        if not torch.cuda.is_available():
+            return ["int4 on cuda: no CUDA device is visible; use int8 on the CPU"]
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return [f"int4 has no kernel on cuda sm{major}{minor} (tinygemm needs compute capability 8.0+); use int8"]
+        return []
+
+    def check_layers(self, model: nn.Module) -> None:
+        g, device = self.options.group_size, device_type(model)
+        for name, linear in linear_layers(model, self.options.skip):
+            k, n = linear.in_features, linear.out_features
+            if k % g:
+                fits = [str(s) for s in kernels.GROUP_SIZES if k % s == 0]
+                hint = f"use group_size {' or '.join(fits)}" if fits else "no group size of 32/64/128 divides it"
+                raise Dsr1Error(f"int4 group_size {g} does not divide the input dim {k} of layer {name!r}; {hint}, "
+                                f"or keep the layer in floating point with options.skip")
+            if device == "cpu" and n % 16:
+                raise Dsr1Error(f"int4 on cpu needs output dims in multiples of 16; layer {name!r} has {n}: "
+                                f"keep it in floating point with options.skip")
+            if device == "cuda" and (kernels.cuda_inner_k_tiles(k) is None or n % 8):
+                raise Dsr1Error(f"int4 on cuda needs input dims in multiples of 32 and output dims in multiples "
+                                f"of 8; layer {name!r} is {k}->{n}: keep it in floating point with options.skip")
+
+    def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
+        return Int4WeightOnlyLinear(linear, self.compute_dtype(), self.options.group_size)
+
+    def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
+        g = self.options.group_size
+        q, scales, zeros = int4_groupwise(weight, g, self.compute_dtype())
+        return int4_dequantize(q, scales, zeros, g).reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
+
+    def error_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Half a step of each group, plus the shift from rounding its zero, plus float slack."""
+        return int4_error_bound(weight, self.options.group_size, self.compute_dtype())
+
+
+@hookimpl
+def dsr1_quant() -> PluginSpec:
+    return PluginSpec(
+        name="int4", family="quant", impl=Int4WeightOnly, options=Int4Options,
+        capabilities=frozenset({"weight_only", "group_wise", "save", "device:cpu", "device:cuda"}),
+        description="weight-only int4, asymmetric group-wise (32/64/128), torch tinygemm kernels (CPU, CUDA sm80+)",
+    )

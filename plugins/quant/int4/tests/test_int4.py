@@ -1,0 +1,78 @@
+"""int4 against the SDK's conformance kit; packing, kernel and the one-line errors of bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsr1.config import PluginChoice
+from dsr1.errors import Dsr1Error
+from dsr1.registry import PluginRegistry
+from dsr1_quant_int4 import Int4WeightOnlyLinear, kernels
+from dsr1_sdk.reference.quant import sqnr
+from dsr1_sdk.testing import QuantConformance
+from dsr1_sdk.testing.quant import TinyMLP
+
+
+class TestInt4Group32(QuantConformance):
+    plugin = "int4"
+    options = {"group_size": 32}
+
+
+class TestInt4Group64(QuantConformance):
+    plugin = "int4"
+    options = {"group_size": 64, "skip": ["0"]}  # the kit's MLP starts with a 32-input layer
+
+
+def policy(**options: object) -> object:
+    return PluginRegistry().load("quant", "int4").make(options)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(n=st.integers(1, 6), k=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_unpack_inverts_the_cpu_packer(n: int, k: int, seed: int) -> None:
+    q = torch.randint(0, 16, (16 * n, 32 * k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(kernels.unpack(kernels.pack(q, torch.device("cpu")), 16 * n, 32 * k), q)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_reference(group: int, dtype: torch.dtype) -> None:
+    layer = Int4WeightOnlyLinear(torch.nn.Linear(256, 48), dtype, group)
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = layer(x)
+    assert got.shape == (2, 3, 48) and got.dtype == dtype
+    assert sqnr(layer.reference(x).float(), got.float()) > 35
+
+
+def test_state_dict_is_canonical_and_round_trips() -> None:
+    layer = Int4WeightOnlyLinear(torch.nn.Linear(128, 32), torch.bfloat16, 64)
+    state = layer.state_dict()
+    assert set(state) == {"qweight", "scales", "zeros", "bias"}
+    assert state["qweight"].shape == (32, 64) and state["scales"].shape == (32, 2)
+    other = Int4WeightOnlyLinear(torch.nn.Linear(128, 32), torch.bfloat16, 64)
+    other.load_state_dict(state)
+    x = torch.randn(4, 128).bfloat16()
+    assert torch.equal(layer(x), other(x))
+
+
+def test_group_that_does_not_divide_names_the_layer() -> None:
+    with pytest.raises(Dsr1Error, match=r"group_size 64 does not divide the input dim 32 of layer '0'; use group_size 32"):
+        policy(group_size=64).quantize_(TinyMLP())
+
+
+def test_cpu_kernel_needs_outputs_in_multiples_of_16() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24))
+    with pytest.raises(Dsr1Error, match=r"layer '0' has 24"):
+        policy(group_size=32).quantize_(model)
+
+
+@pytest.mark.parametrize("device", ["mlu", "npu", "mps"])
+def test_device_without_kernel_is_refused(device: str) -> None:
+    assert policy().validate(device) == [f"int4 has no kernel on {device}; use int8"]
+
+
+def test_group_size_outside_the_offered_ones_is_refused() -> None:
+    with pytest.raises(Dsr1Error, match=r"quant.options.group_size"):
+        PluginRegistry().make("quant", PluginChoice(name="int4", options={"group_size": 48}))
