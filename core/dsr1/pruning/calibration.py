@@ -18,7 +18,7 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 
-_BLOCK = re.compile(r"^(.*?\b(?:layers|layer|blocks|block|h)\.\d+)\.")
+_BLOCK = re.compile(r"^(.*?\b(?:layers|layer|blocks|block|h)\.\d+)(?:\.|$)")
 
 
 def block_groups(layers: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:

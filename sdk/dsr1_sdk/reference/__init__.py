@@ -6,13 +6,20 @@ full sorts instead of selection algorithms) and is small enough to check by read
 * :mod:`.attention` - softmax attention with GQA, boolean masks and causal alignment.
 * :mod:`.device` - the CPU semantics every device is compared with.
 * :mod:`.quant` - symmetric per-channel integer fake-quant, plain casts, SQNR.
-* :mod:`.pruning` - top-k masks from scores, magnitude masks, sparsity.
+* :mod:`.pruning` - top-k masks from scores, magnitude, Wanda and n:m masks, sparsity.
 """
 from __future__ import annotations
 
 from dsr1_sdk.reference.attention import attended_rows, causal_mask, repeat_kv, softmax_attention
 from dsr1_sdk.reference.device import CpuReferenceDevice, matmul
-from dsr1_sdk.reference.pruning import magnitude_mask, sparsity, topk_mask
+from dsr1_sdk.reference.pruning import (
+    groups_hold_zeros,
+    magnitude_mask,
+    semi_structured_mask,
+    sparsity,
+    topk_mask,
+    wanda_mask,
+)
 from dsr1_sdk.reference.quant import cast_round_trip, cast_error_bound, fake_quant_per_channel, int_error_bound, sqnr
 
 __all__ = [
@@ -22,12 +29,15 @@ __all__ = [
     "cast_round_trip",
     "causal_mask",
     "fake_quant_per_channel",
+    "groups_hold_zeros",
     "int_error_bound",
     "magnitude_mask",
     "matmul",
     "repeat_kv",
+    "semi_structured_mask",
     "softmax_attention",
     "sparsity",
     "sqnr",
     "topk_mask",
+    "wanda_mask",
 ]

@@ -5,15 +5,25 @@ Capabilities the kit understands:
 ``unstructured``      the mask keeps the highest ``score`` values (every kept score ≥ every
                       pruned score), so ties aside it equals the reference top-k mask.
 ``activation_aware``  ``score``/``mask`` use ``activation_norm`` (Wanda); the kit passes one.
+``per_row``           within each output row every kept score ≥ every pruned score (Wanda).
+``2:4``               every group of 4 consecutive inputs of a row holds ≥ 2 zeros once pruned;
+                      ``mask`` refuses (``Dsr1Error``) a weight whose input dim is not a multiple of 4.
+``min_sparsity:X``    targets in (0, X) are not asked for (2:4 is at least 50% sparse).
+``structured``        ``mask`` prunes whole input columns (tolerance: one column); ``prune_`` on a
+                      llama / bert model shrinks it into a consistent smaller model
+                      (:func:`~dsr1_sdk.testing.pruning_models.check_structured_model`) instead of
+                      zeroing the kit's ``TinyLM``.
 
 Every pruner: realized sparsity within ±``sparsity_tolerance`` (1%; or one element on
 tiny matrices) of the target, masks idempotent (pruning the pruned weight at the same
 sparsity gives the same mask), ``prune_`` zeroes exactly the masked weights, leaves kept
-weights, embeddings and the ``lm_head`` bit-identical.
+weights, embeddings and the ``lm_head`` bit-identical, and a pruned tiny llama and bert
+saved with ``save_pretrained`` reload in dsr1 with bit-identical outputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pytest
@@ -21,9 +31,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsr1.errors import Dsr1Error
 from dsr1.interfaces import Pruner
+from dsr1_sdk.reference.pruning import groups_hold_zeros
 from dsr1_sdk.reference.pruning import sparsity as realized
 from dsr1_sdk.testing.base import PluginConformance
+from dsr1_sdk.testing.pruning_models import check_saved_stage_reloads, check_structured_model
 
 Distribution = Literal["normal", "uniform", "ties", "with_zeros"]
 
@@ -73,6 +86,16 @@ def tolerance(numel: int, base: float = 0.01) -> float:
     return max(base, 1.0 / numel) + 1e-9
 
 
+def min_sparsity(capabilities: frozenset[str]) -> float:
+    """The ``min_sparsity:X`` a pruner declares (0 when none)."""
+    return max((float(c.split(":", 1)[1]) for c in capabilities if c.startswith("min_sparsity:")), default=0.0)
+
+
+def asked(target: float, capabilities: frozenset[str]) -> bool:
+    """Whether the kit asks a pruner for ``target`` (0, or at least its minimum sparsity)."""
+    return target == 0 or target >= min_sparsity(capabilities) - 1e-9
+
+
 def check_mask(pruner: Pruner, weight: torch.Tensor, target: float, act: torch.Tensor | None,
                capabilities: frozenset[str], base_tolerance: float = 0.01) -> torch.Tensor:
     """The mask's type, shape, sparsity, score consistency and idempotence; returns it."""
@@ -83,15 +106,27 @@ def check_mask(pruner: Pruner, weight: torch.Tensor, target: float, act: torch.T
     assert isinstance(keep, torch.Tensor) and keep.dtype == torch.bool, f"{what}: not a bool tensor"
     assert keep.shape == weight.shape, f"{what}: shape {tuple(keep.shape)}"
     got = realized(keep)
-    tol = tolerance(weight.numel(), base_tolerance)
+    structured = "structured" in capabilities
+    tol = tolerance(weight.shape[-1] if structured else weight.numel(), base_tolerance)
     assert abs(got - target) <= tol, f"{what}: realized sparsity {got:.4f} not within ±{tol:.4f}"
     if "unstructured" in capabilities and 0 < int((~keep).sum()) < keep.numel():
         score = pruner.score(weight, act)
         assert score.shape == weight.shape, f"score shape {tuple(score.shape)} != weight shape"
         low_kept, high_pruned = score[keep].min().item(), score[~keep].max().item()
         assert low_kept >= high_pruned, f"{what}: kept a score {low_kept} below a pruned score {high_pruned}"
+    if "per_row" in capabilities:
+        score = pruner.score(weight, act)
+        for r in range(weight.shape[0]):
+            row_keep = keep[r]
+            if 0 < int((~row_keep).sum()) < row_keep.numel():
+                low, high = score[r][row_keep].min().item(), score[r][~row_keep].max().item()
+                assert low >= high, f"{what}: row {r} kept a score {low} below a pruned score {high} of the same row"
+    if structured:
+        assert bool((keep == keep[:1]).all()), f"{what}: structured mask is not whole input columns"
     pruned = weight * keep
     assert bool((pruned[~keep] == 0).all())
+    if "2:4" in capabilities and target > 0:
+        assert groups_hold_zeros(pruned), f"{what}: a group of 4 inputs holds fewer than 2 zeros"
     again = pruner.mask(pruned, target, act)
     assert torch.equal(again, keep), (
         f"{what}: not idempotent, re-pruning the pruned weight changes {int((again != keep).sum())} entries"
@@ -160,11 +195,18 @@ class PruningConformance(PluginConformance):
     sparsity_tolerance: ClassVar[float] = 0.01
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        """Parametrize ``case_name`` over ``CASES`` and ``target`` over ``sparsities``."""
+        """Parametrize ``case_name`` over ``CASES``, ``target`` over the ``sparsities`` the plugin
+        accepts (``min_sparsity:``) and ``arch`` over the tiny models (llama, bert)."""
         if "case_name" in metafunc.fixturenames:
             metafunc.parametrize("case_name", list(type(self).CASES))
         if "target" in metafunc.fixturenames:
-            metafunc.parametrize("target", list(type(self).sparsities))
+            try:
+                caps = self.capabilities()
+            except Exception:  # noqa: BLE001 - a broken plugin fails in the packaging tests, with its reason
+                caps = frozenset()
+            metafunc.parametrize("target", [t for t in type(self).sparsities if asked(t, caps)])
+        if "arch" in metafunc.fixturenames:
+            metafunc.parametrize("arch", ["llama", "bert"])
 
     def runnable_impl(self) -> Pruner:
         impl: Pruner = self.make_impl()
@@ -178,26 +220,43 @@ class PruningConformance(PluginConformance):
         impl = self.runnable_impl()
         caps = self.capabilities()
         weight, act = type(self).CASES[case_name].make(self.target_device())
+        if "2:4" in caps and weight.shape[-1] % 4:
+            with pytest.raises(Dsr1Error):
+                impl.mask(weight, 0.5, self.activation(act))
+            return
         for target in type(self).sparsities:
-            check_mask(impl, weight, target, self.activation(act), caps, self.sparsity_tolerance)
+            if asked(target, caps):
+                check_mask(impl, weight, target, self.activation(act), caps, self.sparsity_tolerance)
 
-    def test_prune_model(self, target: float) -> None:
-        check_prune_model(self.runnable_impl(), target, self.target_device(), self.sparsity_tolerance)
+    def test_prune_model(self, target: float, tmp_path: Path) -> None:
+        impl = self.runnable_impl()
+        if "structured" in self.capabilities():
+            for arch in ("llama", "bert"):
+                check_structured_model(impl, target, tmp_path / arch, arch)  # type: ignore[arg-type]
+        else:
+            check_prune_model(impl, target, self.target_device(), self.sparsity_tolerance)
+
+    def test_saved_stage_reloads(self, arch: str, tmp_path: Path) -> None:
+        """A pruned tiny llama / bert saved with ``save_pretrained`` reloads with identical outputs."""
+        target = max(0.5, min_sparsity(self.capabilities()))
+        check_saved_stage_reloads(self.runnable_impl(), target, tmp_path, arch)  # type: ignore[arg-type]
 
     def test_hypothesis_shapes_and_sparsities(self) -> None:
         impl = self.runnable_impl()
         caps = self.capabilities()
         device = self.target_device()
         use_act = "activation_aware" in caps
+        low = min_sparsity(caps)
+        group = 4 if "2:4" in caps else 1  # 2:4 needs input dims that are multiples of 4
 
         @settings(max_examples=self.max_examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(
-            rows=st.integers(1, 40), cols=st.integers(1, 80), target=st.floats(0.0, 0.95),
+            rows=st.integers(1, 40), cols=st.integers(1, 80 // group), target=st.floats(low, 0.95) | st.just(0.0),
             dist=st.sampled_from(["normal", "uniform", "ties", "with_zeros"]), seed=st.integers(0, 2**16),
         )
         def run(rows: int, cols: int, target: float, dist: Any, seed: int) -> None:
-            weight, act = PruneCase(rows, cols, dist, seed).make(device)
+            weight, act = PruneCase(rows, cols * group, dist, seed).make(device)
             check_mask(impl, weight, target, act if use_act else None, caps, self.sparsity_tolerance)
 
         run()
