@@ -79,7 +79,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return int4_dequantize(unpack_nibbles(c["qweight"]), c["scales"], c["zeros"], self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.matmul(flat(x), self.packed, self.group, self.scales_and_zeros)  # (M, out)
+        y = kernels.matmul(flat(x).contiguous(), self.packed, self.group, self.scales_and_zeros)  # (M, out)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

@@ -1,6 +1,8 @@
 """int4 against the SDK's conformance kit; packing, kernel and the one-line errors of bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +14,7 @@ from dsr1.registry import PluginRegistry
 from dsr1_quant_int4 import Int4WeightOnlyLinear, kernels
 from dsr1_sdk.reference.quant import sqnr
 from dsr1_sdk.testing import QuantConformance
-from dsr1_sdk.testing.quant import TinyMLP
+from dsr1_sdk.testing.quant import TinyMLP, check_pretrained_round_trip, tiny_llama_checkpoint
 
 
 class TestInt4Group32(QuantConformance):
@@ -20,9 +22,10 @@ class TestInt4Group32(QuantConformance):
     options = {"group_size": 32}
 
 
-class TestInt4Group64(QuantConformance):
-    plugin = "int4"
-    options = {"group_size": 64, "skip": ["0"]}  # the kit's MLP starts with a 32-input layer
+@pytest.mark.parametrize("group", [64, 128])
+def test_checkpoint_round_trip_per_group_size(group: int, tmp_path: Path) -> None:
+    model_dir = tiny_llama_checkpoint(tmp_path / "fp32", hidden_size=128, intermediate_size=256)
+    check_pretrained_round_trip("int4", {"group_size": group}, model_dir, tmp_path / f"g{group}")
 
 
 def policy(**options: object) -> object:

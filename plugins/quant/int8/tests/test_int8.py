@@ -14,11 +14,6 @@ class TestInt8(QuantConformance):
     plugin = "int8"
 
 
-class TestInt8Fp32Compute(QuantConformance):
-    plugin = "int8"
-    options = {"compute_dtype": "fp32"}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64)])
 def test_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
