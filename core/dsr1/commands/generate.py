@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             "kvcache_bytes": summary.get("kvcache.bytes", {}).get("bytes", 0),
             "pipeline": model.pipeline.describe(),
         }
+        precision_map = getattr(model.pipeline.quant, "precision_map", None)
+        if callable(precision_map):  # a quant policy that reports per-layer precision (int8, dynamic ...)
+            report["precision_map"] = precision_map(model)
+            report["precision_switches"] = [e for e in monitor.stream() if e.get("event") == "quant.switch"]
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
     sys.stdout.write(args.prompt)
