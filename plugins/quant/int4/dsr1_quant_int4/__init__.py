@@ -141,9 +141,9 @@ class Int4WeightOnly(StaticQuantPolicy):
             k, n = linear.in_features, linear.out_features
             if k % g:
                 fits = [str(s) for s in kernels.GROUP_SIZES if k % s == 0]
-                hint = f"use group_size {' or '.join(fits)}" if fits else "no group size of 32/64/128 divides it"
-                raise Dsr1Error(f"int4 group_size {g} does not divide the input dim {k} of layer {name!r}; {hint}, "
-                                f"or keep the layer in floating point with options.skip")
+                hint = f"use group_size {' or '.join(fits)}, or" if fits else "no group size of 32/64/128 divides it:"
+                raise Dsr1Error(f"int4 group_size {g} does not divide the input dim {k} of layer {name!r}; {hint} "
+                                f"keep the layer in floating point with options.skip")
             if device == "cpu" and n % 16:
                 raise Dsr1Error(f"int4 on cpu needs output dims in multiples of 16; layer {name!r} has {n}: "
                                 f"keep it in floating point with options.skip")
