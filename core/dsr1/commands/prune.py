@@ -30,6 +30,12 @@ _FLAGS = (
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("prune", help="prune a model (once or progressively) with an accuracy-speed curve",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(p)
+    p.set_defaults(func=run)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``dsr1 prune`` to ``p`` (``examples/prune.py`` uses the same ones)."""
     p.add_argument("--model", required=True, help="model name or HF-format directory (llama-family or bert)")
     p.add_argument("--target-sparsity", type=float, required=True, help="final sparsity, in [0, 1)")
     p.add_argument("--pruning-strategy", default="magnitude",
@@ -65,7 +71,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--speed-reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -117,8 +122,9 @@ def command_line(args: argparse.Namespace, prog: str = "dsr1 prune") -> str:
     return shlex.join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, prog: str = "dsr1 prune") -> int:
+    """Run the command; returns the exit code (1: a stage fell below --accuracy-floor)."""
     from dsr1.pruning.runner import PruneRun
 
     settings = settings_from_args(args)
-    return PruneRun(settings, command_line(args), quiet=args.quiet).run()
+    return PruneRun(settings, command_line(args, prog), quiet=args.quiet).run()

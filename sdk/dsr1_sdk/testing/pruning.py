@@ -5,7 +5,8 @@ Capabilities the kit understands:
 ``unstructured``      the mask keeps the highest ``score`` values (every kept score ≥ every
                       pruned score), so ties aside it equals the reference top-k mask.
 ``activation_aware``  ``score``/``mask`` use ``activation_norm`` (Wanda); the kit passes one.
-``per_row``           within each output row every kept score ≥ every pruned score (Wanda).
+``per_row``           every output row loses the same count (±1), and within a row every kept
+                      score ≥ every pruned score (Wanda).
 ``2:4``               every group of 4 consecutive inputs of a row holds ≥ 2 zeros once pruned;
                       ``mask`` refuses (``Dsr1Error``) a weight whose input dim is not a multiple of 4.
 ``min_sparsity:X``    targets in (0, X) are not asked for (2:4 is at least 50% sparse).
@@ -115,6 +116,8 @@ def check_mask(pruner: Pruner, weight: torch.Tensor, target: float, act: torch.T
         low_kept, high_pruned = score[keep].min().item(), score[~keep].max().item()
         assert low_kept >= high_pruned, f"{what}: kept a score {low_kept} below a pruned score {high_pruned}"
     if "per_row" in capabilities:
+        per_row = (~keep).sum(-1)  # (out,) pruned in each row
+        assert int(per_row.max() - per_row.min()) <= 1, f"{what}: rows lose different shares ({per_row.tolist()})"
         score = pruner.score(weight, act)
         for r in range(weight.shape[0]):
             row_keep = keep[r]
