@@ -143,8 +143,11 @@ class _Run:
 
     def all(self, input_ids: torch.Tensor, mask: torch.Tensor | None, n_new: int) -> torch.Tensor:
         scheduler = self.pipeline.scheduler
-        for row in range(input_ids.shape[0]):
-            scheduler.add(Request(request_id=row, prompt_ids=[], max_new_tokens=n_new))
+        rows_ids = input_ids.tolist()
+        rows_mask = mask.tolist() if mask is not None else None
+        for row, ids_row in enumerate(rows_ids):  # plain data for the scheduler: no tensors
+            prompt = [t for t, m in zip(ids_row, rows_mask[row]) if m] if rows_mask is not None else ids_row
+            scheduler.add(Request(request_id=row, prompt_ids=prompt, max_new_tokens=n_new))
         results: dict[int, torch.Tensor] = {}
         while scheduler.has_pending():
             batch = scheduler.next_batch()
@@ -157,7 +160,9 @@ class _Run:
                 index = torch.tensor(rows, device=input_ids.device)
                 ids, m = input_ids[index], (mask[index] if mask is not None else None)
             out = self.batch(ids, m, n_new)
+            new_ids = out[:, ids.shape[1] :].tolist()
             for i, request in enumerate(batch):
+                request.output_ids = new_ids[i]
                 request.finished = True
                 results[request.request_id] = out[i]
         if len(results) == 1:
