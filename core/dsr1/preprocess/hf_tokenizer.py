@@ -124,7 +124,10 @@ class Tokenizer:
             special["eos_token"] = backend.id_to_token(model_cfg["eos_token_id"])
         if special["bos_token"] is None and isinstance(model_cfg.get("bos_token_id"), int):
             special["bos_token"] = backend.id_to_token(model_cfg["bos_token_id"])
-        is_encoder = model_cfg.get("model_type") in ENCODER_TYPES
+        model_type = model_cfg.get("model_type")
+        if isinstance(model_cfg.get("quantization_config"), dict):  # a `dsr1 quantize` dir keeps the real type there
+            model_type = model_cfg["quantization_config"].get("model_type", model_type)
+        is_encoder = model_type in ENCODER_TYPES
         if padding_side == "auto":
             padding_side = "right" if is_encoder else "left"
         limits = [int(v) for v in (cfg.get("model_max_length"), model_cfg.get("max_position_embeddings"))
