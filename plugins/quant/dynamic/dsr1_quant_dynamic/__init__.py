@@ -42,10 +42,10 @@ class DynamicOptions(BaseModel):
     warmup_steps: int = Field(4, ge=1, le=1_000_000)
     #: a layer switches to int8 when its live SQNR (dB) is at least this (0-100).
     sqnr_threshold_db: float = Field(30.0, ge=0.0, le=100.0)
-    #: every n-th step after warm-up is sampled by the guard.
-    guard_every: int = Field(4, ge=1, le=1_000_000)
-    #: sampled steps the top-1 agreement is computed over.
-    guard_window: int = Field(8, ge=1, le=100_000)
+    #: every n-th step after warm-up is sampled by the guard (a sampled step runs twice: ~1/n overhead).
+    guard_every: int = Field(8, ge=1, le=1_000_000)
+    #: sampled steps the top-1 agreement is computed over (judged once the window is full).
+    guard_window: int = Field(4, ge=1, le=100_000)
     #: the guard trips when top-1 agreement over the window is below this (0-1].
     guard_agreement: float = Field(0.9, gt=0.0, le=1.0)
     #: share of the int8 layers (least accurate first) switched back when the guard trips (0-1].
