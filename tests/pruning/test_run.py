@@ -209,6 +209,7 @@ def test_causal_speed_is_measured_against_dense(prune: Prune, tiny_llama: Path, 
     assert r["dense"]["speed"]["metric"] == "decode_tok_s" and r["dense"]["speed"]["vs_dense"] == 1.0
     speed = r["stages"][0]["speed"]
     assert speed["value"] > 0 and speed["vs_dense"] > 0 and speed["details"]["prefill_tok_s"] > 0
+    assert len(speed["dense_paired"]) == 2 and min(speed["dense_paired"]) > 0
 
 
 def test_encoder_run_fidelity_speed_and_loading(prune: Prune, tiny_bert: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ After every optimizer step each weight is multiplied by its keep-mask, taken fro
 zeros when recovery starts, so a pruned weight stays exactly zero (the 2:4 pattern survives, and
 the realized sparsity does not move). Structured stages have no zeros to keep: they just train.
 
-* causal LM: next-token cross-entropy on calibration windows;
+* causal LM: next-token cross-entropy on batches of 4 calibration-text windows, fresh ones for every
+  step while the text lasts (``4 · steps`` windows of ``--calibration-len`` tokens, evenly spaced);
 * encoder: distillation, ``1 - cos(embedding, dense embedding)`` on calibration sentences (the
   dense targets are computed once, before the first stage).
 """
@@ -30,7 +31,7 @@ def recover_(
 ) -> dict[str, float]:
     """Fine-tune ``model`` in place for ``steps`` steps; returns the first and last loss.
 
-    :param batches: causal: id tensors ``(1, T)``; encoder: tokenized batches (``BatchEncoding``).
+    :param batches: causal: id tensors ``(b, T)``; encoder: tokenized batches (``BatchEncoding``).
     :param targets: encoder only: dense embeddings ``(b, C)`` of each batch.
     :param on_step: called after each step (progress bars).
     """
@@ -49,9 +50,9 @@ def recover_(
             for step in range(steps):
                 i = step % len(batches)
                 if kind == "causal":
-                    ids = batches[i].to(device)  # (1, T)
-                    logits = model(ids).logits  # (1, T, V)
-                    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                    ids = batches[i].to(device)  # (b, T)
+                    logits = model(ids).logits  # (b, T, V)
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 else:
                     assert targets is not None
                     emb = model(**batches[i].to(device)).sentence_embedding  # (b, C)

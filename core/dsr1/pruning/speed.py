@@ -7,7 +7,10 @@ medians. Encoders have no ``generate``; :func:`encoder_speed` follows the same r
 full forward over a fixed batch of held-out sentences padded to ``seq_len`` tokens.
 
 Every stage and the dense model are measured in the same run with the same settings, so the
-figure to read is the ratio against dense (BENCHMARKS.md).
+figure to read is the ratio against dense (BENCHMARKS.md); the runner measures the dense model
+again right before and right after each stage and divides by the mean of those two, so slow
+drift of a shared machine cancels. On a busy 2-core machine, ``--threads 1`` gives steadier
+figures than 2 threads fighting other processes.
 """
 from __future__ import annotations
 
