@@ -7,8 +7,9 @@ the realized sparsity does not move). Structured stages have no zeros to keep: t
 
 * causal LM: next-token cross-entropy on batches of 4 calibration-text windows, fresh ones for every
   step while the text lasts (``4 · steps`` windows of ``--calibration-len`` tokens, evenly spaced);
-* encoder: distillation, ``1 - cos(embedding, dense embedding)`` on calibration sentences (the
-  dense targets are computed once, before the first stage).
+* encoder: distillation, ``1 - cos(embedding, dense embedding)`` on batches of 8 calibration
+  sentences, fresh ones per step while the text lasts (the dense targets are computed once,
+  before the first stage).
 """
 from __future__ import annotations
 

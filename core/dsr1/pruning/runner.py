@@ -233,8 +233,9 @@ class PruneRun:
             limit = min(s.calibration_len, int(self.hf.get("max_position_embeddings", 512)))
             self.calibration = [tok(t, return_tensors="pt", truncation=True, max_length=limit)["input_ids"]
                                 for t in texts]  # each (1, T_i)
-            self.recover_batches = [tok(texts[i : i + 8], return_tensors="pt", padding=True, truncation=True,
-                                        max_length=limit) for i in range(0, len(texts), 8)]
+            more = textdata.calibration_sentences(s.calibration, 8 * s.recover_steps) if s.recover_steps else []
+            self.recover_batches = [tok(more[i : i + 8], return_tensors="pt", padding=True, truncation=True,
+                                        max_length=limit) for i in range(0, len(more), 8)]  # fresh per step
             self.report["evaluation"] = {
                 "metric": "embedding fidelity to the dense model", "text": s.eval_text or textdata.DEFAULT_SOURCE,
                 "sentences": len(self.eval_texts), "pairs": len(self.eval_texts) * (len(self.eval_texts) - 1) // 2,
