@@ -149,22 +149,27 @@ class _Run:
             prompt = [t for t, m in zip(ids_row, rows_mask[row]) if m] if rows_mask is not None else ids_row
             scheduler.add(Request(request_id=row, prompt_ids=prompt, max_new_tokens=n_new))
         results: dict[int, torch.Tensor] = {}
-        while scheduler.has_pending():
-            batch = scheduler.next_batch()
-            if not batch:
-                break
-            rows = [r.request_id for r in batch]
-            if rows == list(range(input_ids.shape[0])):
-                ids, m = input_ids, mask
-            else:
-                index = torch.tensor(rows, device=input_ids.device)
-                ids, m = input_ids[index], (mask[index] if mask is not None else None)
-            out = self.batch(ids, m, n_new)
-            new_ids = out[:, ids.shape[1] :].tolist()
-            for i, request in enumerate(batch):
-                request.output_ids = new_ids[i]
-                request.finished = True
-                results[request.request_id] = out[i]
+        try:
+            while scheduler.has_pending():
+                batch = scheduler.next_batch()
+                if not batch:
+                    break
+                rows = [r.request_id for r in batch]
+                if rows == list(range(input_ids.shape[0])):
+                    ids, m = input_ids, mask
+                else:
+                    index = torch.tensor(rows, device=input_ids.device)
+                    ids, m = input_ids[index], (mask[index] if mask is not None else None)
+                out = self.batch(ids, m, n_new)
+                new_ids = out[:, ids.shape[1] :].tolist()
+                for i, request in enumerate(batch):
+                    request.output_ids = new_ids[i]
+                    request.finished = True
+                    results[request.request_id] = out[i]
+        finally:
+            while scheduler.has_pending():  # an error mid-way must not leave requests for the next call
+                if not scheduler.next_batch():
+                    break
         if len(results) == 1:
             return results[0][None]
         width = max(r.shape[0] for r in results.values())

@@ -189,6 +189,22 @@ def test_step_finished_fires_once_per_batch_and_monitor_records(ckpts: dict[str,
     assert len(stats) == 2  # two scheduler steps: rows (0, 1) then (2,)
     assert torch.equal(out, m.generate(ids, max_new_tokens=5, ignore_eos=True))
 
+    calls = {"n": 0}
+    real_step = small.forward_step
+
+    def failing_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:  # in the first batch's decode, with row 2 still queued
+            raise RuntimeError("boom")
+        return real_step(*args, **kwargs)
+
+    small.forward_step = failing_step
+    with pytest.raises(RuntimeError, match="boom"):
+        small.generate(ids, max_new_tokens=5, ignore_eos=True)
+    small.forward_step = real_step
+    assert not small.pipeline.scheduler.has_pending()  # nothing left over for the next call
+    assert torch.equal(small.generate(ids, max_new_tokens=5, ignore_eos=True), out)
+
 
 def test_kvcache_contiguous_writes_in_place() -> None:
     cache = ContiguousKVCache(ContiguousOptions(granularity=4))
