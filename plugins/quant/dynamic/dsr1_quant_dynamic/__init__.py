@@ -5,8 +5,8 @@ forwards every linear layer measures the SQNR its int8 output would have on the 
 activations; then the layers at or above ``sqnr_threshold_db`` switch to int8 (weight-only,
 per channel, the ``int8`` plugin's kernel) and the sensitive ones stay in high precision.
 A guard compares the top-1 tokens against an all-high-precision run every ``guard_every``
-steps and switches layers back when agreement over ``guard_window`` samples falls below
-``guard_agreement``. Every switch goes through the monitor (``quant.switch``,
+steps and switches layers back when agreement over the last ``guard_window_tokens`` compared
+tokens falls below ``guard_agreement``. Every switch goes through the monitor (``quant.switch``,
 ``quant.guard``); :meth:`DynamicPrecision.precision_map` is the per-layer map that
 ``dsr1 generate --json`` prints. Details: :mod:`dsr1_quant_dynamic.controller`.
 
@@ -44,8 +44,8 @@ class DynamicOptions(BaseModel):
     sqnr_threshold_db: float = Field(30.0, ge=0.0, le=100.0)
     #: every n-th step after warm-up is sampled by the guard (a sampled step runs twice: ~1/n overhead).
     guard_every: int = Field(8, ge=1, le=1_000_000)
-    #: sampled steps the top-1 agreement is computed over (judged once the window is full).
-    guard_window: int = Field(4, ge=1, le=100_000)
+    #: compared tokens the top-1 agreement is computed over (the newest ones).
+    guard_window_tokens: int = Field(64, ge=1, le=10_000_000)
     #: the guard trips when top-1 agreement over the window is below this (0-1].
     guard_agreement: float = Field(0.9, gt=0.0, le=1.0)
     #: share of the int8 layers (least accurate first) switched back when the guard trips (0-1].

@@ -8,10 +8,12 @@ token; or one ``forward`` call), counted by a wrapper around that method.
 2. **Decide**: layers whose SQNR is at least ``sqnr_threshold_db`` switch to int8; the
    sensitive ones stay in high precision.
 3. **Guard**: every ``guard_every``-th step the same inputs run once with all layers in
-   high precision and once as they are; the top-1 tokens are compared. When agreement over
-   the last ``guard_window`` sampled steps falls below ``guard_agreement``, the least
-   accurate ``fallback_fraction`` of the int8 layers switch back to high precision (all of
-   them by default) and the window starts over.
+   high precision and once as they are; the top-1 tokens of every position are compared.
+   Agreement is taken over the most recent ``guard_window_tokens`` compared tokens (at
+   batch 1 one sampled step adds one token; a 256-token window adds 256). When it falls
+   below ``guard_agreement`` - or earlier, as soon as the disagreements already exceed what a
+   full window may hold - the least accurate ``fallback_fraction`` of the int8 layers switch
+   back to high precision (all of them by default) and the window starts over.
 
 Every switch and every tripped guard is recorded through the monitor (``quant.switch``,
 ``quant.guard``) and kept in :attr:`PrecisionController.events`. The sampled step writes the
@@ -45,7 +47,7 @@ class PrecisionController:
         self.layers, self.options, self.monitor = layers, options, monitor
         self.phase = "warmup"  # → "running" → "held" (nothing left in int8)
         self.step = 0
-        self.window: deque[tuple[int, int]] = deque(maxlen=options.guard_window)
+        self.window: deque[tuple[int, int]] = deque()  # (agreeing, compared) tokens per sampled step
         self.events: list[dict[str, Any]] = []
         self.guard_checks = 0
         for layer in layers.values():
@@ -99,20 +101,22 @@ class PrecisionController:
             return
         self.guard_checks += 1
         self.window.append((int((a == b).sum()), a.numel()))
-        if len(self.window) < self.window.maxlen:  # type: ignore[operator]  # maxlen is set
-            return
+        size, need = self.options.guard_window_tokens, self.options.guard_agreement
+        while len(self.window) > 1 and sum(t for _, t in self.window) - self.window[0][1] >= size:
+            self.window.popleft()  # keep the newest samples that still cover the window
         agree, total = (sum(x) for x in zip(*self.window))
-        agreement = agree / max(total, 1)
-        if agreement >= self.options.guard_agreement:
-            return
-        self.trip(agreement)
+        if total >= size and agree / total < need:
+            self.trip(agree / total)
+        elif total < size and total - agree > math.floor((1 - need) * size + 1e-9):  # a full window can't recover
+            self.trip(agree / total)
 
     def trip(self, agreement: float) -> None:
         """Switch the least accurate int8 layers back to high precision."""
         int8 = sorted(self.int8_layers().items(), key=lambda kv: kv[1].measured_db or -math.inf)
         count = max(1, math.ceil(self.options.fallback_fraction * len(int8)))
+        compared = sum(t for _, t in self.window)
         reason = (f"guard: top-1 agreement {agreement:.3f} < {self.options.guard_agreement:g} over the last "
-                  f"{len(self.window)} sampled steps")
+                  f"{compared} compared tokens ({len(self.window)} sampled steps)")
         self.record("quant.guard", agreement=round(agreement, 4), step=self.step, switched_back=count, reason=reason)
         for name, layer in int8[:count]:
             layer.mode = "hp"

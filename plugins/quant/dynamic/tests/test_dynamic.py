@@ -66,7 +66,7 @@ def test_threshold_splits_layers_by_measured_sqnr(llama_dir: Path) -> None:
 
 
 def test_guard_switches_back_when_int8_goes_wrong(llama_dir: Path) -> None:
-    model = load(llama_dir, warmup_steps=1, sqnr_threshold_db=0.0, guard_every=1, guard_window=2,
+    model = load(llama_dir, warmup_steps=1, sqnr_threshold_db=0.0, guard_every=1, guard_window_tokens=64,
                  guard_agreement=0.9)
     reference = AutoModel.from_pretrained(llama_dir, quant="bf16")
     model(IDS)  # warm-up → every layer int8
@@ -87,7 +87,7 @@ def test_guard_switches_back_when_int8_goes_wrong(llama_dir: Path) -> None:
 
 
 def test_fallback_fraction_switches_back_the_least_accurate_first(llama_dir: Path) -> None:
-    model = load(llama_dir, warmup_steps=1, sqnr_threshold_db=0.0, guard_every=1, guard_window=1,
+    model = load(llama_dir, warmup_steps=1, sqnr_threshold_db=0.0, guard_every=1, guard_window_tokens=1,
                  guard_agreement=1.0, fallback_fraction=0.5)
     model(IDS)
     for layer in model.modules():
@@ -129,3 +129,39 @@ def test_out_of_range_settings_are_one_line_errors(key: str, value: object, mess
     with pytest.raises(Dsr1Error, match=rf"quant\.options\.{key}.*{message}") as err:
         PluginRegistry().make("quant", PluginChoice(name="dynamic", options={key: value}))
     assert "\n" not in str(err.value)
+
+
+def _controller(window: int, agreement: float) -> Any:
+    from dsr1_quant_dynamic import DynamicOptions, PrecisionController
+
+    layer = DynamicLinear(torch.nn.Linear(16, 16), torch.bfloat16)
+    controller = PrecisionController({"layer": layer}, DynamicOptions(guard_window_tokens=window,
+                                                                      guard_agreement=agreement))
+    layer.mode, layer.measured_db, controller.phase = "int8", 40.0, "running"
+    return controller
+
+
+def _logits(token: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor([token]), 4).float()  # (1, V): top-1 is ``token``
+
+
+def test_guard_judges_the_newest_window_of_tokens() -> None:
+    controller = _controller(window=10, agreement=0.8)
+    controller.check(_logits(1), _logits(2))  # one flip...
+    for _ in range(9):
+        controller.check(_logits(1), _logits(1))  # ...in a full window of 10: agreement 0.9, kept
+    assert controller.phase == "running"
+    controller.check(_logits(1), _logits(2))
+    controller.check(_logits(1), _logits(2))  # newest 10 tokens: 8 agree → 0.8, kept
+    assert controller.phase == "running"
+    controller.check(_logits(1), _logits(2))  # 7 of 10 → 0.7 < 0.8: trip
+    assert controller.phase == "held"
+
+
+def test_guard_trips_early_when_the_window_cannot_recover() -> None:
+    controller = _controller(window=10, agreement=0.8)
+    controller.check(_logits(1), _logits(2))
+    controller.check(_logits(1), _logits(2))
+    assert controller.phase == "running"  # 2 flips: a full window could still reach 0.8
+    controller.check(_logits(1), _logits(2))
+    assert controller.phase == "held"  # 3 flips > 2 allowed in 10

@@ -7,12 +7,13 @@ Activations stay in the compute dtype (bf16 by default).
 
 Kernels, one per device type:
 
-* CPU: ``torch.ops.aten._weight_int8pack_mm`` (bf16/fp16/fp32 activations × int8 weight, scales
-  applied in the kernel). With fp32 activations that kernel is slower than an fp32 matmul on
-  the CPUs measured (see README): keep the default ``compute_dtype: bf16``.
-* CUDA and others: ``F.linear(x, qweight.to(x.dtype)) * scales``, the gpt-fast formulation,
-  which ``torch.compile`` (``graph: compile``) fuses into one int8-reading matmul.
-  Not measured here (no device budget).
+* CPU, up to :data:`INT8PACK_MAX_ROWS` rows (decode): ``torch.ops.aten._weight_int8pack_mm``
+  (bf16/fp16/fp32 activations × int8 weight, scales applied in the kernel). With fp32
+  activations that kernel is slower than an fp32 matmul on the CPU measured (see README):
+  keep the default ``compute_dtype: bf16``.
+* CPU prefill, CUDA and others: ``F.linear(x, qweight.to(x.dtype)) * scales``, the gpt-fast
+  formulation, which ``torch.compile`` (``graph: compile``) fuses into one int8-reading matmul
+  on CUDA. Not measured on a GPU (no device budget).
 
 torchao is not used: with torch 2.13 CPU its import reports C extensions that fail to load,
 and its int8 weight-only linear runs eager as a full dequantize + matmul, 2x slower than bf16
@@ -34,13 +35,26 @@ from dsr1_sdk import PluginSpec, hookimpl
 __all__ = ["Int8WeightOnly", "Int8WeightOnlyLinear", "dsr1_quant", "int8_weight_only_linear"]
 
 
+#: rows up to which the CPU kernel ``_weight_int8pack_mm`` is used. Its cost grows linearly with the
+#: rows (a matrix-vector loop): at 16 rows it ties with dequantize + bf16 GEMM, at 64 it is 2.6x
+#: slower, at 512 8x (768x2048 weights, 1 thread; README has the command).
+INT8PACK_MAX_ROWS = 12
+
+
 def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x (..., in) @ (qweight · scales)ᵀ`` → ``(..., out)`` in ``x.dtype`` (scales in ``x.dtype``)."""
+    """``x (..., in) @ (qweight · scales)ᵀ`` → ``(..., out)`` in ``x.dtype`` (scales in ``x.dtype``).
+
+    CPU decode (few rows): the int8 kernel reads 1 byte per weight. CPU prefill and CUDA: the
+    weight is converted to ``x.dtype`` and multiplied by a GEMM, then scaled per column
+    (under ``torch.compile`` on CUDA the conversion fuses into the matmul).
+    """
     out = qweight.shape[0]
-    if x.device.type == "cpu":
-        y = torch.ops.aten._weight_int8pack_mm(flat(x), qweight, scales)  # (M, out)
-        return y.reshape(*x.shape[:-1], out)
-    return F.linear(x, qweight.to(x.dtype)) * scales  # (..., out); fused by torch.compile on CUDA
+    x2 = flat(x)  # (M, in)
+    if x.device.type == "cpu" and x2.shape[0] <= INT8PACK_MAX_ROWS:
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)  # (M, out)
+    else:
+        y = F.linear(x2, qweight.to(x.dtype)) * scales  # (M, out)
+    return y.reshape(*x.shape[:-1], out)
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
