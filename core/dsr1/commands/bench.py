@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     engines = ["dsr1"] + (["hf"] if args.compare else [])
     spec = {
         "model": args.model, "shape": args.shape, "config": args.config, "dtype": dtype, "device": device,
+        "dtype_explicit": args.dtype is not None,
         "threads": threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
     }
     results: list[dict[str, Any]] = []
@@ -279,6 +280,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         model_dir = resolve_model_dir(spec["model"])
         hf_cfg = read_hf_config(model_dir)
+        spec = {**spec, "model_dir": str(model_dir)}  # transformers cannot resolve dsr1's names
         reader = None
     if spec["engine"] == "dsr1":
         model, gen = _load_dsr1(spec, hf_cfg, reader, dtype)
@@ -327,15 +329,17 @@ def _load_dsr1(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype:
 
     overrides = {"device": spec["device"]} if spec["device"] else {}
     if reader is None:
-        model = AutoModel.from_pretrained(spec["model"], spec["config"], dtype=dtype, **overrides)
+        explicit = dtype if spec.get("dtype_explicit") else None  # else the checkpoint's (or the quant policy's)
+        model = AutoModel.from_pretrained(spec["model"], spec["config"], dtype=explicit, **overrides)
     else:
         from dsr1.config import load_config
         from dsr1.registry import PluginRegistry
 
         pipeline = PluginRegistry.from_env().resolve(load_config(spec["config"], **overrides))
         builder = pipeline.model_builder(hf_cfg["model_type"])
-        builder.options = type(builder.options).model_validate(
-            {**builder.options.model_dump(), "dtype": str(dtype).removeprefix("torch.")})
+        if spec.get("dtype_explicit"):  # else the random weights' dtype, or the quant policy's compute dtype
+            builder.options = type(builder.options).model_validate(
+                {**builder.options.model_dump(), "dtype": str(dtype).removeprefix("torch.")})
         build_from = getattr(builder, "build_from", None)
         if build_from is None:
             raise Dsr1Error(f"model builder {type(builder).__name__} cannot build from random weights")
@@ -354,7 +358,8 @@ def _load_hf(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype: A
     import transformers
 
     if reader is None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            spec["model_dir"], dtype=dtype if spec.get("dtype_explicit") else "auto").to(device)
     else:
         cfg = transformers.AutoConfig.for_model(**hf_cfg)
         with torch.device(device):
