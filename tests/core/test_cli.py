@@ -87,3 +87,32 @@ def test_config_check_reports_unavailable_device(tmp_path):
 def test_no_command_prints_help():
     proc = run_cli()
     assert proc.returncode == 2 and "usage: dsr1" in proc.stdout
+
+
+def test_plugins_new_installs_and_is_selected_by_name(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "dsr1-attention-foo"
+    made = run_cli("plugins", "new", "--family", "attention", "--name", "foo", "--dir", str(pkg))
+    assert made.returncode == 0, made.stderr
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+         "--no-build-isolation", "--target", str(target), str(pkg)],
+        check=True, capture_output=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("attention: foo\n")
+    check = run_cli("config", "check", str(cfg), "--json", env=env)
+    assert check.returncode == 0, check.stderr
+    attention = json.loads(check.stdout)["resolved"]["attention"]
+    assert (attention["name"], attention["distribution"]) == ("foo", "dsr1-attention-foo")
+    gen = run_cli("generate", "--model", "dsr1-tiny", "--config", str(cfg), "--max-new-tokens", "4", "--json",
+                  "The Python", env=env)
+    assert gen.returncode == 0, gen.stderr
+    out = json.loads(gen.stdout)
+    assert out["pipeline"]["attention"]["distribution"] == "dsr1-attention-foo"
+    assert out["new_tokens"] == 4
