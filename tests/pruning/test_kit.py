@@ -5,7 +5,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from dsr1.interfaces import Pruner
 from dsr1.pruning.masks import n_m_mask, row_balanced_mask
 from dsr1_sdk.reference import magnitude_mask, semi_structured_mask, wanda_mask
@@ -46,7 +45,7 @@ class WrongGroups(Pruner):
 
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: Any = None) -> torch.Tensor:
         keep = torch.ones_like(weight, dtype=torch.bool)
-        keep[:, : int(round(sparsity * weight.shape[1]))] = False
+        keep[:, : round(sparsity * weight.shape[1])] = False
         return keep
 
 

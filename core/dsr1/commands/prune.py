@@ -108,7 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def command_line(args: argparse.Namespace, prog: str = "dsr1 prune") -> str:
     """The command that reproduces this run (from the parsed options; defaults left out)."""
     parts = shlex.split(prog)
-    defaults = {"pruning_strategy": "magnitude", "schedule": "once", "min_params": 0.3, "recover_steps": 0,
+    defaults = {"schedule": "once", "min_params": 0.3, "recover_steps": 0,
                 "recover_lr": 1e-4, "calibration_samples": 32, "calibration_len": 256, "eval_tokens": 8192,
                 "eval_window": 256, "eval_sentences": 128, "device": "cpu", "speed_batch": 8, "speed_prompt": 64,
                 "speed_new_tokens": 32, "speed_reps": 3, "seed": 0}

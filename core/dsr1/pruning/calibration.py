@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from dsr1.errors import Dsr1Error
 
+M = TypeVar("M", bound=nn.Module)
+
 _BLOCK = re.compile(r"^(.*?\b(?:layers|layer|blocks|block|h)\.\d+)(?:\.|$)")
 
 
-def block_groups(layers: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+def block_groups(layers: Sequence[tuple[str, M]]) -> list[list[tuple[str, M]]]:
     """``layers`` grouped by transformer block in order of first appearance; layers outside any
     block (a pooler, a projection) form one last group."""
-    groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    rest: list[tuple[str, nn.Module]] = []
+    groups: dict[str, list[tuple[str, M]]] = {}
+    rest: list[tuple[str, M]] = []
     for name, module in layers:
         m = _BLOCK.match(name)
         if m is None:

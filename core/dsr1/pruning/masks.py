@@ -19,7 +19,7 @@ def check_sparsity(sparsity: float) -> None:
 def n_pruned(numel: int, sparsity: float) -> int:
     """How many of ``numel`` entries ``sparsity`` prunes: ``round(sparsity · numel)``."""
     check_sparsity(sparsity)
-    return min(numel, int(round(sparsity * numel)))
+    return min(numel, round(sparsity * numel))
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ def recover_(
                     emb = model(**batches[i].to(device)).sentence_embedding  # (b, C)
                     loss = 1.0 - F.cosine_similarity(emb.float(), targets[i].to(device), dim=1).mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch 2.13's stubs
                 optimizer.step()
                 with torch.no_grad():
                     for p, k in zip(params, keep, strict=True):

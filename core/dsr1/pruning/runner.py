@@ -82,9 +82,9 @@ def write_stage(model: Any, out: Path, name: str, files: dict[str, bytes]) -> Pa
     shutil.rmtree(partial, ignore_errors=True)
     try:
         save_pretrained(model, partial)
-        source = getattr(model, "source_dir", None)
+        source: Path | None = getattr(model, "source_dir", None)
         for item in ST_FILES if source is not None else ():
-            src = Path(source) / item
+            src = Path(str(source)) / item
             if src.is_dir():
                 shutil.copytree(src, partial / item)
             elif src.is_file():
@@ -129,17 +129,18 @@ class Progress:
         self.bar: Any = None
         if not quiet:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             self.bar = Bar(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), console=Console(stderr=True))
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Progress:  # noqa: PYI034 - typing.Self needs 3.11; dsr1 supports 3.10
         if self.bar is not None:
             self.bar.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
 
@@ -233,9 +234,9 @@ class PruneRun:
             limit = min(s.calibration_len, int(self.hf.get("max_position_embeddings", 512)))
             self.calibration = [tok(t, return_tensors="pt", truncation=True, max_length=limit)["input_ids"]
                                 for t in texts]  # each (1, T_i)
-            more = textdata.calibration_sentences(s.calibration, 8 * s.recover_steps) if s.recover_steps else []
-            self.recover_batches = [tok(more[i : i + 8], return_tensors="pt", padding=True, truncation=True,
-                                        max_length=limit) for i in range(0, len(more), 8)]  # fresh per step
+            sents = textdata.calibration_sentences(s.calibration, 8 * s.recover_steps) if s.recover_steps else []
+            self.recover_batches = [tok(sents[i : i + 8], return_tensors="pt", padding=True, truncation=True,
+                                        max_length=limit) for i in range(0, len(sents), 8)]  # fresh per step
             self.report["evaluation"] = {
                 "metric": "embedding fidelity to the dense model", "text": s.eval_text or textdata.DEFAULT_SOURCE,
                 "sentences": len(self.eval_texts), "pairs": len(self.eval_texts) * (len(self.eval_texts) - 1) // 2,
@@ -314,7 +315,7 @@ class PruneRun:
             "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                          "python": platform.python_version(), "dsr1": _version("dsr1")},
             "model": s.model, "model_dir": str(self.model_dir),
-            "model_name": s.model if os.sep not in s.model else self.hf.get("_name_or_path", self.model_dir.name),
+            "model_name": s.model if os.sep not in s.model else f"{self.model_dir.parent.name}/{self.model_dir.name}",
             "model_type": self.hf["model_type"], "model_kind": self.kind,
             "strategy": {"name": s.strategy, "distribution": self.origin.distribution, "version": self.origin.version,
                          "options": self.pruner.options.model_dump(), "capabilities": sorted(self.spec.capabilities)},

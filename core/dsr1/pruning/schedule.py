@@ -11,6 +11,7 @@ prunes the previous stage's model further (see :mod:`dsr1.pruning.runner`).
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,7 +106,7 @@ def plan_stages(s: PruneSettings, min_sparsity: float = 0.0) -> list[float]:
         bad = [v for v in stages if not 0.0 < v < 1.0]
         if bad:
             raise Dsr1Error(f"--stages must each be in (0, 1), got {bad[0]}")
-        for a, b in zip(stages, stages[1:]):
+        for a, b in itertools.pairwise(stages):
             if b <= a:
                 raise Dsr1Error(f"--stages must be strictly increasing, got {a} then {b}")
         if stages[-1] > target + 1e-9:
@@ -114,7 +115,7 @@ def plan_stages(s: PruneSettings, min_sparsity: float = 0.0) -> list[float]:
             stages.append(target)
     else:
         start = max(0.1, min_sparsity)
-        n = int(round((target - start) / 0.1 + 1e-9))
+        n = round((target - start) / 0.1 + 1e-9)
         stages = [round(start + 0.1 * i, 6) for i in range(n + 1) if start + 0.1 * i < target - 1e-9]
         stages.append(target)
     low = [v for v in stages if 0.0 < v < min_sparsity - 1e-9]
@@ -132,8 +133,7 @@ def plan_stages(s: PruneSettings, min_sparsity: float = 0.0) -> list[float]:
 def stage_name(sparsity: float) -> str:
     """``stage-0.50``, ``stage-0.125``: at least two decimals, at most three."""
     text = f"{sparsity:.3f}"
-    if text.endswith("0"):
-        text = text[:-1]
+    text = text.removesuffix("0")
     return f"stage-{text}"
 
 

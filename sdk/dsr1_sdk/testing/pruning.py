@@ -29,15 +29,15 @@ from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
+from dsr1.errors import Dsr1Error
+from dsr1.interfaces import Pruner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsr1.errors import Dsr1Error
-from dsr1.interfaces import Pruner
 from dsr1_sdk.reference.pruning import groups_hold_zeros
 from dsr1_sdk.reference.pruning import sparsity as realized
 from dsr1_sdk.testing.base import PluginConformance
-from dsr1_sdk.testing.pruning_models import check_saved_stage_reloads, check_structured_model
+from dsr1_sdk.testing.pruning_models import Arch, check_saved_stage_reloads, check_structured_model
 
 Distribution = Literal["normal", "uniform", "ties", "with_zeros"]
 
@@ -234,15 +234,16 @@ class PruningConformance(PluginConformance):
     def test_prune_model(self, target: float, tmp_path: Path) -> None:
         impl = self.runnable_impl()
         if "structured" in self.capabilities():
-            for arch in ("llama", "bert"):
-                check_structured_model(impl, target, tmp_path / arch, arch)  # type: ignore[arg-type]
+            archs: tuple[Arch, ...] = ("llama", "bert")
+            for arch in archs:
+                check_structured_model(impl, target, tmp_path / arch, arch)
         else:
             check_prune_model(impl, target, self.target_device(), self.sparsity_tolerance)
 
-    def test_saved_stage_reloads(self, arch: str, tmp_path: Path) -> None:
+    def test_saved_stage_reloads(self, arch: Arch, tmp_path: Path) -> None:
         """A pruned tiny llama / bert saved with ``save_pretrained`` reloads with identical outputs."""
         target = max(0.5, min_sparsity(self.capabilities()))
-        check_saved_stage_reloads(self.runnable_impl(), target, tmp_path, arch)  # type: ignore[arg-type]
+        check_saved_stage_reloads(self.runnable_impl(), target, tmp_path, arch)
 
     def test_hypothesis_shapes_and_sparsities(self) -> None:
         impl = self.runnable_impl()

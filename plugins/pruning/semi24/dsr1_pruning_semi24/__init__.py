@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, n_m_mask
 from dsr1.pruning.metrics import prunable_linears
@@ -106,7 +105,7 @@ class Semi24Pruner(Pruner):
         """Zero the pruned weights in place; returns keep-masks of the layers it pruned."""
         check_sparsity(sparsity)
         self.skipped = {}
-        layers = []
+        layers: list[tuple[str, torch.nn.Linear]] = []
         for name, module in prunable_linears(model, self.options.skip):
             cols = module.weight.shape[1]
             if cols % GROUP:
@@ -130,11 +129,11 @@ class Semi24Pruner(Pruner):
     def report_notes(self, device: str) -> list[str]:
         """What ``dsr1 prune`` should say about speed on ``device``."""
         if device == "cuda" and self.options.cuda_kernels:
-            return ["2:4 linear weights (fp16/bf16) are converted with torch.sparse.to_sparse_semi_structured when a "
-                    "stage is loaded with pruning: semi24 (the speed column measures that)"]
-        return [f"on {device} 2:4 weights stay dense with zeros: same file size and the same speed as dense; the "
-                "sparse tensor-core path (torch.sparse.to_sparse_semi_structured) runs only on CUDA with fp16/bf16 "
-                "and was not measured in this run"]
+            return [("2:4 linear weights (fp16/bf16) are converted with torch.sparse.to_sparse_semi_structured when "
+                     "a stage is loaded with pruning: semi24 (the speed column measures that)")]
+        return [(f"on {device} 2:4 weights stay dense with zeros: same file size and the same speed as dense; the "
+                 "sparse tensor-core path (torch.sparse.to_sparse_semi_structured) runs only on CUDA with fp16/bf16 "
+                 "and was not measured in this run")]
 
 
 @hookimpl

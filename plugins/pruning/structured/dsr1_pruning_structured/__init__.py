@@ -32,13 +32,12 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from torch import nn
-
 from dsr1.errors import Dsr1Error
 from dsr1.pruning.calibration import input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, lowest_k_mask, n_pruned
 from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
+from torch import nn
 
 __all__ = ["StructuredOptions", "StructuredPruner", "dsr1_pruning"]
 
@@ -108,16 +107,16 @@ def _arch(model: nn.Module) -> _Arch:
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, dict):
         raise Dsr1Error(f"structured pruning needs a dsr1 llama-family or bert model; got {type(model).__name__}")
-    if hasattr(model, "model") and hasattr(model.model, "layers"):
-        blocks = list(model.model.layers)
+    m: Any = model  # dsr1's LlamaForCausalLM / BertModel: attributes mypy cannot see through nn.Module
+    a: Any = getattr(model, "args", None)  # their LlamaArgs / BertArgs
+    if hasattr(model, "model") and hasattr(m.model, "layers"):
+        blocks: list[Any] = list(m.model.layers)
         if any(getattr(b.self_attn, "fused", False) for b in blocks):
             raise Dsr1Error("structured pruning needs the llama model loaded unfused "
                             "(model options fuse=False), as dsr1 prune loads it")
-        a = model.args  # type: ignore[attr-defined]
         return _Arch("llama", blocks, a.hidden_size, a.head_dim, a.n_heads, a.n_kv_heads, a.intermediate_size, 3)
     if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):
-        a = model.args  # type: ignore[attr-defined]
-        return _Arch("bert", list(model.encoder.layer), a.hidden_size, a.head_dim, a.n_heads, a.n_heads,
+        return _Arch("bert", list(m.encoder.layer), a.hidden_size, a.head_dim, a.n_heads, a.n_heads,
                      a.intermediate_size, 2)
     raise Dsr1Error(f"structured pruning needs a dsr1 llama-family or bert model; got {type(model).__name__}")
 
@@ -285,9 +284,9 @@ class StructuredPruner(Pruner):
             model.args = dataclasses.replace(model.args, n_heads=h, intermediate_size=f)
 
     def report_notes(self, device: str) -> list[str]:
-        return ["structured: config.json describes the shrunk shapes (the same head count and FFN width in every "
-                "layer; the dense ones under 'dsr1_dense_shape'); a bert stage with fewer heads records 'head_dim', "
-                "which transformers' BertConfig cannot express, so it loads in dsr1 only"]
+        return [("structured: config.json describes the shrunk shapes (the same head count and FFN width in every "
+                 "layer; the dense ones under 'dsr1_dense_shape'); a bert stage with fewer heads records 'head_dim', "
+                 "which transformers' BertConfig cannot express, so it loads in dsr1 only")]
 
 
 @hookimpl
