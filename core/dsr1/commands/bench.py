@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
         for engine in engines:
             got = _spawn({**spec, "engine": engine, "batch_size": b})
             row[engine] = got
+            others = got.get("other_processes_cpu_pct")
+            if others is not None and others > 10:
+                print(f"dsr1 bench: warning: other processes kept {others:.0f}% of the CPUs busy while {engine} "
+                      f"ran batch {b}; its figures are not trustworthy", file=sys.stderr, flush=True)
             if not args.json:
                 print(f"batch {b:>3} {engine:>5}: prefill {got['prefill_tok_s']:9.1f} tok/s  decode "
                       f"{got['decode_tok_s']:8.1f} tok/s  end-to-end {got['e2e_tok_s']:8.1f} tok/s  "
@@ -215,6 +219,27 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- worker: one engine, one batch size -----------------------------------------------------------
+
+
+def _cpu_busy() -> tuple[float, float, float]:
+    """(wall seconds, busy CPU-seconds of the whole machine, CPU-seconds of this process)."""
+    busy = float("nan")
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    own = os.times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def _others_busy(before: tuple[float, float, float], after: tuple[float, float, float]) -> float | None:
+    """Percent of all CPUs other processes kept busy while this worker was timing (None: unknown)."""
+    wall = after[0] - before[0]
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    if wall <= 0 or other != other:  # NaN: no /proc/stat
+        return None
+    return round(max(0.0, 100 * other / (wall * (os.cpu_count() or 1))), 1)
 
 
 def _maxrss_mb() -> float:
@@ -307,15 +332,18 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     timed(n)  # warm-up (allocator, kernels, caches)
     t1, tn = [], []
+    busy_before = _cpu_busy()
     for _ in range(int(spec["reps"])):
         t1.append(timed(1))
         tn.append(timed(n))
+    others = _others_busy(busy_before, _cpu_busy())
     m1, mn = statistics.median(t1), statistics.median(tn)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()) - base
     out = {
         "prefill_tok_s": b * p / m1, "decode_tok_s": b * (n - 1) / max(mn - m1, 1e-9), "e2e_tok_s": b * n / mn,
         "prefill_s": m1, "generate_s": mn, "peak_mem_mb": peak, "weight_bytes": weight_bytes,
         "times_1": t1, "times_n": tn,
+        "other_processes_cpu_pct": others,
     }
     if spec["engine"] == "dsr1":
         out["pipeline"] = model.pipeline.describe()
