@@ -10,6 +10,7 @@ import torch
 
 from dsr1.auto import AutoModel
 from dsr1.cli import main
+from dsr1.config import load_config
 from dsr1.errors import Dsr1Error
 from dsr1.models.loading import read_hf_config
 from dsr1.registry import PluginRegistry
@@ -73,7 +74,7 @@ def test_transformers_refuses_the_dir(int8_dir: Path) -> None:
 
 def test_a_dsr1_without_the_hook_refuses_it_as_plain_weights(int8_dir: Path) -> None:
     """What the model-builder lookup of a dsr1 without the quantization hook sees: an unknown type."""
-    pipeline = PluginRegistry().resolve(__import__("dsr1.config", fromlist=["x"]).load_config())
+    pipeline = PluginRegistry().resolve(load_config())
     with pytest.raises(Dsr1Error, match="unknown model_type 'dsr1_quantized'"):
         pipeline.model_builder(str(read_hf_config(int8_dir)["model_type"]))
 

@@ -61,7 +61,8 @@ def test_state_dict_is_canonical_and_round_trips() -> None:
 
 
 def test_group_that_does_not_divide_names_the_layer() -> None:
-    with pytest.raises(Dsr1Error, match=r"group_size 64 does not divide the input dim 32 of layer '0'; use group_size 32"):
+    with pytest.raises(Dsr1Error, match=r"group_size 64 does not divide the input dim 32 of layer '0'; "
+                                        r"use group_size 32"):
         policy(group_size=64).quantize_(TinyMLP())
 
 
