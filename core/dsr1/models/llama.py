@@ -352,15 +352,6 @@ class LlamaOptions(LoadOptions):
     weight_layout: Literal["auto", "nk", "kn"] = "auto"
 
 
-def use_kn_layout_(model: nn.Module) -> None:
-    """Store every untied linear weight transposed-contiguous; ``weight`` becomes a view of it."""
-    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in shared and module.weight.is_contiguous():
-            kn = module.weight.detach().t().contiguous()  # (in, out), one layer at a time
-            module.weight = nn.Parameter(kn.t(), requires_grad=False)  # (out, in) view, stride (1, out)
-
-
 def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: LlamaOptions) -> LlamaForCausalLM:
     """Build on the meta device, then assign the checkpoint's tensors (no second copy)."""
     a = LlamaArgs.from_hf(hf)
@@ -374,17 +365,27 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     attn = bind_attention(pipeline, a.n_heads, a.n_kv_heads)
     with torch.device("meta"):
         model = LlamaForCausalLM(a, attn, options.fuse)
+    layout = options.weight_layout
+    kn = layout == "kn" or (layout == "auto" and device.type == "cpu")
+    linear_weights = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    if a.tie_embeddings:
+        linear_weights.discard("lm_head.weight")  # shares the embedding's (V, C) storage
+    order = sorted(model.state_dict(), key=lambda n: n != "lm_head.weight")  # largest first: smallest peak
     state: dict[str, torch.Tensor] = {}
-    for name in model.state_dict():
+    for name in order:
         if a.tie_embeddings and name == "lm_head.weight":
             continue
         m = _FUSED_RE.match(name)
         if m is None:
-            state[name] = reader.read(names[name], dtype, device)
-            continue
-        prefix, fused, suffix = m.groups()
-        parts = [reader.read(names[f"{prefix}{p}.{suffix}"], dtype, device) for p in FUSED[fused]]
-        state[name] = torch.cat(parts, dim=0)  # (sum of outputs, in)
+            parts = [reader.read(names[name], dtype, device)]
+        else:
+            prefix, fused, suffix = m.groups()
+            parts = [reader.read(names[f"{prefix}{p}.{suffix}"], dtype, device) for p in FUSED[fused]]
+        if kn and name in linear_weights:
+            # (in, out) contiguous, one copy per tensor as it arrives; the parameter is its (out, in) view
+            state[name] = torch.cat([t.t() for t in parts], dim=1).t()
+        else:
+            state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (sum of outputs, in)
         del parts
     if a.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -392,9 +393,6 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     del state
     if a.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    layout = options.weight_layout
-    if layout == "kn" or (layout == "auto" and device.type == "cpu"):
-        use_kn_layout_(model)
     model.rope.to(device)
     model.config = dict(hf)
     model.pipeline = pipeline
