@@ -70,7 +70,7 @@ def test_bench_compares_with_transformers(ckpts: dict[str, Path], tmp_path: Path
         assert row[engine]["decode_tok_s"] > 0 and row[engine]["peak_mem_mb"] >= 0
     assert set(row["ratio_vs_hf"]) == {"prefill_tok_s", "decode_tok_s", "e2e_tok_s", "peak_mem"}
     assert report["command"].startswith("dsr1 bench --model") and report["versions"]["torch"]
-    assert report["floor"]["weight_bytes"] > 0 and report["machine"]["cpu"]
+    assert report["floor"]["weight_bytes"] > report["floor"]["streamed_bytes_per_token"] > 0 and report["machine"]["cpu"]
 
 
 def test_bench_rejects_shape_without_random_weights(capsys: pytest.CaptureFixture[str]) -> None:
