@@ -223,6 +223,21 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def parse_option_items(items: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` items → plugin options; values parse as JSON when they can
+    (``["group_size=64", "skip=[\\"lm_head\\"]"]`` → ``{"group_size": 64, "skip": ["lm_head"]}``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise Dsr1Error(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``DSR1_<FAMILY>=name`` environment variables as config entries."""
     environ = os.environ if environ is None else environ

@@ -12,10 +12,10 @@ bench`` on each saved stage, on --device. Ctrl-C keeps the completed stages.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from typing import Any
 
+from dsr1.config import parse_option_items
 from dsr1.errors import Dsr1Error
 
 #: (flag, settings field) pairs ``_command`` writes back, in order.
@@ -73,18 +73,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["scope=global", "score=\\"wanda\\""]`` → ``{"scope": "global", ...}`` (values as JSON when they parse)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise Dsr1Error(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -93,7 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
     return PruneSettings(
         model=args.model, target_sparsity=args.target_sparsity, strategy=args.pruning_strategy,
-        strategy_options=parse_options(args.option), output_dir=args.output_dir, overwrite=args.overwrite,
+        strategy_options=parse_option_items(args.option), output_dir=args.output_dir, overwrite=args.overwrite,
         schedule=args.schedule, stages=parse_stages(args.stages) if args.stages is not None else None,
         min_params=args.min_params, recover_steps=args.recover_steps, recover_lr=args.recover_lr,
         calibration=args.calibration, calibration_samples=args.calibration_samples,

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsr1.config import parse_option_items
 from dsr1.errors import Dsr1Error
 
 
@@ -38,18 +39,6 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["group_size=64", "skip=[\\"lm_head\\"]"]`` → ``{"group_size": 64, "skip": ["lm_head"]}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise Dsr1Error(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def check_output_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
@@ -84,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out, model_dir, args.overwrite)
     registry = PluginRegistry.from_env()
     check_policy(args.quant, registry)
-    options = parse_options(args.option)
+    options = parse_option_items(args.option)
     overrides: dict[str, Any] = {"quant": {"name": args.quant, "options": options}}
     if args.device:
         overrides["device"] = args.device
