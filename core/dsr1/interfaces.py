@@ -167,6 +167,11 @@ class Pruner(Plugin):
     in place and returns the masks by module name.
     """
 
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        #: layers the last ``prune_`` left as they were, with the reason (``dsr1 prune`` reports them).
+        self.skipped: dict[str, str] = {}
+
     @abstractmethod
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Importance of each weight, same shape as ``weight``."""

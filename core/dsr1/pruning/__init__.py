@@ -6,10 +6,9 @@ them: :mod:`.schedule` (settings and stages), :mod:`.data` (held-out and calibra
 stages), :mod:`.speed` (the bench code on each saved stage), :mod:`.report` (report.json, curve.csv,
 curve.png) and :mod:`.runner` (the stage loop, atomic stage dirs, Ctrl-C).
 
-Strategies need nothing beyond :class:`~dsr1.interfaces.Pruner`. Two optional extras are read
-when present (duck-typed, so the plugin interface is unchanged): ``pruner.skipped`` (a dict of
-layer name → why the last ``prune_`` left it alone; copied into each stage of the report) and
-``pruner.report_notes(device) -> list[str]`` (caveats the report should carry, e.g. semi24's
+Strategies need nothing beyond :class:`~dsr1.interfaces.Pruner`, whose ``skipped`` dict (layer
+name → why the last ``prune_`` left it alone) is copied into each stage of the report. One optional
+extra is read when present (duck-typed): ``pruner.report_notes(device) -> list[str]`` (caveats the report should carry, e.g. semi24's
 "dense with zeros on CPU"). Capabilities the runner reads: ``min_sparsity:X`` (progressive
 stages start there) and ``activation_aware`` / ``calibration`` (calibration text must be usable).
 

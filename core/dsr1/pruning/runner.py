@@ -389,7 +389,7 @@ class PruneRun:
         t = time.perf_counter()
         point = self._point(name, target, step_sparsity, census(self.model, original))
         point["accuracy"] = self._accuracy()
-        point["skipped"] = dict(getattr(self.pruner, "skipped", {}) or {})
+        point["skipped"] = dict(self.pruner.skipped)
         point["recover"] = recovered
         times["evaluate"] = time.perf_counter() - t
         step("save")

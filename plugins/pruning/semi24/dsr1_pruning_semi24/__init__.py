@@ -82,11 +82,6 @@ class Semi24Pruner(Pruner):
     Options = Semi24Options
     options: Semi24Options
 
-    def __init__(self, options: Semi24Options | None = None) -> None:
-        super().__init__(options)
-        #: layers the last ``prune_`` left dense, with the reason.
-        self.skipped: dict[str, str] = {}
-
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         s = weight.detach().abs().float()  # (out, in)
         if self.options.score == "wanda" and activation_norm is not None:

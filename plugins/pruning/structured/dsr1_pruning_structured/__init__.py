@@ -133,10 +133,6 @@ class StructuredPruner(Pruner):
     Options = StructuredOptions
     options: StructuredOptions
 
-    def __init__(self, options: StructuredOptions | None = None) -> None:
-        super().__init__(options)
-        self.skipped: dict[str, str] = {}
-
     # --- one matrix (the kit's view): whole input columns --------------------------------------
 
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:

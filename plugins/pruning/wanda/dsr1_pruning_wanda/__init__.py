@@ -37,11 +37,6 @@ class WandaPruner(Pruner):
     Options = WandaOptions
     options: WandaOptions
 
-    def __init__(self, options: WandaOptions | None = None) -> None:
-        super().__init__(options)
-        #: layers left as they are in the last ``prune_``, with the reason (none for Wanda).
-        self.skipped: dict[str, str] = {}
-
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         s = weight.detach().abs().float()  # (out, in)
         if activation_norm is not None:
