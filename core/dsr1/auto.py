@@ -72,6 +72,7 @@ class AutoModel:
             from dsr1.quantization.checkpoint import build_quantized, prepare_quantized
 
             cfg, hf = prepare_quantized(cfg, hf, model_dir, registry)
+        cfg = native_attention(cfg, hf, model_dir)
         pipeline = registry.resolve(cfg)
         builder = pipeline.model_builder(str(hf["model_type"]))
         fields = type(builder.options).model_fields
@@ -90,6 +91,21 @@ class AutoModel:
         model.generation_defaults = generation_defaults(model_dir, hf, model.tokenizer)
         pipeline.fire_model_loaded(model)
         return model
+
+
+def native_attention(cfg: EngineConfig, hf: dict[str, Any], model_dir: Path) -> EngineConfig:
+    """A checkpoint trained with a non-softmax attention says so in ``config.json``
+    (``"dsr1_attention": "linear"``). When the config leaves attention unset, use that one
+    and say so; an explicit choice is kept (the attention plugin warns about fidelity)."""
+    native = hf.get("dsr1_attention")
+    if not native or cfg.attention is not None:
+        return cfg
+    import logging
+
+    from dsr1.config import PluginChoice
+
+    logging.getLogger("dsr1").info("%s was trained with %r attention: selecting attention=%r", model_dir.name, native, native)
+    return cfg.model_copy(update={"attention": PluginChoice(name=str(native))})
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:

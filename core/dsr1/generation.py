@@ -198,6 +198,7 @@ class _Run:
         t_max = t0 + n_new
         device = ids.device
         kv.allocate(model.cache_shape(b, t_max), model.dtype, device)
+        kv.clear_state()
         model.rope.ensure(t_max, model.dtype)
         out = torch.empty((b, t_max), dtype=torch.long, device=device)  # prompt + new, written in place
         out[:, :t0] = ids
@@ -264,7 +265,7 @@ class _Run:
         monitor = pipeline.monitor
         monitor.record("prefill", seconds=prefill_s, tokens=prompt_tokens, batch_size=b)
         monitor.record("decode", seconds=decode_s, tokens=new_tokens, steps=n, batch_size=b)
-        monitor.record("kvcache.bytes", bytes=pipeline.kvcache.nbytes())
+        monitor.record("kvcache.bytes", bytes=pipeline.kvcache.nbytes() + pipeline.kvcache.state_nbytes())
         pipeline.fire_step_finished(
             {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_s": prefill_s, "decode_s": decode_s}
         )

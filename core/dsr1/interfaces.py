@@ -13,7 +13,7 @@ heads, ``D`` head dim, ``V`` vocab size.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,6 +69,33 @@ class AttentionMechanism(Plugin):
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.forward(*args, **kwargs)
+
+    def configure(self, hf_config: Mapping[str, Any]) -> None:
+        """Called once at build time with the checkpoint's ``config.json`` (e.g. to read
+        ``sliding_window``). Default: nothing to read."""
+
+    # --- recurrent attention (capability ``recurrent``) --------------------------------------
+    # A plugin that declares ``recurrent`` decodes from a fixed-size state per layer instead of
+    # a growing K/V cache. ``forward`` is still its cache-free (parallel) form.
+
+    def state_shapes(self, batch: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        """Name → shape of each state tensor one layer keeps (fixed, independent of length)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare the 'recurrent' capability")
+
+    def forward_recurrent(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        key_valid: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attend the ``T`` new queries ``(B, H, T, D)`` to every earlier token (held in
+        ``state``) and causally to the ``T`` new keys/values ``(B, Hkv, T, D)``; then fold the
+        new tokens into ``state`` in place. ``key_valid`` ``(B, T)`` is False for padding
+        tokens, which must leave ``state`` unchanged. Returns ``(B, H, T, D)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare the 'recurrent' capability")
 
 
 # --- device ---------------------------------------------------------------------------------
@@ -286,7 +313,22 @@ class KVCache(Plugin):
     layer on every forward with the new keys/values ``(B, Hkv, T, D)`` written at
     positions ``[start, start + T)``; it returns the keys/values attention should see,
     ``(B, Hkv, S, D)``.
+
+    Caches that keep fewer tokens than were written (``compresses = True``: streaming,
+    heavy-hitter) still return every key a prefill needs from ``update`` and evict
+    afterwards; the model then asks :meth:`select_mask` for the columns of the slots they
+    returned. A cache with ``observes_queries = True`` gets each layer's queries through
+    :meth:`observe` after attention (to score tokens). Both flags are read once at build
+    time, never looked up per token.
+
+    Every cache also keeps fixed-size per-layer *state* for recurrent attention
+    (:meth:`state`), so a linear-attention model runs with any cache plugin.
     """
+
+    #: keeps fewer slots than were written; the model calls :meth:`select_mask`.
+    compresses: ClassVar[bool] = False
+    #: wants each layer's queries through :meth:`observe`.
+    observes_queries: ClassVar[bool] = False
 
     @abstractmethod
     def allocate(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None: ...
@@ -298,10 +340,48 @@ class KVCache(Plugin):
 
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes the cache holds now."""
+        """Bytes the cache holds now (K/V storage; :meth:`state_nbytes` counts the states)."""
 
     def reset(self) -> None:
         """Forget all stored tokens (keeps the allocation)."""
+
+    def select_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` ``(B, 1, T, S_written)`` over written slots → ``(B, 1, T, S)`` over the
+        slots the last ``update`` of ``layer`` returned (identity unless ``compresses``)."""
+        return mask
+
+    def observe(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> None:
+        """See the queries ``(B, H, T, D)`` that attended ``key`` ``(B, Hkv, S, D)`` (only
+        called when ``observes_queries``)."""
+
+    # --- fixed-size recurrent state -----------------------------------------------------------
+
+    def state(
+        self, layer: int, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The state tensors of ``layer`` (zeros after :meth:`clear_state`), made on first use."""
+        import torch
+
+        states: dict[int, dict[str, torch.Tensor]] = self.__dict__.setdefault("_states", {})
+        have = states.get(layer)
+        if have is None or any(
+            name not in have or tuple(have[name].shape) != tuple(shape) or have[name].dtype != dtype
+            for name, shape in shapes.items()
+        ):
+            have = {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
+            states[layer] = have
+        return have
+
+    def clear_state(self) -> None:
+        """Zero every state tensor (called at the start of each ``generate``)."""
+        for tensors in self.__dict__.get("_states", {}).values():
+            for t in tensors.values():
+                t.zero_()
+
+    def state_nbytes(self) -> int:
+        return sum(t.nbytes for tensors in self.__dict__.get("_states", {}).values() for t in tensors.values())
 
 
 # --- decoding -------------------------------------------------------------------------------

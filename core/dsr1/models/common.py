@@ -6,7 +6,7 @@ Shapes: ``B`` batch, ``T`` new tokens this forward, ``S`` keys attended, ``H`` q
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,13 +195,16 @@ class AttentionCall:
     """The attention plugin bound once at build time (no registry lookup per layer or token).
 
     If the plugin does not declare the ``gqa`` capability, keys/values are repeated to the
-    query head count before the call.
+    query head count before the call. A plugin that declares ``recurrent`` decodes from a
+    fixed-size state (:meth:`recurrent`) instead of the K/V cache.
     """
 
-    def __init__(self, plugin: AttentionMechanism, n_rep: int, gqa: bool) -> None:
+    def __init__(self, plugin: AttentionMechanism, n_rep: int, gqa: bool, recurrent: bool = False) -> None:
+        self.plugin = plugin
         self.forward = plugin.forward
         self.n_rep = n_rep if not gqa else 1
         self.name = type(plugin).__name__
+        self.recurrent = recurrent
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
@@ -210,6 +213,20 @@ class AttentionCall:
             k = k.repeat_interleave(self.n_rep, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_rep, dim=1)
         return self.forward(q, k, v, mask=mask, scale=scale)
+
+    def recurrent_step(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+        scale: float | None, cache: Any,
+    ) -> torch.Tensor:
+        """Recurrent attention of the new tokens against ``layer``'s fixed-size state in ``cache``."""
+        b, h, t, d = q.shape  # q (B, H, T, D); k, v (B, Hkv, T, D)
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)  # (B, H, T, D)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        shapes = self.plugin.state_shapes(b, h, k.shape[1], d)
+        state = cache.state(layer, shapes, torch.float32, q.device)  # running sums: always fp32
+        key_valid = mask[:, 0, -1, -t:] if mask is not None else None  # (B, T): the last query sees every real key
+        return self.plugin.forward_recurrent(q, k, v, state, key_valid=key_valid, scale=scale)
 
 
 def plugin_capabilities(pipeline: Any, family: str) -> frozenset[str]:
@@ -225,9 +242,13 @@ def plugin_capabilities(pipeline: Any, family: str) -> frozenset[str]:
         return frozenset()
 
 
-def bind_attention(pipeline: Any, n_heads: int, n_kv_heads: int) -> AttentionCall:
-    gqa = "gqa" in plugin_capabilities(pipeline, "attention")
-    return AttentionCall(pipeline.attention, n_heads // n_kv_heads, gqa)
+def bind_attention(
+    pipeline: Any, n_heads: int, n_kv_heads: int, hf_config: Mapping[str, Any] | None = None
+) -> AttentionCall:
+    caps = plugin_capabilities(pipeline, "attention")
+    if hf_config is not None:
+        pipeline.attention.configure(hf_config)
+    return AttentionCall(pipeline.attention, n_heads // n_kv_heads, "gqa" in caps, "recurrent" in caps)
 
 
 # --- model base --------------------------------------------------------------------------------

@@ -182,16 +182,21 @@ class LlamaAttention(nn.Module):
             q = apply_rope(self.q_proj(x).view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, T, D)
             k = apply_rope(self.k_proj(x).view(b, t, kv, d), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
             v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if cache is not None and self.attn.recurrent:
+            o = self.attn.recurrent_step(self.layer, q, k, v, mask, self.scale, cache)  # (B, H, T, D)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, T, C)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)  # (B, Hkv, S, D)
+            if mask is not None and cache.compresses:
+                mask = cache.select_mask(self.layer, mask)  # columns of the slots the cache kept
         s = k.shape[2]
         if self.window is not None and t == 1 and s > self.window:
             k, v = k[:, :, s - self.window :], v[:, :, s - self.window :]  # decode: only the window
             if mask is not None:
                 mask = mask[..., s - self.window :]
-        elif mask is not None and mask.shape[-1] != s:
-            mask = mask[..., -s:]  # a cache that keeps fewer slots than written (compressed caches)
         o = self.attn(q, k, v, mask, self.scale)  # (B, H, T, D)
+        if cache is not None and cache.observes_queries:
+            cache.observe(self.layer, q, k, mask, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, T, C)
 
 
@@ -259,9 +264,13 @@ class LlamaForCausalLM(CausalLM):
         self.context_length = a.context_length
         windows = [w for w in a.windows if w is not None]
         self.min_window = min(windows) if windows else None
+        #: the attention plugin decodes from a fixed-size state (linear attention).
+        self.recurrent = attn.recurrent
 
     def cache_shape(self, batch_size: int, max_len: int) -> CacheShape:
         a = self.args
+        if self.recurrent:  # fixed-size states only (KVCache.state): no per-token K/V slots
+            max_len = 0
         return CacheShape(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim)
 
     def forward_step(
@@ -362,7 +371,7 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     )
     dtype = choose_dtype(options, pipeline, reader)
     device = pipeline.device.torch_device()
-    attn = bind_attention(pipeline, a.n_heads, a.n_kv_heads)
+    attn = bind_attention(pipeline, a.n_heads, a.n_kv_heads, hf)
     with torch.device("meta"):
         model = LlamaForCausalLM(a, attn, options.fuse)
     layout = options.weight_layout
