@@ -25,6 +25,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from dsr1.benchmarks.common import cpu_model as _cpu_model
+from dsr1.benchmarks.common import version as _version
 from dsr1.errors import Dsr1Error
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -55,7 +57,13 @@ SHAPES: dict[str, dict[str, Any]] = {
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="measure prefill/decode tok/s and peak memory (optionally vs transformers)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    forms = p.add_subparsers(dest="bench_form", metavar="FORM",
+                             title="other forms (dsr1 bench FORM --help)")
+    from dsr1.benchmarks import attention, kvcache
+
+    attention.add_parser(forms)
+    kvcache.add_parser(forms)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="model name or HF-format directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="a built-in model shape (use with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="random weights (normal, std 0.02) of --shape")
@@ -75,16 +83,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 # --- parent: spawn one worker per (engine, batch) -----------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _bandwidth_gbs(device: str) -> float:
@@ -114,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    if not (args.model or args.shape):
+        raise Dsr1Error("dsr1 bench needs --model NAME_OR_PATH or --shape NAME, or a form: "
+                        "dsr1 bench attention ... / dsr1 bench kvcache ...")
     if args.shape and not args.random_weights:
         raise Dsr1Error("--shape needs --random-weights (or give --model NAME_OR_PATH)")
     try:
@@ -203,15 +204,6 @@ def _command(args: argparse.Namespace) -> str:
             parts += ["--" + flag.replace("_", "-"), str(value)]
     parts += [f for f, on in (("--random-weights", args.random_weights), ("--json", args.json)) if on]
     return shlex.join(parts)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:  # noqa: BLE001 - not installed
-        return None
 
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,304 @@
+"""``dsr1 bench attention``: peak memory and time of one prefill attention call per plugin and length.
+
+One point = one plugin at one sequence length ``T``: random ``q`` ``(B, H, T, D)`` and
+``k``/``v`` ``(B, Hkv, T, D)`` (normal, seeded; never zeros), causal (``mask=None``), called
+through the engine's :class:`~dsr1.models.common.AttentionCall`, so a plugin without the
+``gqa`` capability pays for repeating K/V heads exactly as it does inside a model.
+
+Each point runs in a fresh subprocess: a warm-up call at 16 tokens (library init), then the
+measured call, whose peak memory is what it allocated on top of its inputs (output included;
+see :mod:`dsr1.benchmarks.common` for how on CPU and CUDA), then ``reps`` timed calls
+(median; CUDA synchronized around each). A call slower than ``slow_s`` is timed once.
+
+On CPU each worker may map at most ``--mem-cap-gb`` more than its inputs (an address-space
+limit), so a point that does not fit fails alone with the allocator's message; longer lengths
+of that plugin are then skipped with the reason recorded. On CUDA an out-of-memory error
+is caught the same way. A plugin that is not installed is skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dsr1.benchmarks import common
+from dsr1.errors import Dsr1Error
+
+#: the plugins issue 4 builds: skipped with a reason while not installed (others are typos).
+EXPECTED = ("eager", "sdpa", "linear", "sliding")
+#: one layer of Qwen2-7B (on CUDA) and a smaller slice that fits the 2-core CPU machines.
+LAYER_DEFAULTS = {"cuda": {"heads": 28, "kv_heads": 4, "head_dim": 128},
+                  "cpu": {"heads": 8, "kv_heads": 2, "head_dim": 64}}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("attention", help="peak memory and time of one prefill attention call per plugin and length",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plugins", default="eager,sdpa,linear,sliding", help="comma-separated attention plugins")
+    p.add_argument("--seq", default="1024,4096,8192,16384,32768", help="comma-separated sequence lengths")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, help="query heads (default 28 on CUDA = Qwen2-7B, 8 on CPU)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default 4 on CUDA, 2 on CPU)")
+    p.add_argument("--head-dim", type=int, help="head dim (default 128 on CUDA, 64 on CPU)")
+    p.add_argument("--plugin-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="an option of one plugin, e.g. sliding.window=4096 (repeatable)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions after the measured call (median)")
+    p.add_argument("--slow-s", type=float, default=20.0, help="a call slower than this is timed once")
+    p.add_argument("--mem-cap-gb", type=float, default=None,
+                   help="CPU: most a point may allocate (default 6); CUDA: none (out-of-memory is caught)")
+    p.add_argument("--timeout-s", type=float, default=900.0, help="a point running longer is skipped")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--output", help="also write the JSON report to this file")
+    p.add_argument("--plot", help="write memory (and time) vs sequence length to this PNG")
+    p.set_defaults(func=run)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Validated settings of a run (one-line errors on bad input)."""
+    plugins = common.name_list(args.plugins, "--plugins")
+    seqs = common.int_list(args.seq, "--seq")
+    layer = LAYER_DEFAULTS[args.device]
+    heads = args.heads or layer["heads"]
+    kv_heads = args.kv_heads or layer["kv_heads"]
+    head_dim = args.head_dim or layer["head_dim"]
+    if min(heads, kv_heads, head_dim, args.batch, args.reps + 1) < 1 or heads % kv_heads:
+        raise Dsr1Error(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads}); all sizes ≥ 1, --reps ≥ 0")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise Dsr1Error(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    cap = args.mem_cap_gb if args.mem_cap_gb is not None else (6.0 if args.device == "cpu" else None)
+    if cap is not None and cap <= 0:
+        raise Dsr1Error(f"--mem-cap-gb must be > 0, got {cap}")
+    skipped = common.check_names("attention", plugins, EXPECTED)
+    return {
+        "plugins": plugins, "seq": seqs, "device": args.device, "dtype": dtype, "batch": args.batch,
+        "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "reps": args.reps, "slow_s": args.slow_s,
+        "mem_cap_gb": cap, "timeout_s": args.timeout_s, "threads": args.threads,
+        "options": common.parse_plugin_options(args.plugin_option, plugins, "--plugin-option"),
+        "not_installed": skipped,
+    }
+
+
+def command(args: argparse.Namespace) -> str:
+    parts = ["dsr1", "bench", "attention", "--plugins", args.plugins, "--seq", args.seq, "--device", args.device]
+    for flag in ("dtype", "batch", "heads", "kv_heads", "head_dim", "reps", "mem_cap_gb", "threads", "output",
+                 "plot"):
+        value = getattr(args, flag)
+        if value is not None and not (flag == "batch" and value == 1) and not (flag == "reps" and value == 3):
+            parts += ["--" + flag.replace("_", "-"), str(value)]
+    for item in args.plugin_option:
+        parts += ["--plugin-option", item]
+    return shlex.join(parts + (["--json"] if args.json else []))
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings(args)
+    report: dict[str, Any] = {"command": command(args), **common.environment(s["device"], s["threads"])}
+    report["settings"] = {k: v for k, v in s.items() if k != "not_installed"}
+    report["memory_method"] = common.PeakMemory(s["device"]).method
+    results = measure(s, log=not args.json)
+    report["results"] = results
+    report["ratios"] = ratios(results)
+    report["target"] = target(results)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    if args.plot:
+        plot(report, args.plot)
+    if args.json:
+        print(text)
+    else:
+        print(report["target"]["summary"])
+    return 0
+
+
+def measure(s: dict[str, Any], log: bool = True) -> list[dict[str, Any]]:
+    """Every (plugin, length) point, shortest first; a plugin stops at its first failure."""
+    results: list[dict[str, Any]] = []
+    for plugin in s["plugins"]:
+        stop: str | None = s["not_installed"].get(plugin)
+        for seq in s["seq"]:
+            if stop is not None:
+                row = {"plugin": plugin, "seq": seq, "status": "skipped", "reason": stop}
+            else:
+                row = _spawn(s, plugin, seq)
+                if row["status"] != "ok":
+                    stop = f"not tried: {row['status']} at {seq} tokens ({row['reason']})"
+            results.append(row)
+            if log:
+                what = (f"peak {row['peak_mem_bytes'] / 2**20:10.1f} MiB  {row['time_s'] * 1e3:10.1f} ms"
+                        if row["status"] == "ok" else f"{row['status']}: {row['reason']}")
+                print(f"{plugin:>10} T={seq:>6}: {what}", file=sys.stderr, flush=True)
+    return results
+
+
+def _spawn(s: dict[str, Any], plugin: str, seq: int) -> dict[str, Any]:
+    spec = {**{k: v for k, v in s.items() if k not in ("plugins", "seq", "not_installed", "options")},
+            "plugin": plugin, "plugin_options": s["options"].get(plugin, {}), "seq": seq}
+    env = common.worker_env()
+    if s["threads"]:
+        env["OMP_NUM_THREADS"] = str(s["threads"])
+    cmd = [sys.executable, "-m", "dsr1.benchmarks.attention", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=s["timeout_s"], check=False)
+    except subprocess.TimeoutExpired:
+        return {"plugin": plugin, "seq": seq, "status": "skipped", "reason": f"ran past --timeout-s {s['timeout_s']}"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        if proc.returncode < 0:
+            tail = f"killed by signal {-proc.returncode} (out of memory?); {tail}"
+        return {"plugin": plugin, "seq": seq, "status": "error", "reason": tail}
+    return dict(json.loads(lines[-1]))
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peak memory and time of each plugin relative to ``eager`` at each length both measured."""
+    ok = {(r["plugin"], r["seq"]): r for r in results if r["status"] == "ok"}
+    out = []
+    for (plugin, seq), r in sorted(ok.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = ok.get(("eager", seq))
+        if plugin == "eager" or base is None:
+            continue
+        out.append({"plugin": plugin, "seq": seq,
+                    "peak_mem_vs_eager": round(r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1), 4),
+                    "time_vs_eager": round(r["time_s"] / base["time_s"], 4)})
+    return out
+
+
+def target(results: list[dict[str, Any]], at: int = 32768, limit: float = 0.27) -> dict[str, Any]:
+    """Issue 4's target: ``linear`` peak memory ≤ 27% of ``eager`` at 32768 tokens."""
+    ok = {(r["plugin"], r["seq"]): r for r in results if r["status"] == "ok"}
+    both = sorted(seq for (p, seq) in ok if p == "linear" and ("eager", seq) in ok)
+    out: dict[str, Any] = {"at_seq": at, "limit": limit}
+    if not both:
+        out.update(met=None, summary="target not measurable: no length where both linear and eager ran")
+        return out
+    seq = at if at in both else both[-1]
+    ratio = ok[("linear", seq)]["peak_mem_bytes"] / max(ok[("eager", seq)]["peak_mem_bytes"], 1)
+    out.update(seq=seq, linear_vs_eager=round(ratio, 4))
+    sdpa = ok.get(("sdpa", seq))
+    if sdpa:
+        out["sdpa_vs_eager"] = round(sdpa["peak_mem_bytes"] / max(ok[("eager", seq)]["peak_mem_bytes"], 1), 4)
+    if seq == at:
+        out["met"] = ratio <= limit
+        out["summary"] = (f"linear peak memory is {ratio:.1%} of eager at {at} tokens "
+                          f"(target ≤ {limit:.0%}: {'met' if ratio <= limit else 'missed'})")
+    else:
+        eager_at = next((r for r in results if r["plugin"] == "eager" and r["seq"] == at), None)
+        why = f" ({eager_at['status']}: {eager_at['reason']})" if eager_at else " (not in --seq)"
+        out["met"] = None
+        out["summary"] = (f"eager did not run at {at} tokens{why}; at {seq}, the largest length both ran, "
+                          f"linear peak memory is {ratio:.1%} of eager")
+    return out
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["settings"]
+    fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for plugin in s["plugins"]:
+        rows = [r for r in report["results"] if r["plugin"] == plugin and r["status"] == "ok"]
+        if not rows:
+            continue
+        seqs = [r["seq"] for r in rows]
+        mem_ax.plot(seqs, [r["peak_mem_bytes"] / 2**20 for r in rows], marker="o", label=plugin)
+        time_ax.plot(seqs, [r["time_s"] * 1e3 for r in rows], marker="o", label=plugin)
+    for ax, label in ((mem_ax, "peak memory of one call (MiB)"), (time_ax, "time of one call (ms, median)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    where = report["machine"]["gpu"] or report["machine"]["cpu"]
+    fig.suptitle(f"prefill attention, B={s['batch']} H={s['heads']} Hkv={s['kv_heads']} D={s['head_dim']} "
+                 f"{s['dtype']} on {where}", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- worker: one plugin, one length ----------------------------------------------------------------
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from dsr1.config import PluginChoice
+    from dsr1.models.common import AttentionCall
+    from dsr1.registry import PluginRegistry
+
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    plugin, seq = spec["plugin"], int(spec["seq"])
+    row: dict[str, Any] = {"plugin": plugin, "seq": seq}
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    registry = PluginRegistry.from_env()
+    impl = registry.make("attention", PluginChoice(name=plugin, options=spec["plugin_options"]))
+    reasons = impl.validate(spec["device"], dtype)
+    if reasons:
+        return {**row, "status": "skipped", "reason": "; ".join(reasons)}
+    caps = registry.load("attention", plugin).capabilities
+    b, h, hkv, d = spec["batch"], spec["heads"], spec["kv_heads"], spec["head_dim"]
+    call = AttentionCall(impl, h // hkv, "gqa" in caps)
+    g = torch.Generator(device=device).manual_seed(seq)
+
+    def qkv(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = torch.randn(b, h, t, d, device=device, generator=g).to(dtype)  # (B, H, T, D)
+        k = torch.randn(b, hkv, t, d, device=device, generator=g).to(dtype)  # (B, Hkv, T, D)
+        v = torch.randn(b, hkv, t, d, device=device, generator=g).to(dtype)  # (B, Hkv, T, D)
+        return q, k, v
+
+    def timed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = call(q, k, v, None, d**-0.5)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if out.shape != q.shape or not bool(torch.isfinite(out[:, :, -1]).all()):
+            raise Dsr1Error(f"{plugin} returned shape {tuple(out.shape)} or non-finite values at T={seq}")
+        return elapsed
+
+    with torch.inference_mode():
+        timed(*qkv(16))  # library init (thread pools, kernels) outside the measured call
+        q, k, v = qkv(seq)
+        row["input_bytes"] = q.nbytes + k.nbytes + v.nbytes
+        row["output_bytes"] = q.nbytes
+        if device.type == "cpu" and spec["mem_cap_gb"]:
+            common.limit_address_space(int(spec["mem_cap_gb"] * 2**30))
+        try:
+            with common.PeakMemory(spec["device"]) as mem:
+                first = timed(q, k, v)
+                peak = mem.peak()
+        except (RuntimeError, MemoryError) as err:
+            if not common.is_oom(err):
+                raise
+            cap = f" (cap {spec['mem_cap_gb']} GB)" if device.type == "cpu" and spec["mem_cap_gb"] else ""
+            return {**row, "status": "skipped", "reason": f"out of memory{cap}: {str(err).splitlines()[0][:200]}"}
+        times = [first]
+        if first < spec["slow_s"]:
+            times = [timed(q, k, v) for _ in range(int(spec["reps"]))] or [first]
+    return {**row, "status": "ok", "peak_mem_bytes": peak, "time_s": statistics.median(times), "times_s": times,
+            "capabilities": sorted(caps)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

@@ -1,0 +1,182 @@
+"""What every benchmark report shares: the machine, versions and date, list options, plugin
+names that may not be installed yet, and peak-memory probes.
+
+Peak memory on CPU is the process's resident-set high-water mark (``VmHWM`` of
+``/proc/self/status``), reset just before the measured call by writing ``5`` to
+``/proc/self/clear_refs`` (Linux ≥ 4.0); the figure is ``VmHWM − VmRSS`` at the reset, i.e.
+the bytes the call itself touched at its peak, whoever allocated them (torch, MKL, oneDNN).
+On CUDA it is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus
+``memory_allocated`` before the call (torch's caching allocator; workspace that cuBLAS/cuDNN
+take outside it is not counted).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dsr1.errors import Dsr1Error, did_you_mean
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version as _v
+
+        return _v(dist)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def environment(device: str, threads: int | None = None) -> dict[str, Any]:
+    """``date``, ``machine`` and ``versions`` entries of a report (as ``dsr1 bench`` writes them)."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+                    "gpu": gpu, "memory_gb": round(_mem_total() / 2**30, 1), "load_avg_1m": os.getloadavg()[0]},
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                     "dsr1": version("dsr1")},
+    }
+
+
+def _mem_total() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """``"1024,4096"`` → ``[1024, 4096]``; a one-line error otherwise."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise Dsr1Error(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise Dsr1Error(f"{flag} needs at least one value, each ≥ {minimum}; got {text!r}")
+    return sorted(set(values))
+
+
+def name_list(text: str, flag: str) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise Dsr1Error(f"{flag} needs at least one name, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def check_names(family: str, names: Sequence[str], expected: Iterable[str]) -> dict[str, str]:
+    """Split ``names`` into installed ones and ones to skip: name → reason it is skipped.
+
+    A name of ``expected`` (the plugins issue 4 builds) that is not installed is skipped with
+    that reason; any other unknown name is a typo and a one-line error with the closest names.
+    """
+    from dsr1.registry import PluginRegistry, pip_hint
+
+    installed = PluginRegistry.from_env().names(family)
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name in installed:
+            continue
+        if name in expected:
+            skipped[name] = f"{family} plugin {name!r} is not installed (`{pip_hint(family, name)}`)"
+            continue
+        raise Dsr1Error(f"no {family} plugin named {name!r}{did_you_mean(name, [*installed, *expected])} "
+                        f"(installed: {', '.join(installed) or 'none'})")
+    return skipped
+
+
+def parse_plugin_options(items: Sequence[str], names: Sequence[str], flag: str) -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` items → ``{name: {key: value}}`` (values parse as JSON when they can)."""
+    from dsr1.config import parse_option_items
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise Dsr1Error(f"{flag} takes NAME.KEY=VALUE (e.g. sliding.window=4096), got {item!r}")
+        if name not in names:
+            raise Dsr1Error(f"{flag} {item!r} names {name!r}, which is not benchmarked{did_you_mean(name, names)}")
+        out.setdefault(name, {}).update(parse_option_items([rest]))
+    return out
+
+
+# --- peak memory ------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak bytes a region allocated on ``device`` (see the module docstring for how)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.base = 0
+        self.method = ("torch.cuda.max_memory_allocated" if self.cuda
+                       else "VmHWM - VmRSS after reset via /proc/self/clear_refs")
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def peak(self) -> int:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated() - self.base)
+        return max(0, _status_kb("VmHWM") * 1024 - self.base)
+
+
+def limit_address_space(cap_bytes: int) -> None:
+    """Let this (worker) process map at most ``cap_bytes`` more than it has now, so an
+    allocation past the cap fails with a catchable error instead of pushing the machine into
+    swap or the OOM killer (CPU only; virtual size, so the limit is on the conservative side)."""
+    import resource
+
+    now = _status_kb("VmSize") * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (now + cap_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def is_oom(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return isinstance(err, MemoryError) or "OutOfMemory" in text or "out of memory" in text or \
+        "can't allocate memory" in text or "not enough memory" in text
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env

@@ -1,0 +1,290 @@
+"""``dsr1 bench kvcache``: KV bytes held, decode tokens/s, held-out perplexity and top-1 agreement
+with the full cache, per KV-cache plugin and context length.
+
+Protocol for one context ``C`` (the same for every cache): the held-out split of dsr1-tiny's
+corpus (:func:`dsr1.quantization.evaluate.heldout_ids`) is cut into ``samples`` non-overlapping
+windows of ``C`` tokens. Each window is *teacher-forced through the cache*: the first
+``prefill_frac · C`` tokens are prefilled in one forward, then the remaining tokens are fed one
+at a time with :meth:`forward_step` (the engine's decode step), so every scored token is
+predicted from what the cache kept. Scored: the predictions of tokens ``P..C−1`` (decoded
+half); perplexity is ``exp(mean NLL)`` over them; top-1 agreement is the share of those
+positions whose argmax equals the ``contiguous`` cache's argmax on the same window.
+
+KV bytes: ``cache.nbytes() + cache.state_nbytes()`` after the last token of a window (what the
+cache holds at full context), in the model's dtype (fp32 for dsr1-tiny). Decode tok/s: scored
+tokens / wall time of the one-token steps, batch 1 (CUDA synchronized).
+
+Budgets: each compressing cache gets options that keep about ``--keep`` (default 1/3) of the
+context (:func:`default_options`); ``--cache-option NAME.KEY=VALUE`` overrides them.
+Contexts past the checkpoint's ``max_position_embeddings`` are run anyway (RoPE tables grow;
+nothing else limits the decode step) and the report flags them: the model is then beyond its
+training length for every cache alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dsr1.benchmarks import common
+from dsr1.errors import Dsr1Error
+
+#: the caches issue 4 builds: skipped with a reason while not installed (others are typos).
+EXPECTED = ("contiguous", "paged", "int8", "streaming", "heavy-hitter")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("kvcache", help="KV bytes, decode tok/s, held-out perplexity and top-1 agreement per cache",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dsr1-tiny", help="model name or directory (held-out text is dsr1-tiny's)")
+    p.add_argument("--context", default="512,1024,2048", help="comma-separated context lengths")
+    p.add_argument("--caches", default="contiguous,paged,int8,streaming,heavy-hitter",
+                   help="comma-separated kvcache plugins (contiguous, the reference, is always run first)")
+    p.add_argument("--cache-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="an option of one cache, e.g. streaming.window=160 (repeatable; beats --keep)")
+    p.add_argument("--keep", type=float, default=1 / 3, help="share of the context compressing caches keep")
+    p.add_argument("--attention", help="attention plugin (default: the checkpoint's)")
+    p.add_argument("--prefill-frac", type=float, default=0.5, help="share of each window prefilled at once")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per context (≥ one window)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; fp32 for dsr1-tiny)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--output", help="also write the JSON report to this file")
+    p.add_argument("--plot", help="write KV memory vs perplexity per cache to this PNG")
+    p.set_defaults(func=run)
+
+
+def default_options(name: str, fields: set[str], context: int, keep: float) -> dict[str, Any]:
+    """Options that make ``name`` keep about ``keep · context`` tokens (only fields it has)."""
+    budget = max(8, round(keep * context))
+    sinks = 4
+    wanted: dict[str, Any] = {}
+    if name == "streaming":
+        wanted = {"sinks": sinks, "sink_tokens": sinks, "window": budget - sinks, "recent": budget - sinks}
+    elif name == "heavy-hitter":
+        wanted = {"budget": round(keep, 4), "recent": max(1, budget // 2), "window": max(1, budget // 2),
+                  "sinks": sinks}
+    return {k: v for k, v in wanted.items() if k in fields}
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    contexts = common.int_list(args.context, "--context", minimum=8)
+    caches = common.name_list(args.caches, "--caches")
+    if "contiguous" in caches:
+        caches.remove("contiguous")
+    caches.insert(0, "contiguous")  # the reference every other cache is compared with
+    if not 0 < args.keep <= 1:
+        raise Dsr1Error(f"--keep must be in (0, 1], got {args.keep}")
+    if not 0 < args.prefill_frac < 1:
+        raise Dsr1Error(f"--prefill-frac must be in (0, 1), got {args.prefill_frac}")
+    if args.eval_tokens < max(contexts):
+        raise Dsr1Error(f"--eval-tokens ({args.eval_tokens}) must cover one window of the longest context "
+                        f"({max(contexts)})")
+    return {"model": args.model, "contexts": contexts, "caches": caches, "keep": args.keep,
+            "attention": args.attention, "prefill_frac": args.prefill_frac, "eval_tokens": args.eval_tokens,
+            "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "options": common.parse_plugin_options(args.cache_option, caches, "--cache-option"),
+            "not_installed": common.check_names("kvcache", caches, EXPECTED)}
+
+
+def command(args: argparse.Namespace) -> str:
+    parts = ["dsr1", "bench", "kvcache", "--model", args.model, "--context", args.context, "--caches", args.caches]
+    for flag in ("attention", "device", "dtype", "threads", "output", "plot"):
+        if getattr(args, flag) is not None and not (flag == "device" and args.device == "cpu"):
+            parts += ["--" + flag, str(getattr(args, flag))]
+    for flag, default in (("keep", 1 / 3), ("prefill_frac", 0.5), ("eval_tokens", 4096)):
+        if getattr(args, flag) != default:
+            parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for item in args.cache_option:
+        parts += ["--cache-option", item]
+    return shlex.join(parts + (["--json"] if args.json else []))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    s = settings(args)
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    model = load_model(s)
+    report: dict[str, Any] = {"command": command(args), **common.environment(s["device"], s["threads"])}
+    report["settings"] = {k: v for k, v in s.items() if k != "not_installed"}
+    trained = int(getattr(model, "context_length", 0))
+    report["model"] = {"name": s["model"], "dtype": str(model.dtype).removeprefix("torch."),
+                       "trained_context": trained, "attention": type(model.pipeline.attention).__name__}
+    report["results"] = measure(model, s, log=not args.json)
+    report["targets"] = target(report["results"])
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    if args.plot:
+        plot(report, args.plot)
+    if args.json:
+        print(text)
+    else:
+        for line in report["targets"]["summary"]:
+            print(line)
+    return 0
+
+
+def load_model(s: dict[str, Any]) -> Any:
+    from dsr1.auto import AutoModel
+
+    overrides: dict[str, Any] = {"device": s["device"]}
+    if s["attention"]:
+        overrides["attention"] = s["attention"]
+    model = AutoModel.from_pretrained(s["model"], dtype=s["dtype"], **overrides)
+    model.eval()
+    return model
+
+
+def make_cache(name: str, s: dict[str, Any], context: int) -> tuple[Any, dict[str, Any]]:
+    from dsr1.config import PluginChoice
+    from dsr1.registry import PluginRegistry
+
+    registry = PluginRegistry.from_env()
+    fields = set(registry.load("kvcache", name).options.model_fields)
+    options = {**default_options(name, fields, context, s["keep"]), **s["options"].get(name, {})}
+    return registry.make("kvcache", PluginChoice(name=name, options=options)), options
+
+
+def measure(model: Any, s: dict[str, Any], log: bool = True) -> list[dict[str, Any]]:
+    from dsr1.models.loading import resolve_model_dir
+    from dsr1.quantization.evaluate import heldout_ids
+
+    stream = heldout_ids(resolve_model_dir(s["model"]), s["eval_tokens"])
+    trained = int(getattr(model, "context_length", 0))
+    results: list[dict[str, Any]] = []
+    for context in s["contexts"]:
+        windows = [stream[i:i + context] for i in range(0, stream.numel() - context + 1, context)]
+        reference: list[Any] = []
+        for name in s["caches"]:
+            row: dict[str, Any] = {"cache": name, "context": context, "samples": len(windows),
+                                   "beyond_trained_context": bool(trained and context > trained)}
+            if name in s["not_installed"]:
+                row.update(status="skipped", reason=s["not_installed"][name])
+            elif name != "contiguous" and not reference:
+                row.update(status="skipped", reason="the contiguous reference did not run")
+            else:
+                try:
+                    cache, options = make_cache(name, s, context)
+                    row["options"] = options
+                    row.update(status="ok", **evaluate(model, cache, windows, s["prefill_frac"], reference))
+                except Dsr1Error as err:
+                    row.update(status="skipped", reason=str(err))
+                except Exception as err:  # noqa: BLE001 - one cache failing must not stop the matrix
+                    row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            results.append(row)
+            if log:
+                what = (f"KV {row['kv_bytes'] / 2**20:8.2f} MiB  ppl {row['perplexity']:9.3f}  top-1 "
+                        f"{row['top1_agreement']:.3f}  {row['decode_tok_s']:7.1f} tok/s"
+                        if row["status"] == "ok" else f"{row['status']}: {row['reason']}")
+                print(f"{name:>13} C={context:>5}: {what}", file=sys.stderr, flush=True)
+        base = next((r for r in results if r["context"] == context and r["cache"] == "contiguous"), None)
+        for r in results:
+            if r["context"] == context and r["status"] == "ok" and base and base["status"] == "ok":
+                r["kv_reduction"] = round(base["kv_bytes"] / max(r["kv_bytes"], 1), 3)
+                r["perplexity_increase"] = round(r["perplexity"] / base["perplexity"] - 1, 5)
+    return results
+
+
+def evaluate(model: Any, cache: Any, windows: list[Any], prefill_frac: float,
+             reference: list[Any]) -> dict[str, Any]:
+    """Teacher-force each window through ``cache``; ``reference`` holds (or receives, when
+    empty: the contiguous run) each window's argmax predictions."""
+    import torch
+    import torch.nn.functional as F
+
+    device = model.device
+    cuda = device.type == "cuda"
+    fill = not reference
+    nll, count, agree, decode_s, decoded, kv_bytes = 0.0, 0, 0, 0.0, 0, 0
+    check: float | None = None
+    with torch.inference_mode():
+        for w, window in enumerate(windows):
+            ids = window.to(device)[None]  # (1, C)
+            c = ids.shape[1]
+            p = max(1, int(prefill_frac * c))
+            cache.allocate(model.cache_shape(1, c), model.dtype, device)
+            cache.clear_state()
+            model.rope.ensure(c, model.dtype)
+            pos = torch.arange(c, device=device)[None]  # (1, C)
+            logits = [model.forward_step(ids[:, :p], pos[:, :p], 0, cache, None, None, True)]  # [(1, V)]
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(p, c - 1):
+                logits.append(model.forward_step(ids[:, i:i + 1], pos[:, i:i + 1], i, cache, None, None, True))
+            if cuda:
+                torch.cuda.synchronize()
+            decode_s += time.perf_counter() - start
+            decoded += c - 1 - p
+            kv_bytes = max(kv_bytes, int(cache.nbytes()) + int(cache.state_nbytes()))
+            scored = torch.cat(logits).float()  # (C − P, V): predictions of tokens P..C−1
+            nll += F.cross_entropy(scored, ids[0, p:], reduction="sum").item()
+            count += c - p
+            top1 = scored.argmax(-1)
+            if fill:
+                reference.append(top1)
+                if w == 0:  # the through-cache path must equal the cache-free forward
+                    full = model(ids).logits[0, p - 1:c - 1].float()  # (C − P, V)
+                    check = (full - scored).abs().max().item()
+            agree += int((top1 == reference[w]).sum())
+    out = {"kv_bytes": kv_bytes, "kv_bytes_per_token": round(kv_bytes / len(windows[0]), 1),
+           "perplexity": math.exp(nll / count), "scored_tokens": count, "top1_agreement": round(agree / count, 5),
+           "decode_tok_s": decoded / decode_s if decode_s else None, "prefill_tokens": p}
+    if check is not None:
+        out["max_abs_logit_diff_vs_forward"] = check
+    return out
+
+
+def target(results: list[dict[str, Any]], reduction: float = 3.0, increase: float = 0.02) -> dict[str, Any]:
+    """Issue 4's target: a cache with ≥ 3× less KV memory at ≤ 2% perplexity increase."""
+    lines, met = [], []
+    for r in results:
+        if r["status"] != "ok" or r["cache"] == "contiguous" or "kv_reduction" not in r:
+            continue
+        ok = r["kv_reduction"] >= reduction and r["perplexity_increase"] <= increase
+        if ok:
+            met.append({"cache": r["cache"], "context": r["context"]})
+        lines.append(f"{r['cache']:>13} at {r['context']:>5}: {r['kv_reduction']:5.2f}x less KV, perplexity "
+                     f"{r['perplexity_increase']:+.2%}, top-1 {r['top1_agreement']:.1%} -> "
+                     f"{'meets' if ok else 'misses'} the target")
+    lines.append(f"target (>= {reduction:g}x less KV at <= {increase:.0%} perplexity increase): "
+                 + (f"met by {', '.join(sorted({m['cache'] for m in met}))}" if met else "not met by any cache"))
+    return {"kv_reduction": reduction, "perplexity_increase": increase, "met_by": met, "summary": lines}
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = report["settings"]["contexts"]
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.6 * len(contexts), 4.4), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for r in report["results"]:
+            if r["context"] != context or r["status"] != "ok":
+                continue
+            ax.scatter(r["kv_bytes"] / 2**20, r["perplexity"], s=40)
+            ax.annotate(r["cache"], (r["kv_bytes"] / 2**20, r["perplexity"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        beyond = context > report["model"]["trained_context"] > 0
+        ax.set_title(f"context {context}" + (" (beyond trained length)" if beyond else ""), fontsize=9)
+        ax.set_xlabel(f"KV bytes held at full context (MiB, {report['model']['dtype']})")
+        ax.set_ylabel("held-out perplexity (decoded half)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{report['model']['name']}: KV memory vs perplexity per cache "
+                 f"(keep ≈ {report['settings']['keep']:.2f} of the context)", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
