@@ -73,6 +73,16 @@ class HardwareConfig(BaseModel):
         return HARDWARE_TYPES[self.type]
 
 
+def fusion_choice(device: str, tiling_strategy: str) -> PluginChoice:
+    """The graph pass ``kernel_fusion: true`` means on ``device``: on cuda, the decode step
+    compiled by torch.compile and captured as a CUDA graph; elsewhere, torch.compile with the
+    device's backend."""
+    options: dict[str, Any] = {"tiling_strategy": tiling_strategy}
+    if device == "cuda":
+        return PluginChoice(name="cudagraph", options={**options, "compile": True})
+    return PluginChoice(name="compile", options=options)
+
+
 #: What each family falls back to when the config leaves it unset. ``None``: off.
 DEFAULTS: dict[str, str | None] = {
     "preprocess": "tokenizers",
@@ -121,7 +131,7 @@ class EngineConfig(BaseModel):
             if family == "quant" and hw.precision:
                 return PluginChoice(name=hw.precision)
             if family == "graph" and hw.optimizer.kernel_fusion:
-                return PluginChoice(name="compile", options={"tiling_strategy": hw.optimizer.tiling_strategy})
+                return fusion_choice(hw.device, hw.optimizer.tiling_strategy)
         default = DEFAULTS[family]
         return PluginChoice(name=default) if default else None
 

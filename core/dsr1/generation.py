@@ -214,6 +214,8 @@ class _Run:
         w = model.min_window
         if w is not None and (padded or t0 > w):
             window_mask = build_mask(key_valid[:, :t0], t0, 0, w)
+        graphs = getattr(model, "decode_graphs", None)  # graph 'cudagraph': a static, captured decode step
+        runner = graphs.runner(model, kv, key_valid) if graphs is not None else None
         tracking = bool(self.eos) or bool(self.stops)
         eos_t = torch.tensor(self.eos, device=device) if self.eos else None
         unfinished = torch.ones(b, dtype=torch.bool, device=device)
@@ -244,8 +246,11 @@ class _Run:
                         self._check_stops(out, t0, cur + 1, unfinished)
                     if n == n_new or (tracking and not bool(unfinished.any())):
                         break
-                    step_mask = key_valid[:, None, None, : cur + 1] if padded else None  # (B, 1, 1, S) view
-                    logits = step_fn(out[:, cur : cur + 1], pos, cur, kv, step_mask, step_mask, True)  # (B, V)
+                    if runner is not None:
+                        logits = runner(out[:, cur : cur + 1], pos, cur)  # (B, V), the graph's output buffer
+                    else:
+                        step_mask = key_valid[:, None, None, : cur + 1] if padded else None  # (B, 1, 1, S) view
+                        logits = step_fn(out[:, cur : cur + 1], pos, cur, kv, step_mask, step_mask, True)  # (B, V)
                     pos += 1
                     tok = decoder.next_token(logits.float(), out[:, : cur + 1], params, gen)
                 pipeline.device.synchronize()

@@ -49,6 +49,12 @@ def test_seed_hardware_section_verbatim(tmp_path):
     assert graph is not None and graph.name == "compile" and graph.options == {"tiling_strategy": "auto"}
 
 
+def test_kernel_fusion_on_nvidia_is_compiled_cuda_graphs():
+    cfg = load_config({"hardware": {"type": "nvidia", "optimizer": {"kernel_fusion": True, "tiling_strategy": "auto"}}})
+    assert cfg.choice("graph") == PluginChoice(
+        name="cudagraph", options={"tiling_strategy": "auto", "compile": True})
+
+
 @pytest.mark.parametrize(("hw_type", "device"), [("nvidia", "cuda"), ("ascend", "npu"), ("cpu", "cpu")])
 def test_hardware_types_map_to_devices(hw_type, device):
     assert load_config({"hardware": {"type": hw_type}}).choice("device") == PluginChoice(name=device)

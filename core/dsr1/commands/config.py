@@ -30,7 +30,8 @@ def resolve_report(config_path: str) -> dict[str, Any]:
         report["hardware"] = {
             "type": f"{hw.type} -> device {hw.device!r}",
             "precision": f"{hw.precision} -> quant {hw.precision!r}" if hw.precision else "checkpoint dtype",
-            "kernel_fusion": "graph 'compile'" if hw.optimizer.kernel_fusion else "off (graph 'eager')",
+            "kernel_fusion": (f"graph {report['resolved']['graph']['name']!r}" if hw.optimizer.kernel_fusion
+                              else "off (graph 'eager')"),
             "tiling_strategy": hw.optimizer.tiling_strategy,
         }
     return report

@@ -67,6 +67,24 @@ class ContiguousKVCache(KVCache):
             self.length = end
         return k[:, :, :end], v[:, :, :end]  # (B, Hkv, S, D) views
 
+    def update_static(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, slot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode write at the slot held *on the device* in ``slot`` ``(1,)`` (no host value, so a
+        CUDA graph can replay it); returns the whole buffers ``(B, Hkv, Tcap, D)``, which the
+        caller masks beyond the slot."""
+        if self.k is None or self.v is None:
+            raise RuntimeError("ContiguousKVCache.update_static before allocate")
+        k, v = self.k[layer], self.v[layer]  # (B, Hkv, Tcap, D)
+        k.index_copy_(2, slot, key)
+        v.index_copy_(2, slot, value)
+        return k, v
+
+    @property
+    def capacity(self) -> int:
+        """Token slots per sequence (``max_len`` rounded up to ``granularity``)."""
+        return 0 if self.k is None else int(self.k.shape[3])
+
     def nbytes(self) -> int:
         if self.k is None or self.v is None:
             return 0
@@ -83,6 +101,6 @@ def dsr1_kvcache() -> PluginSpec:
         family="kvcache",
         impl=ContiguousKVCache,
         options=ContiguousOptions,
-        capabilities=frozenset({"preallocated", "kv"}),
+        capabilities=frozenset({"preallocated", "kv", "static"}),
         description="preallocated (L, B, Hkv, Tmax, D) key/value tensors, updated in place",
     )

@@ -168,7 +168,7 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None,
-        start: int,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.h, self.kv, self.d
@@ -182,6 +182,10 @@ class LlamaAttention(nn.Module):
             q = apply_rope(self.q_proj(x).view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, T, D)
             k = apply_rope(self.k_proj(x).view(b, t, kv, d), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
             v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if isinstance(start, torch.Tensor):  # static decode (CUDA graphs): whole buffers, mask covers them
+            k, v = cache.update_static(self.layer, k, v, start)  # (B, Hkv, Tcap, D)
+            o = self.attn(q, k, v, mask, self.scale)  # (B, H, 1, D)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, 1, C)
         if cache is not None and self.attn.recurrent:
             o = self.attn.recurrent_step(self.layer, q, k, v, mask, self.scale, cache)  # (B, H, T, D)
             return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, T, C)
@@ -237,7 +241,7 @@ class LlamaBlock(nn.Module):
         sin: torch.Tensor,
         masks: tuple[torch.Tensor | None, torch.Tensor | None],
         cache: KVCache | None,
-        start: int,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         mask = masks[1] if self.windowed else masks[0]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
@@ -277,7 +281,7 @@ class LlamaForCausalLM(CausalLM):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        start: int,
+        start: int | torch.Tensor,
         cache: KVCache | None,
         mask: torch.Tensor | None,
         window_mask: torch.Tensor | None,
@@ -291,6 +295,23 @@ class LlamaForCausalLM(CausalLM):
         if last_only:
             x = x[:, -1]  # (B, C)
         return self.lm_head(self.model.norm(x))  # (B, V) or (B, T, V)
+
+    def decode_static(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """One decode step with static shapes only (what a CUDA graph captures).
+
+        ``input_ids``/``positions`` ``(B, 1)``; ``slot`` ``(1,)`` the cache slot this token
+        takes; ``key_valid`` ``(B, Tcap)`` False at prompt padding. Attention runs over the
+        whole preallocated cache with slots after ``slot`` masked. Returns logits ``(B, V)``.
+        """
+        slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (Tcap,)
+        seen = key_valid & (slots <= slot)  # (B, Tcap)
+        window_mask = None
+        if self.min_window is not None:
+            window_mask = (seen & (slots > slot - self.min_window))[:, None, None, :]  # (B, 1, 1, Tcap)
+        return self.forward_step(input_ids, positions, slot, cache, seen[:, None, None, :], window_mask, True)  # type: ignore[arg-type]
 
     def forward(
         self,

@@ -105,6 +105,8 @@ class SdpaAttention(AttentionMechanism):
                 is_causal = True
             else:  # chunked prefill: queries are the last T positions (lower-right causal)
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
+        if t == 1 and h != hkv:
+            return self._decode_grouped(query, key, value, mask, scale)
         extra = {}
         if h != hkv:
             if HAS_ENABLE_GQA and self._pinned != "efficient":  # the efficient kernel has no GQA
@@ -127,6 +129,22 @@ class SdpaAttention(AttentionMechanism):
                 f"{'a mask' if attn_mask is not None else 'no mask'}, on {query.device.type}): "
                 f"{str(err).strip().splitlines()[0]}; use backend 'auto'"
             ) from err
+
+
+    def _decode_grouped(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+        scale: float | None,
+    ) -> torch.Tensor:
+        """One decode query per head under GQA, as plain multi-head attention: the ``G = H / Hkv``
+        query heads that share a key/value head become ``G`` query rows of that head. Same
+        math as repeating key/value heads, without reading or copying them ``G`` times, and
+        every kernel (flash, efficient, cuDNN) accepts it, with or without a mask."""
+        b, h, _, d = query.shape  # (B, H, 1, D)
+        hkv = key.shape[1]
+        grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
+        with self._kernel() if self._pinned is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)  # (B, Hkv, G, D)
+        return out.reshape(b, h, 1, d)  # (B, H, 1, D)
 
 
 @hookimpl

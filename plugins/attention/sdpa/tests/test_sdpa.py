@@ -66,8 +66,8 @@ class Recorder:
 
 @pytest.mark.parametrize(
     ("t", "s", "causal", "mask_shape"),
-    [(6, 6, True, None), (1, 9, False, None), (3, 9, False, (3, 9))],
-    ids=["prefill_is_causal", "decode_no_mask", "chunk_lower_right_mask"],
+    [(6, 6, True, None), (3, 9, False, (3, 9))],
+    ids=["prefill_is_causal", "chunk_lower_right_mask"],
 )
 def test_fast_paths(monkeypatch: pytest.MonkeyPatch, t: int, s: int, causal: bool, mask_shape: Any) -> None:
     recorder = Recorder()
@@ -80,6 +80,22 @@ def test_fast_paths(monkeypatch: pytest.MonkeyPatch, t: int, s: int, causal: boo
     assert (mask is None) if mask_shape is None else tuple(mask.shape) == mask_shape
     assert kwargs.get("enable_gqa") is True  # torch 2.13 has it, and CPU takes it with a mask
     torch.testing.assert_close(out, softmax_attention(q, k, v).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "padding_mask"])
+def test_gqa_decode_packs_query_heads(monkeypatch: pytest.MonkeyPatch, masked: bool) -> None:
+    """A GQA decode step runs as plain multi-head attention with G query rows per key/value head."""
+    recorder = Recorder()
+    monkeypatch.setattr(dsr1_attention_sdpa.F, "scaled_dot_product_attention", recorder)
+    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # row 1 is left-padded
+    out = make()(q, k, v, mask=mask if masked else None)
+    (kwargs,) = recorder.calls
+    assert "enable_gqa" not in kwargs and not kwargs.get("is_causal")
+    assert (kwargs["attn_mask"] is mask) if masked else kwargs["attn_mask"] is None
+    expected = softmax_attention(q, k, v, mask=mask if masked else None).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pinned_kernel_failure_is_a_one_line_error() -> None:

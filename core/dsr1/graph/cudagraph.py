@@ -1,0 +1,183 @@
+"""Builtin graph pass ``cudagraph``: the decode step captured as one CUDA graph.
+
+What the decode step costs at batch 1 on a GPU is mostly launching its kernels (a 28-layer
+model issues several hundred per token), not running them. This pass removes that cost the
+way gpt-fast and vLLM do:
+
+* the step gets static shapes: :meth:`LlamaForCausalLM.decode_static` writes the new key and
+  value at a slot held *on the device* (``ContiguousKVCache.update_static``) and attends over
+  the whole preallocated cache, masking the slots after the current one;
+* its inputs live in fixed buffers (:class:`DecodeGraph`); each token copies the new ids,
+  positions and slot into them and replays the graph; the only host sync left per token is
+  reading the sampled token;
+* with ``compile: true`` the step is first compiled by ``torch.compile`` (the device's
+  backend and tiling settings, ``dynamic=False``), so inductor fuses the norms, rotary
+  embedding and activation kernels before capture. This is what the hardware section's
+  ``kernel_fusion: true`` selects on ``nvidia``.
+
+Prefill runs eagerly. One graph is captured per (batch size, cache capacity) and reused;
+the contiguous cache rounds its capacity up to 256 slots, so generate calls of similar
+lengths share a graph. :class:`DecodeGraph` with ``capture=False`` runs the same static step
+without a graph; the CPU tests use it to check that the static step decodes exactly what
+the ordinary one does.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import ConfigDict
+
+from dsr1.errors import Dsr1Error
+from dsr1.graph.compile import CompileOptions, compile_kwargs
+from dsr1.hookspecs import hookimpl
+from dsr1.interfaces import Device, GraphPass
+from dsr1.specs import PluginSpec
+
+#: warm-up runs before capture (cuBLAS workspaces, autotuning, compilation happen here).
+WARMUP_STEPS = 3
+
+
+class DecodeGraph:
+    """One static decode step for a (batch, capacity) shape, optionally captured.
+
+    :param step: ``(ids, positions, slot, key_valid, cache) -> logits (B, V)``, usually
+        ``model.decode_static`` or its compiled version.
+    """
+
+    def __init__(
+        self, step: Callable[..., torch.Tensor], cache: Any, shape: tuple[int, int], device: torch.device,
+        capture: bool, pool: Any = None,
+    ) -> None:
+        b, cap = shape  # batch, cache capacity
+        self.step, self.cache, self.capture = step, cache, capture
+        self.ids = torch.zeros((b, 1), dtype=torch.long, device=device)  # (B, 1)
+        self.positions = torch.zeros((b, 1), dtype=torch.long, device=device)  # (B, 1)
+        self.slot = torch.zeros((1,), dtype=torch.long, device=device)  # (1,)
+        self.key_valid = torch.ones((b, cap), dtype=torch.bool, device=device)  # (B, Tcap)
+        self.pool = pool
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def prepare(self, key_valid: torch.Tensor) -> None:
+        """Start of a generate call: which prompt slots are padding. ``(B, T)`` with ``T <= Tcap``."""
+        self.key_valid.fill_(True)
+        self.key_valid[:, : key_valid.shape[1]].copy_(key_valid)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits ``(B, V)`` of the token ``ids`` ``(B, 1)`` at ``positions`` written to ``slot``.
+
+        The returned tensor is the graph's output buffer: read it before the next call."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.slot.fill_(slot)
+        if not self.capture:
+            return self.step(self.ids, self.positions, self.slot, self.key_valid, self.cache)
+        if self.graph is None:
+            self._capture()
+        assert self.graph is not None and self.logits is not None
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        # Warm-up and capture write this step's key/value at this step's slot, exactly what the
+        # replay that follows writes again: the cache is left as the real step leaves it.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.step(self.ids, self.positions, self.slot, self.key_valid, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits = self.step(self.ids, self.positions, self.slot, self.key_valid, self.cache)
+        self.graph = graph
+
+
+class DecodeGraphs:
+    """The captured steps of one model, by shape; :mod:`dsr1.generation` asks it for a runner."""
+
+    def __init__(self, step: Callable[..., torch.Tensor], capture: bool) -> None:
+        self.step, self.capture = step, capture
+        self.graphs: dict[tuple[Any, ...], DecodeGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def runner(self, model: Any, cache: Any, key_valid: torch.Tensor) -> DecodeGraph:
+        """The step for this call's batch and the cache's capacity, prepared with ``key_valid``."""
+        update_static = getattr(cache, "update_static", None)
+        if update_static is None:
+            raise Dsr1Error(f"graph 'cudagraph' needs a kvcache with static slots ('contiguous'); "
+                            f"{type(cache).__name__} has none: use kvcache 'contiguous' or graph 'eager'")
+        if getattr(model, "recurrent", False):
+            raise Dsr1Error("graph 'cudagraph' captures a K/V-cache decode step; recurrent (linear) attention has "
+                            "none: use graph 'eager' or 'compile'")
+        b = key_valid.shape[0]
+        cap = int(cache.capacity)
+        # a graph holds raw pointers: the cache buffers and rotary tables must be the captured ones
+        key = (b, cap, cache.k.data_ptr(), model.rope.cos.data_ptr(), model.rope.cos.shape[0])
+        graph = self.graphs.get(key)
+        if graph is None:
+            for old in [k for k in self.graphs if k[:2] == (b, cap)]:
+                del self.graphs[old]  # the buffers it captured are gone
+            graph = DecodeGraph(self.step, cache, (b, cap), key_valid.device, self.capture, self.pool)
+            self.graphs[key] = graph
+        graph.prepare(key_valid)
+        return graph
+
+
+class CudaGraphOptions(CompileOptions):
+    model_config = ConfigDict(extra="forbid")
+
+    #: compile the static step with ``torch.compile`` (fusion) before capturing it.
+    compile: bool = False
+    #: capture a CUDA graph (off: run the static step eagerly, e.g. to compare outputs).
+    capture: bool = True
+
+
+class CudaGraphPass(GraphPass):
+    Options = CudaGraphOptions
+    options: CudaGraphOptions
+
+    def apply(self, model: Any, device: Device) -> Any:
+        step = getattr(model, "decode_static", None)
+        if step is None:  # encoders have no decode step
+            return model
+        capture = self.options.capture
+        if capture and device.torch_device_type != "cuda":
+            raise Dsr1Error(f"graph 'cudagraph' captures CUDA graphs and the device is "
+                            f"{device.torch_device_type!r}; use graph 'compile' there, or option capture: false")
+        if self.options.compile:
+            kwargs = compile_kwargs(self.options, device)
+            kwargs["dynamic"] = False
+            if capture and kwargs["backend"] == "inductor":  # captured here, not by inductor's cudagraph trees
+                import torch._inductor
+
+                mode = kwargs.pop("mode", None)
+                opts = dict(kwargs.get("options") or {})
+                if mode:
+                    opts = {**torch._inductor.list_mode_options(mode, False), **opts}
+                opts["triton.cudagraphs"] = False
+                kwargs["options"] = opts
+            step = torch.compile(step, **kwargs)
+            model.compile_kwargs = kwargs
+        model.decode_graphs = DecodeGraphs(step, capture)
+        return model
+
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        if self.options.capture and device != "cuda":
+            return [f"graph 'cudagraph' captures CUDA graphs and needs device 'cuda', not {device!r}; "
+                    "use graph 'compile' (or option capture: false)"]
+        return []
+
+
+@hookimpl
+def dsr1_graph() -> PluginSpec:
+    return PluginSpec(
+        name="cudagraph",
+        family="graph",
+        impl=CudaGraphPass,
+        options=CudaGraphOptions,
+        capabilities=frozenset({"kernel_fusion", "autotune"}),
+        description="static-shape decode step captured as a CUDA graph (optionally torch.compile'd first)",
+    )

@@ -1,0 +1,67 @@
+"""The static decode step behind graph ``cudagraph``: same tokens as the ordinary decode step.
+
+CI has no GPU, so the CPU tests run the static step without capture (``capture: false``):
+that is the code a CUDA graph records. The capture itself is tested where CUDA exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsr1.auto import AutoModel
+from dsr1.errors import Dsr1Error
+from dsr1.graph.cudagraph import DecodeGraphs
+
+STATIC = {"name": "cudagraph", "options": {"capture": False}}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_static_step_decodes_the_same_tokens(ckpts: dict[str, Path], kind: str) -> None:
+    """Padded batch, greedy: the static step (whole-cache attention, device-side slot) matches."""
+    ordinary = AutoModel.from_pretrained(ckpts[kind])
+    static = AutoModel.from_pretrained(ckpts[kind], graph=STATIC)
+    assert isinstance(static.decode_graphs, DecodeGraphs)
+    ids = torch.tensor([[0, 0, 5, 17, 33, 41, 42, 60], [3, 9, 12, 44, 45, 46, 47, 48]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    want = ordinary.generate(ids, mask, max_new_tokens=20, ignore_eos=True)  # mistral: past its window of 6
+    got = static.generate(ids, mask, max_new_tokens=20, ignore_eos=True)
+    assert torch.equal(got, want)
+
+
+def test_static_step_logits_match(ckpts: dict[str, Path]) -> None:
+    """Step logits of the static path equal full forwards of the growing sequence."""
+    static = AutoModel.from_pretrained(ckpts["llama"], graph=STATIC)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    out = static.generate(ids, max_new_tokens=8, ignore_eos=True)
+    with torch.inference_mode():
+        full = static(out).logits  # (1, T, V)
+    assert torch.equal(full[0, ids.shape[1] - 1 : -1].argmax(-1), out[0, ids.shape[1] :])
+
+
+def test_graph_is_reused_across_calls(ckpts: dict[str, Path]) -> None:
+    static = AutoModel.from_pretrained(ckpts["llama"], graph=STATIC)
+    ids = torch.tensor([[1, 40, 41, 42]])
+    first = static.generate(ids, max_new_tokens=5, ignore_eos=True)
+    second = static.generate(ids, max_new_tokens=9, ignore_eos=True)  # same 256-slot capacity: same graph
+    assert len(static.decode_graphs.graphs) == 1
+    assert torch.equal(second[:, : first.shape[1]], first)
+
+
+def test_capture_needs_cuda(ckpts: dict[str, Path]) -> None:
+    with pytest.raises(Dsr1Error, match="graph 'cudagraph' captures CUDA graphs.*use graph 'compile'"):
+        AutoModel.from_pretrained(ckpts["llama"], graph="cudagraph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_capture", "compiled_capture"])
+def test_captured_graph_decodes_the_same_tokens_on_cuda(ckpts: dict[str, Path], compiled: bool) -> None:
+    ordinary = AutoModel.from_pretrained(ckpts["llama"], device="cuda")
+    graph = {"name": "cudagraph", "options": {"compile": compiled}}
+    captured = AutoModel.from_pretrained(ckpts["llama"], device="cuda", graph=graph)
+    ids = torch.tensor([[1, 40, 41, 42, 43], [0, 0, 7, 8, 9]], device="cuda")
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], device="cuda")
+    for n in (12, 30):  # a second call replays the graph captured by the first
+        assert torch.equal(captured.generate(ids, mask, max_new_tokens=n, ignore_eos=True),
+                           ordinary.generate(ids, mask, max_new_tokens=n, ignore_eos=True))
