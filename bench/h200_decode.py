@@ -1,0 +1,123 @@
+"""Decode modes on one set of weights, in one process: ordinary eager step, CUDA graph of the
+static step, and the static step compiled by torch.compile then captured (issue 5).
+
+    python bench/h200_decode.py --shape qwen2-7b --batch-size 1,8,32,128 --output OUT.json
+
+For every batch size: greedy tokens of each mode compared with the eager step's (identical or
+the first position that differs), and decode tok/s (median of --reps; decode = B·(N−1) /
+(t(N) − t(1))), beside the batch-1 floor (weight bytes / streaming bandwidth measured here).
+The official figures against transformers come from ``dsr1 bench --compare hf``; this script
+is the same-weights identity check and the mode-against-mode ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsr1.commands.bench import SHAPES, RandomWeights, _bandwidth_gbs
+from dsr1.config import load_config
+from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
+from dsr1.models.llama import LlamaArgs
+from dsr1.registry import PluginRegistry
+
+MODES: dict[str, dict[str, Any] | None] = {
+    "eager": None,
+    "cudagraph": {"compile": False},
+    "cudagraph+compile": {"compile": True},
+}
+
+
+def build(shape: str, quant: str | None) -> Any:
+    hf = dict(SHAPES[shape])
+    reader = RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), torch.bfloat16, torch.device("cuda"))
+    overrides: dict[str, Any] = {"device": "cuda"}
+    if quant:
+        overrides["quant"] = quant
+    pipeline = PluginRegistry.from_env().resolve(load_config(None, **overrides))
+    model = pipeline.model_builder(hf["model_type"]).build_from(hf, reader, pipeline)
+    model.generation_defaults = {}
+    return model, pipeline
+
+
+def timed(model: Any, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, ignore_eos=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="qwen2-7b", choices=sorted(SHAPES))
+    p.add_argument("--batch-size", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--quant", default=None, help="a quant policy (int8, int4...) applied to the same weights")
+    p.add_argument("--output")
+    args = p.parse_args()
+    model, pipeline = build(args.shape, args.quant)
+    bandwidth = _bandwidth_gbs("cuda")
+    streamed = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    rows = []
+    for b in [int(x) for x in args.batch_size.split(",")]:
+        g = torch.Generator().manual_seed(1234)
+        ids = torch.randint(100, vocab, (b, args.prompt_len), generator=g).cuda()
+        row: dict[str, Any] = {"batch_size": b}
+        reference = None
+        for mode in args.modes.split(","):
+            model.__dict__.pop("decode_graphs", None)
+            if MODES[mode] is not None:
+                CudaGraphPass(CudaGraphOptions(**MODES[mode])).apply(model, pipeline.device)
+            started = time.perf_counter()
+            _, out = timed(model, ids, args.new_tokens)  # warm-up: capture and compile happen here
+            warmup_s = time.perf_counter() - started
+            t1, tn = [], []
+            for _ in range(args.reps):
+                t1.append(timed(model, ids, 1)[0])
+                tn.append(timed(model, ids, args.new_tokens)[0])
+            m1, mn = statistics.median(t1), statistics.median(tn)
+            entry: dict[str, Any] = {
+                "decode_tok_s": round(b * (args.new_tokens - 1) / max(mn - m1, 1e-9), 1),
+                "prefill_s": round(m1, 4), "generate_s": round(mn, 4), "warmup_s": round(warmup_s, 1),
+            }
+            if reference is None:
+                reference = out
+            else:
+                same = out == reference  # (B, T)
+                entry["greedy_identical_to_eager"] = bool(same.all())
+                if not bool(same.all()):
+                    first = (~same).float().argmax(-1) - args.prompt_len  # first differing new token per row
+                    entry["first_difference_per_row"] = [int(x) if not bool(s.all()) else None
+                                                         for x, s in zip(first, same)]
+            row[mode] = entry
+            print(f"batch {b:>3} {mode:<18} decode {entry['decode_tok_s']:9.1f} tok/s  "
+                  f"identical={entry.get('greedy_identical_to_eager', '-')}  warm-up {warmup_s:.1f}s", flush=True)
+        rows.append(row)
+    floor = bandwidth * 1e9 / streamed
+    report = {
+        "command": "python bench/h200_decode.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "output"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "floor": {"streamed_bytes_per_token": streamed, "read_bandwidth_gbs": round(bandwidth, 1),
+                  "batch1_decode_floor_tok_s": round(floor, 1)},
+        "results": rows,
+    }
+    print(f"batch-1 floor {floor:.1f} tok/s ({streamed / 1e9:.2f} GB at {bandwidth:.0f} GB/s)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
