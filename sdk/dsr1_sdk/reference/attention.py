@@ -30,6 +30,14 @@ def causal_mask(t: int, s: int, device: torch.device | str = "cpu") -> torch.Ten
     return j <= i + (s - t)  # (T, S)
 
 
+def sliding_window_mask(t: int, s: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(T, S)`` causal mask restricted to a window (Mistral): with the queries aligned to the last
+    ``T`` keys, query ``i`` (at key position ``p = i + S - T``) sees keys ``p - window < j <= p``."""
+    p = torch.arange(t, device=device).unsqueeze(1) + (s - t)  # (T, 1) key position of each query
+    j = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
+    return (j <= p) & (j > p - window)  # (T, S)
+
+
 def softmax_attention(
     query: torch.Tensor,
     key: torch.Tensor,

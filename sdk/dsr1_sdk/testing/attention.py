@@ -4,7 +4,16 @@ Capabilities the kit understands (declare them in ``PluginSpec.capabilities``):
 
 ``gqa``   accepts ``Hkv < H`` (grouped-query / multi-query attention).
 ``mask``  honours boolean ``(B, 1, T, S)`` masks (padding, arbitrary, sliding windows).
+``padding_mask``  honours boolean masks that are causal ∧ key padding only (implied by
+          ``mask``): the padding cases run, arbitrary and sliding masks are skipped.
 ``fp16``, ``bf16``  runs in that dtype (fp32 is always checked).
+``recurrent``  decodes from a fixed-size state (``state_shapes``/``forward_recurrent``):
+          the kit checks that running a sequence through ``forward_recurrent`` in chunks or
+          one token at a time equals ``forward`` on the whole sequence, that the state's
+          shapes stay fixed, and that padded keys leave the state unchanged.
+
+Every plugin is also checked for cache vs no-cache equality: a prefill and then decode
+steps against growing keys/values give the rows of one full forward.
 
 A case that needs an undeclared capability is skipped and says so; a declared one that
 fails is a failure. Rows of the output whose query sees no key are not compared.
@@ -53,7 +62,9 @@ class AttentionCase:
         caps = set()
         if self.kv_heads < self.heads:
             caps.add("gqa")
-        if self.mask != "none":
+        if self.mask == "padding":
+            caps.add("padding_mask")
+        elif self.mask != "none":
             caps.add("mask")
         if self.dtype != "fp32":
             caps.add(self.dtype)
@@ -128,8 +139,13 @@ CASES: dict[str, AttentionCase] = {
 }
 
 
+def effective_capabilities(capabilities: frozenset[str]) -> frozenset[str]:
+    """Declared capabilities plus those they imply (``mask`` implies ``padding_mask``)."""
+    return capabilities | {"padding_mask"} if "mask" in capabilities else capabilities
+
+
 def missing_capabilities(case: AttentionCase, capabilities: frozenset[str]) -> frozenset[str]:
-    return case.requires() - capabilities
+    return case.requires() - effective_capabilities(capabilities)
 
 
 def check_attention_case(
@@ -181,6 +197,132 @@ def check_batch_invariance(
         assert problem is None, problem
 
 
+#: Sequences fed in steps (cache vs no-cache, recurrent): ``q_len == kv_len`` is the whole sequence.
+STEP_CASES: dict[str, AttentionCase] = {
+    "mha": AttentionCase(q_len=13, kv_len=13),
+    "gqa_4to1": AttentionCase(heads=8, kv_heads=2, q_len=11, kv_len=11),
+    "mqa": AttentionCase(heads=4, kv_heads=1, q_len=9, kv_len=9),
+    "padded_batch": AttentionCase(batch=3, q_len=10, kv_len=10, mask="padding"),
+    "padded_gqa": AttentionCase(batch=3, heads=6, kv_heads=2, q_len=10, kv_len=10, mask="padding"),
+    "head_dim_128": AttentionCase(batch=1, heads=2, kv_heads=2, q_len=9, kv_len=9, head_dim=128),
+    "long_300": AttentionCase(batch=1, heads=2, kv_heads=1, q_len=300, kv_len=300, head_dim=16),
+    "bf16": AttentionCase(q_len=9, kv_len=9, dtype="bf16"),
+}
+
+
+def split_lengths(kind: str, n: int) -> list[int]:
+    """Step lengths that cut a sequence of ``n`` tokens: ``token_by_token``, ``prefill_then_decode``
+    (most of it at once, then 4 single tokens), ``uneven_chunks`` (3, 1, 5, 2, 3, 1, ...)."""
+    if kind == "token_by_token":
+        return [1] * n
+    if kind == "prefill_then_decode":
+        decode = min(4, n - 1)
+        return [n - decode] + [1] * decode
+    lengths, i = [], 0
+    while sum(lengths) < n:
+        lengths.append(min((3, 1, 5, 2)[i % 4], n - sum(lengths)))
+        i += 1
+    return lengths
+
+
+SPLITS: tuple[str, ...] = ("token_by_token", "prefill_then_decode", "uneven_chunks")
+
+
+def _compare_rows(
+    got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor | None, case: AttentionCase,
+    tolerances: dict[str, tuple[float, float]], what: str,
+) -> None:
+    rows = ref.attended_rows(mask.cpu() if mask is not None else None, case.batch, case.q_len, case.kv_len)
+    rows = rows.expand(case.batch, case.heads, case.q_len, case.head_dim)  # (B, H, T, D)
+    atol, rtol = tolerances[case.dtype]
+    problem = close_problem(got.cpu()[rows], want.cpu()[rows], atol, rtol, what)
+    assert problem is None, problem
+
+
+def check_cache_vs_full(
+    impl: AttentionMechanism,
+    case: AttentionCase,
+    split: str,
+    device: str = "cpu",
+    tolerances: dict[str, tuple[float, float]] = ATTENTION_TOLERANCES,
+) -> None:
+    """A prefill then steps against the growing keys/values (what a KV cache hands attention)
+    give the rows of one forward over the whole sequence."""
+    q, k, v, mask = case.make(device)
+    full = impl(q, k, v, mask=mask, scale=case.scale)  # (B, H, T, D)
+    pieces, start = [], 0
+    for n in split_lengths(split, case.q_len):
+        end = start + n
+        step_mask = mask[:, :, start:end, :end] if mask is not None else None  # (B, 1, n, end)
+        pieces.append(impl(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask=step_mask, scale=case.scale))
+        start = end
+    stepped = torch.cat(pieces, dim=2)  # (B, H, T, D)
+    _compare_rows(stepped, full, mask, case, tolerances, f"{split} with a growing cache vs one forward, case {case}")
+
+
+def _recurrent_inputs(
+    impl: AttentionMechanism, case: AttentionCase, device: str, gqa: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, tuple[int, ...]]]:
+    """Inputs as the engine passes them (K/V heads repeated without ``gqa``) and the state shapes."""
+    q, k, v, mask = case.make(device)
+    if not gqa and case.kv_heads < case.heads:
+        k = ref.repeat_kv(k, case.heads // case.kv_heads)  # (B, H, S, D)
+        v = ref.repeat_kv(v, case.heads // case.kv_heads)
+    shapes = impl.state_shapes(case.batch, case.heads, k.shape[1], case.head_dim)
+    return q, k, v, mask, shapes
+
+
+def check_recurrent(
+    impl: AttentionMechanism,
+    case: AttentionCase,
+    split: str,
+    gqa: bool,
+    device: str = "cpu",
+    tolerances: dict[str, tuple[float, float]] = ATTENTION_TOLERANCES,
+) -> None:
+    """``forward_recurrent`` over the sequence in steps equals ``forward`` on the whole of it; the
+    state keeps its tensors and shapes (folded in place)."""
+    q, k, v, mask, shapes = _recurrent_inputs(impl, case, device, gqa)
+    full = impl(q, k, v, mask=mask, scale=case.scale)  # (B, H, T, D)
+    state = {name: torch.zeros(shape, dtype=torch.float32, device=device) for name, shape in shapes.items()}
+    tensors = dict(state)
+    valid = mask.expand(case.batch, 1, case.q_len, case.kv_len)[:, 0, -1] if mask is not None else None  # (B, S)
+    pieces, start = [], 0
+    for n in split_lengths(split, case.q_len):
+        end = start + n
+        out = impl.forward_recurrent(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], state,
+            key_valid=valid[:, start:end] if valid is not None else None, scale=case.scale,
+        )  # (B, H, n, D)
+        assert tuple(out.shape) == (case.batch, case.heads, n, case.head_dim) and out.dtype == q.dtype, (
+            f"forward_recurrent returned {tuple(out.shape)} {out.dtype} for {n} new tokens"
+        )
+        for name, shape in shapes.items():
+            assert state[name] is tensors[name] and tuple(state[name].shape) == tuple(shape), (
+                f"state {name!r} must be updated in place with fixed shape {shape}, got {tuple(state[name].shape)}"
+            )
+        assert set(state) == set(shapes), f"state keys {sorted(state)} != state_shapes keys {sorted(shapes)}"
+        pieces.append(out)
+        start = end
+    stepped = torch.cat(pieces, dim=2)  # (B, H, T, D)
+    _compare_rows(stepped, full, mask, case, tolerances, f"forward_recurrent {split} vs forward, case {case}")
+
+
+def check_padding_leaves_state(impl: AttentionMechanism, case: AttentionCase, gqa: bool, device: str = "cpu") -> None:
+    """Padded keys (``key_valid`` False) leave the state exactly as it was."""
+    q, k, v, _, shapes = _recurrent_inputs(impl, case, device, gqa)
+    state = {name: torch.zeros(shape, dtype=torch.float32, device=device) for name, shape in shapes.items()}
+    half = case.q_len // 2
+    impl.forward_recurrent(q[:, :, :half], k[:, :, :half], v[:, :, :half], state, scale=case.scale)
+    before = {name: t.clone() for name, t in state.items()}
+    none_valid = torch.zeros(case.batch, case.q_len - half, dtype=torch.bool, device=device)  # (B, n)
+    out = impl.forward_recurrent(q[:, :, half:], k[:, :, half:], v[:, :, half:], state, key_valid=none_valid,
+                                 scale=case.scale)
+    assert torch.isfinite(out.float()).all(), "padded steps gave non-finite outputs"
+    for name, t in state.items():
+        assert torch.equal(t, before[name]), f"padded keys changed state {name!r}"
+
+
 @st.composite
 def attention_cases(draw: Any, capabilities: frozenset[str]) -> AttentionCase:
     """Hypothesis strategy: small cases that only use declared capabilities."""
@@ -188,7 +330,11 @@ def attention_cases(draw: Any, capabilities: frozenset[str]) -> AttentionCase:
     group = draw(st.integers(1, 3)) if "gqa" in capabilities else 1
     q_len = draw(st.integers(1, 9))
     kv_len = q_len + draw(st.integers(0, 8))
-    masks: list[MaskKind] = ["none", "padding", "random", "sliding"] if "mask" in capabilities else ["none"]
+    masks: list[MaskKind] = ["none"]
+    if "mask" in capabilities:
+        masks = ["none", "padding", "random", "sliding"]
+    elif "padding_mask" in capabilities:
+        masks = ["none", "padding"]
     dtypes = ["fp32"] + [d for d in ("fp16", "bf16") if d in capabilities]
     return AttentionCase(
         batch=draw(st.integers(1, 3)),
@@ -211,12 +357,17 @@ class AttentionConformance(PluginConformance):
 
     family: ClassVar[str] = "attention"
     CASES: ClassVar[dict[str, AttentionCase]] = CASES
+    STEP_CASES: ClassVar[dict[str, AttentionCase]] = STEP_CASES
     tolerances: ClassVar[dict[str, tuple[float, float]]] = ATTENTION_TOLERANCES
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Parametrize ``case_name`` over this class's ``CASES`` table."""
         if "case_name" in metafunc.fixturenames:
             metafunc.parametrize("case_name", list(type(self).CASES))
+        if "step_case" in metafunc.fixturenames:
+            metafunc.parametrize("step_case", list(type(self).STEP_CASES))
+        if "split" in metafunc.fixturenames:
+            metafunc.parametrize("split", SPLITS)
 
     def reference(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -249,10 +400,31 @@ class AttentionConformance(PluginConformance):
 
     def test_batch_invariance(self) -> None:
         case = CASES["padded_batch"]
-        if "mask" not in self.capabilities():
+        if "padding_mask" not in effective_capabilities(self.capabilities()):
             case = replace(case, mask="none")
         impl = self._prepared(case)
         check_batch_invariance(impl, case, self.target_device(), self.tolerances)
+
+    def test_cache_vs_no_cache(self, step_case: str, split: str) -> None:
+        case = type(self).STEP_CASES[step_case]
+        impl = self._prepared(case)
+        check_cache_vs_full(impl, case, split, self.target_device(), self.tolerances)
+
+    def _recurrent(self, case: AttentionCase) -> AttentionMechanism:
+        if "recurrent" not in self.capabilities():
+            pytest.skip(f"{self.plugin} does not declare ['recurrent']")
+        return self._prepared(case)
+
+    def test_recurrent_matches_forward(self, step_case: str, split: str) -> None:
+        case = type(self).STEP_CASES[step_case]
+        impl = self._recurrent(case)
+        gqa = "gqa" in self.capabilities()
+        check_recurrent(impl, case, split, gqa, self.target_device(), self.tolerances)
+
+    def test_recurrent_padding_leaves_state(self) -> None:
+        case = STEP_CASES["gqa_4to1"]
+        impl = self._recurrent(case)
+        check_padding_leaves_state(impl, case, "gqa" in self.capabilities(), self.target_device())
 
     def test_runs_on_kit_device(self) -> None:
         devices = declared_devices(self.capabilities())
@@ -268,7 +440,7 @@ class AttentionConformance(PluginConformance):
 
         @settings(max_examples=self.max_examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @given(case=attention_cases(caps))
+        @given(case=attention_cases(effective_capabilities(caps)))
         def run(case: AttentionCase) -> None:
             if self.unsupported(case) or impl.validate(device, DTYPES[case.dtype]):
                 return  # refused with a reason (test_case reports those as skips)
