@@ -33,6 +33,8 @@ from dsr1.errors import Dsr1Error
 #: the plugins issue 4 builds: skipped with a reason while not installed (others are typos).
 EXPECTED = ("eager", "sdpa", "linear", "sliding")
 #: one layer of Qwen2-7B (on CUDA) and a smaller slice that fits the 2-core CPU machines.
+#: options a plugin needs outside a model (a checkpoint would give sliding its window): Mistral-7B's 4096.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"sliding": {"window": 4096}}
 LAYER_DEFAULTS = {"cuda": {"heads": 28, "kv_heads": 4, "head_dim": 128},
                   "cpu": {"heads": 8, "kv_heads": 2, "head_dim": 64}}
 
@@ -53,9 +55,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the measured call (median)")
     p.add_argument("--slow-s", type=float, default=20.0, help="a call slower than this is timed once")
     p.add_argument("--mem-cap-gb", type=float, default=None,
-                   help="CPU: most a point may allocate (default 6); CUDA: none (out-of-memory is caught)")
+                   help="CPU: most a point may map beyond its inputs (default 10); CUDA: none (out-of-memory is caught)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="a point running longer is skipped")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1 on CPU: the machines are shared)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.add_argument("--plot", help="write memory (and time) vs sequence length to this PNG")
@@ -75,15 +77,18 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise Dsr1Error(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    cap = args.mem_cap_gb if args.mem_cap_gb is not None else (6.0 if args.device == "cpu" else None)
+    cap = args.mem_cap_gb if args.mem_cap_gb is not None else (10.0 if args.device == "cpu" else None)
     if cap is not None and cap <= 0:
         raise Dsr1Error(f"--mem-cap-gb must be > 0, got {cap}")
     skipped = common.check_names("attention", plugins, EXPECTED)
     return {
         "plugins": plugins, "seq": seqs, "device": args.device, "dtype": dtype, "batch": args.batch,
         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "reps": args.reps, "slow_s": args.slow_s,
-        "mem_cap_gb": cap, "timeout_s": args.timeout_s, "threads": args.threads,
-        "options": common.parse_plugin_options(args.plugin_option, plugins, "--plugin-option"),
+        "mem_cap_gb": cap, "timeout_s": args.timeout_s,
+        "threads": args.threads or (1 if args.device == "cpu" else None),
+        "options": {p: {**DEFAULT_OPTIONS.get(p, {}), **o} for p, o in
+                    ({p: {} for p in plugins} | common.parse_plugin_options(args.plugin_option, plugins,
+                                                                            "--plugin-option")).items()},
         "not_installed": skipped,
     }
 

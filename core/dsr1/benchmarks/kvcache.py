@@ -47,13 +47,14 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated kvcache plugins (contiguous, the reference, is always run first)")
     p.add_argument("--cache-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="an option of one cache, e.g. streaming.window=160 (repeatable; beats --keep)")
-    p.add_argument("--keep", type=float, default=1 / 3, help="share of the context compressing caches keep")
+    p.add_argument("--keep", default="0.32",
+                   help="comma-separated shares of the context compressing caches keep (one run per share)")
     p.add_argument("--attention", help="attention plugin (default: the checkpoint's)")
     p.add_argument("--prefill-frac", type=float, default=0.5, help="share of each window prefilled at once")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per context (≥ one window)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; fp32 for dsr1-tiny)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1 on CPU: see the README)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.add_argument("--plot", help="write KV memory vs perplexity per cache to this PNG")
@@ -79,16 +80,21 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if "contiguous" in caches:
         caches.remove("contiguous")
     caches.insert(0, "contiguous")  # the reference every other cache is compared with
-    if not 0 < args.keep <= 1:
-        raise Dsr1Error(f"--keep must be in (0, 1], got {args.keep}")
+    try:
+        keeps = sorted({float(k) for k in str(args.keep).split(",") if k.strip()})
+    except ValueError:
+        raise Dsr1Error(f"--keep must be comma-separated fractions, got {args.keep!r}") from None
+    if not keeps or not all(0 < k <= 1 for k in keeps):
+        raise Dsr1Error(f"--keep must be fractions in (0, 1], got {args.keep!r}")
     if not 0 < args.prefill_frac < 1:
         raise Dsr1Error(f"--prefill-frac must be in (0, 1), got {args.prefill_frac}")
     if args.eval_tokens < max(contexts):
         raise Dsr1Error(f"--eval-tokens ({args.eval_tokens}) must cover one window of the longest context "
                         f"({max(contexts)})")
-    return {"model": args.model, "contexts": contexts, "caches": caches, "keep": args.keep,
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    return {"model": args.model, "contexts": contexts, "caches": caches, "keep": keeps,
             "attention": args.attention, "prefill_frac": args.prefill_frac, "eval_tokens": args.eval_tokens,
-            "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "device": args.device, "dtype": args.dtype, "threads": threads,
             "options": common.parse_plugin_options(args.cache_option, caches, "--cache-option"),
             "not_installed": common.check_names("kvcache", caches, EXPECTED)}
 
@@ -98,7 +104,7 @@ def command(args: argparse.Namespace) -> str:
     for flag in ("attention", "device", "dtype", "threads", "output", "plot"):
         if getattr(args, flag) is not None and not (flag == "device" and args.device == "cpu"):
             parts += ["--" + flag, str(getattr(args, flag))]
-    for flag, default in (("keep", 1 / 3), ("prefill_frac", 0.5), ("eval_tokens", 4096)):
+    for flag, default in (("keep", "0.32"), ("prefill_frac", 0.5), ("eval_tokens", 4096)):
         if getattr(args, flag) != default:
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     for item in args.cache_option:
@@ -145,13 +151,13 @@ def load_model(s: dict[str, Any]) -> Any:
     return model
 
 
-def make_cache(name: str, s: dict[str, Any], context: int) -> tuple[Any, dict[str, Any]]:
+def make_cache(name: str, s: dict[str, Any], context: int, keep: float) -> tuple[Any, dict[str, Any]]:
     from dsr1.config import PluginChoice
     from dsr1.registry import PluginRegistry
 
     registry = PluginRegistry.from_env()
     fields = set(registry.load("kvcache", name).options.model_fields)
-    options = {**default_options(name, fields, context, s["keep"]), **s["options"].get(name, {})}
+    options = {**default_options(name, fields, context, keep), **s["options"].get(name, {})}
     return registry.make("kvcache", PluginChoice(name=name, options=options)), options
 
 
@@ -165,16 +171,17 @@ def measure(model: Any, s: dict[str, Any], log: bool = True) -> list[dict[str, A
     for context in s["contexts"]:
         windows = [stream[i:i + context] for i in range(0, stream.numel() - context + 1, context)]
         reference: list[Any] = []
-        for name in s["caches"]:
-            row: dict[str, Any] = {"cache": name, "context": context, "samples": len(windows),
-                                   "beyond_trained_context": bool(trained and context > trained)}
+        for name, keep in variants(s):
+            label = name if keep is None else f"{name}@{keep:g}"
+            row: dict[str, Any] = {"cache": label, "plugin": name, "keep": keep, "context": context,
+                                   "samples": len(windows), "beyond_trained_context": bool(trained and context > trained)}
             if name in s["not_installed"]:
                 row.update(status="skipped", reason=s["not_installed"][name])
             elif name != "contiguous" and not reference:
                 row.update(status="skipped", reason="the contiguous reference did not run")
             else:
                 try:
-                    cache, options = make_cache(name, s, context)
+                    cache, options = make_cache(name, s, context, keep or 1.0)
                     row["options"] = options
                     row.update(status="ok", **evaluate(model, cache, windows, s["prefill_frac"], reference))
                 except Dsr1Error as err:
@@ -186,13 +193,25 @@ def measure(model: Any, s: dict[str, Any], log: bool = True) -> list[dict[str, A
                 what = (f"KV {row['kv_bytes'] / 2**20:8.2f} MiB  ppl {row['perplexity']:9.3f}  top-1 "
                         f"{row['top1_agreement']:.3f}  {row['decode_tok_s']:7.1f} tok/s"
                         if row["status"] == "ok" else f"{row['status']}: {row['reason']}")
-                print(f"{name:>13} C={context:>5}: {what}", file=sys.stderr, flush=True)
+                print(f"{label:>18} C={context:>5}: {what}", file=sys.stderr, flush=True)
         base = next((r for r in results if r["context"] == context and r["cache"] == "contiguous"), None)
         for r in results:
             if r["context"] == context and r["status"] == "ok" and base and base["status"] == "ok":
                 r["kv_reduction"] = round(base["kv_bytes"] / max(r["kv_bytes"], 1), 3)
                 r["perplexity_increase"] = round(r["perplexity"] / base["perplexity"] - 1, 5)
     return results
+
+
+def variants(s: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """(cache, keep share) pairs: a cache that compresses runs once per ``--keep`` share."""
+    from dsr1.registry import PluginRegistry
+
+    out: list[tuple[str, float | None]] = []
+    for name in s["caches"]:
+        compresses = name not in s["not_installed"] and bool(
+            getattr(PluginRegistry.from_env().load("kvcache", name).impl, "compresses", False))
+        out += [(name, k) for k in s["keep"]] if compresses else [(name, None)]
+    return out
 
 
 def evaluate(model: Any, cache: Any, windows: list[Any], prefill_frac: float,
@@ -254,7 +273,7 @@ def target(results: list[dict[str, Any]], reduction: float = 3.0, increase: floa
         ok = r["kv_reduction"] >= reduction and r["perplexity_increase"] <= increase
         if ok:
             met.append({"cache": r["cache"], "context": r["context"]})
-        lines.append(f"{r['cache']:>13} at {r['context']:>5}: {r['kv_reduction']:5.2f}x less KV, perplexity "
+        lines.append(f"{r['cache']:>18} at {r['context']:>5}: {r['kv_reduction']:5.2f}x less KV, perplexity "
                      f"{r['perplexity_increase']:+.2%}, top-1 {r['top1_agreement']:.1%} -> "
                      f"{'meets' if ok else 'misses'} the target")
     lines.append(f"target (>= {reduction:g}x less KV at <= {increase:.0%} perplexity increase): "
@@ -283,7 +302,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.set_ylabel("held-out perplexity (decoded half)")
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"{report['model']['name']}: KV memory vs perplexity per cache "
-                 f"(keep ≈ {report['settings']['keep']:.2f} of the context)", fontsize=10)
+                 f"(compressing caches keep {', '.join(map(str, report['settings']['keep']))} of the context)", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
