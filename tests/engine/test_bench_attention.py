@@ -79,3 +79,15 @@ def test_a_plugin_not_installed_yet_is_skipped() -> None:
     s = {"plugins": ["sliding"], "seq": [16], "not_installed": {"sliding": "not installed"}}
     assert attention.measure(s, log=False) == [
         {"plugin": "sliding", "seq": 16, "status": "skipped", "reason": "not installed"}]
+
+
+def test_a_saved_report_is_replotted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"plugin": p, "seq": t, "status": "ok", "peak_mem_bytes": m * t, "time_s": 0.001 * t}
+            for p, m in (("eager", 100), ("linear", 10)) for t in (1024, 32768)]
+    saved = {"settings": {"plugins": ["eager", "linear"], "batch": 1, "heads": 7, "kv_heads": 1, "head_dim": 128,
+                          "dtype": "bfloat16"}, "machine": {"gpu": "NVIDIA H200", "cpu": "x"}, "results": rows}
+    (tmp_path / "h.json").write_text(json.dumps(saved))
+    png = tmp_path / "h.png"
+    assert main(["bench", "attention", "--from-json", str(tmp_path / "h.json"), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert "linear peak memory is 10.0% of eager at 32768 tokens (target ≤ 27%: met)" in capsys.readouterr().out

@@ -61,6 +61,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.add_argument("--plot", help="write memory (and time) vs sequence length to this PNG")
+    p.add_argument("--from-json", metavar="F.json", help="measure nothing: plot/summarize a saved report "
+                   "(e.g. one from a GPU machine without matplotlib)")
     p.set_defaults(func=run)
 
 
@@ -106,6 +108,15 @@ def command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        try:
+            saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise Dsr1Error(f"--from-json {args.from_json}: {err}") from None
+        if args.plot:
+            plot(saved, args.plot)
+        print(target(saved["results"])["summary"])
+        return 0
     s = settings(args)
     report: dict[str, Any] = {"command": command(args), **common.environment(s["device"], s["threads"])}
     report["settings"] = {k: v for k, v in s.items() if k != "not_installed"}
@@ -119,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n", encoding="utf-8")
     if args.plot:
-        plot(report, args.plot)
+        try:
+            plot(report, args.plot)
+        except ImportError as err:  # a GPU machine without matplotlib: plot later with --from-json
+            print(f"dsr1 bench: warning: no plot ({err}); the JSON has everything, replot with --from-json",
+                  file=sys.stderr)
     if args.json:
         print(text)
     else:
