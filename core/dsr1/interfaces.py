@@ -376,9 +376,12 @@ class KVCache(Plugin):
 
     def clear_state(self) -> None:
         """Zero every state tensor (called at the start of each ``generate``)."""
-        for tensors in self.__dict__.get("_states", {}).values():
-            for t in tensors.values():
-                t.zero_()
+        import torch
+
+        with torch.inference_mode():  # states made during an inference-mode forward are inference tensors
+            for tensors in self.__dict__.get("_states", {}).values():
+                for t in tensors.values():
+                    t.zero_()
 
     def state_nbytes(self) -> int:
         return sum(t.nbytes for tensors in self.__dict__.get("_states", {}).values() for t in tensors.values())
