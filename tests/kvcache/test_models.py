@@ -102,7 +102,9 @@ def test_bad_options_are_one_line(name: str, options: dict[str, Any], message: s
 
 @pytest.mark.parametrize("name", ["paged", "int8"])
 def test_context_past_capacity_is_a_clear_error(name: str) -> None:
-    options = {"block_size": 4, "num_blocks": 5} if name == "paged" else {"paged": True, "block_size": 4, "num_blocks": 5}
+    options: dict[str, Any] = {"block_size": 4, "num_blocks": 5}
+    if name == "int8":
+        options["paged"] = True
     with pytest.raises(Dsr1Error, match=r"num_blocks=5 holds 20 tokens; raise kvcache.options.num_blocks to 10"):
         tiny(name, **options).generate(PROMPT, max_new_tokens=NEW)
 
