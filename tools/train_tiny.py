@@ -1,11 +1,16 @@
 """Train ``dsr1-tiny``: a byte-level BPE tokenizer and a small Llama causal LM on the CPython corpus.
 
     python tools/train_tiny.py --output-dir core/dsr1/assets/dsr1-tiny [--steps N] [--seed 0] [--attention softmax]
+    python tools/train_tiny.py --output-dir core/dsr1/assets/dsr1-tiny-linear --attention linear
 
 Deterministic for a given seed, CPython version, torch version and thread count (2). The corpus and its split are
 described in ``tools/tiny_corpus.py``. Everything is written to a temporary sibling directory first and renamed into
 place at the end, so an interrupted run never leaves a half-written model. ``--tiny-config-for-tests`` shrinks the
 model, the vocabulary and the corpus so the whole pipeline runs in seconds.
+
+``--attention linear`` trains the same model (data, tokenizer, hyperparameters) with transformers' Llama whose attention
+is the ``linear`` plugin's own forward (``dsr1_attention_linear``, registered with transformers' ``AttentionInterface``),
+so training and dsr1 inference run the same code; ``config.json`` then says ``"dsr1_attention": "linear"``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,28 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 PROMPT = "The Python interpreter"
-ATTENTIONS = ("softmax",)  # the linear variant arrives with the linear-attention issue
+ATTENTIONS = ("softmax", "linear")
+#: transformers ``attn_implementation`` per ``--attention`` (``dsr1_linear`` is registered by ``use_attention``).
+HF_ATTENTION = {"softmax": "sdpa", "linear": "dsr1_linear"}
+
+
+def use_attention(name: str, seq_len: int = 256) -> str:
+    """Register the attention ``name`` with transformers (if it is not built in); returns its implementation name."""
+    if name == "linear":
+        from dsr1_attention_linear import LinearAttention, LinearOptions
+        from transformers import AttentionInterface
+
+        # elu+1 as dsr1 loads it; one chunk per training window (the same sums, fewer ops than dsr1's 128-key chunks)
+        attention = LinearAttention(LinearOptions(chunk=seq_len))
+
+        def linear_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+            # unpadded causal batches only (training, evaluation, greedy sample): the mask is plain causal
+            out = attention.forward(query, key, value)  # (B, H, T, D), queries aligned to the last T keys
+            return out.transpose(1, 2).contiguous(), None  # (B, T, H, D) as transformers expects
+
+        AttentionInterface.register("dsr1_linear", linear_forward)
+    return HF_ATTENTION[name]
 
 
 def train_tokenizer(docs: Sequence[str], vocab_size: int) -> Tokenizer:
@@ -150,21 +176,40 @@ def write_tokenizer_files(tok: Tokenizer, out: Path, max_len: int) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def greedy_sample(out: Path, prompt: str, new_tokens: int = 40) -> str:
+def greedy_sample(out: Path, prompt: str, new_tokens: int = 40, attention: str = "softmax") -> str:
     """Greedy continuation of ``prompt`` by the saved model, loaded back with transformers."""
-    model = LlamaForCausalLM.from_pretrained(out)
+    model = LlamaForCausalLM.from_pretrained(out, attn_implementation=use_attention(attention))
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     inputs = tok(prompt, return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(ids[0], skip_special_tokens=True)
 
 
+def compare_with_softmax(out: Path, card: dict) -> str:
+    """A paragraph comparing held-out perplexity with the softmax dsr1-tiny beside ``out`` (empty if absent)."""
+    softmax_card = out.parent / "dsr1-tiny" / "dsr1_tiny.json"
+    if not softmax_card.is_file():
+        return ""
+    ref = json.loads(softmax_card.read_text())
+    ratio = card["heldout_perplexity"] / ref["heldout_perplexity"]
+    return (f"Softmax `dsr1-tiny`, same data, tokenizer, steps and seed: held-out perplexity "
+            f"{ref['heldout_perplexity']:.3f}. Linear attention: {card['heldout_perplexity']:.3f}, "
+            f"{ratio:.2f}x ({100 * (ratio - 1):+.1f}%).\n"
+            f"Final training loss {card['train_loss_last_10pct']:.3f} (softmax {ref['train_loss_last_10pct']:.3f}).\n\n")
+
+
 def write_readme(out: Path, card: dict) -> None:
     """A short model card."""
     c = card["config"]
-    text = f"""# dsr1-tiny
+    linear = card.get("attention") == "linear"
+    what = ("The linear-attention variant of dsr1-tiny: the same data, tokenizer and hyperparameters, trained with causal "
+            "linear attention\n(Katharopoulos et al. 2020, φ = elu+1; the `linear` attention plugin) instead of softmax. "
+            "Its `config.json` says\n`\"dsr1_attention\": \"linear\"`, so `AutoModel.from_pretrained(\"dsr1-tiny-linear\")` "
+            "selects that attention and decodes\nfrom a fixed-size state per layer instead of a growing KV cache. It is"
+            if linear else "The bundled default model of dsr1:")
+    text = f"""# {card.get('name', 'dsr1-tiny')}
 
-The bundled default model of dsr1: a {card['parameters'] / 1e6:.2f} M-parameter Llama-architecture causal LM
+{what} a {card['parameters'] / 1e6:.2f} M-parameter Llama-architecture causal LM
 (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, \
 {c['num_key_value_heads']} KV heads, FFN {c['intermediate_size']}, vocab {c['vocab_size']}, context \
 {c['max_position_embeddings']}, fp32) with a byte-level BPE tokenizer (`<|bos|>`, `<|eos|>`, `<|pad|>`).
@@ -181,7 +226,7 @@ non-overlapping {card['seq_len']}-token windows; `heldout_perplexity` in `tools/
 Trained {card['steps']} steps of {card['batch_size']}x{card['seq_len']} tokens in {card['wall_seconds'] / 60:.1f} min
 on 2 CPU cores (seed {card['seed']}, torch {card['torch_version']}). Details in `dsr1_tiny.json`.
 
-Greedy sample (transformers `generate`, 40 new tokens):
+{compare_with_softmax(out, card) if linear else ""}Greedy sample (transformers `generate`, 40 new tokens):
 
 ```text
 {card['sample']}
@@ -201,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", default="softmax", help="attention variant; only 'softmax' exists so far")
+    p.add_argument("--attention", default="softmax", help="attention the model is trained with: softmax or linear")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -250,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS), pad_token_id=tok.token_to_id(PAD),
         initializer_range=0.02,
     )
+    config._attn_implementation = use_attention(args.attention, args.seq_len)
     model = LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params:,} parameters", flush=True)
@@ -267,13 +313,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = json.loads(cfg_path.read_text())
         cfg["torch_dtype"] = cfg["dtype"] = "float32"  # transformers 5 writes "dtype"; older readers want the old key
         cfg["rope_theta"] = config.rope_parameters["rope_theta"]  # likewise: 5.x nests it under "rope_parameters"
+        cfg.pop("_attn_implementation", None)
+        cfg.pop("attn_implementation", None)
+        if args.attention != "softmax":
+            cfg["dsr1_attention"] = args.attention  # dsr1 selects this attention when loading (dsr1.auto)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_tokenizer_files(tok, tmp, config.max_position_embeddings)
         card: dict = {
-            "name": "dsr1-tiny", "heldout_perplexity": round(ppl, 4), "heldout_tokens": int(heldout_ids.numel()),
+            "name": "dsr1-tiny" if args.attention == "softmax" else f"dsr1-tiny-{args.attention}", "heldout_perplexity": round(ppl, 4), "heldout_tokens": int(heldout_ids.numel()),
             "train_tokens": int(train_ids.numel()), "parameters": params, "steps": args.steps, "seed": args.seed,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
-            "attention": args.attention, **stats, "sample_prompt": PROMPT, "sample": greedy_sample(tmp, PROMPT),
+            "attention": args.attention, **stats, "sample_prompt": PROMPT,
+            "sample": greedy_sample(tmp, PROMPT, attention=args.attention),
             "wall_seconds": round(time.time() - t0, 1), "command": command,
             "torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "date": datetime.date.today().isoformat(), "corpus": tiny_corpus.corpus_info(),

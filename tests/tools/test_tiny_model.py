@@ -79,9 +79,10 @@ def test_corpus_split_deterministic_and_disjoint(card: dict) -> None:
     )
 
 
-def test_attention_other_than_softmax_is_refused() -> None:
+def test_unknown_attention_is_refused() -> None:
+    assert train_tiny.parse_args(["--output-dir", "x", "--attention", "linear"]).attention == "linear"
     with pytest.raises(SystemExit):
-        train_tiny.parse_args(["--output-dir", "x", "--attention", "linear"])
+        train_tiny.parse_args(["--output-dir", "x", "--attention", "performer"])
 
 
 @pytest.fixture
@@ -104,3 +105,52 @@ def test_train_script_end_to_end(tmp_path: Path, torch_globals: None) -> None:
     model = transformers.LlamaForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 1
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_train_script_linear_attention(tmp_path: Path, torch_globals: None) -> None:
+    """``--attention linear``: the config declares it, dsr1 selects it, and dsr1's logits are the trained model's."""
+    pytest.importorskip("dsr1_attention_linear")
+    from dsr1.auto import AutoModel
+
+    out = tmp_path / "tiny-linear"
+    train_tiny.main(["--output-dir", str(out), "--steps", "2", "--tiny-config-for-tests", "--attention", "linear"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dsr1_attention"] == "linear" and "_attn_implementation" not in cfg
+    card = json.loads((out / "dsr1_tiny.json").read_text())
+    assert card["attention"] == "linear" and card["name"] == "dsr1-tiny-linear"
+    assert math.isfinite(card["heldout_perplexity"])
+    ours = AutoModel.from_pretrained(out)
+    assert type(ours.pipeline.attention).__name__ == "LinearAttention"
+    trained = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation=train_tiny.use_attention("linear"))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(ids).logits, trained(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+LINEAR_ASSET = ROOT / "core" / "dsr1" / "assets" / "dsr1-tiny-linear"
+
+
+def test_linear_asset_loads_with_linear_attention_and_generates(card: dict) -> None:
+    """The committed dsr1-tiny-linear: selected by name, linear attention, text out, perplexity as recorded."""
+    from dsr1.auto import AutoModel
+
+    for name in FILES:
+        assert (LINEAR_ASSET / name).is_file(), name
+    assert (LINEAR_ASSET / "model.safetensors").stat().st_size <= 30 * 2**20
+    linear_card = json.loads((LINEAR_ASSET / "dsr1_tiny.json").read_text())
+    assert linear_card["attention"] == "linear"
+    for key in ("steps", "batch_size", "seq_len", "lr", "warmup", "seed", "train_tokens", "heldout_tokens"):
+        assert linear_card[key] == card[key], key  # same data and hyperparameters as dsr1-tiny
+    model = AutoModel.from_pretrained("dsr1-tiny-linear")
+    assert type(model.pipeline.attention).__name__ == "LinearAttention"
+    tok = model.tokenizer
+    ids = torch.tensor([tok.encode("The Python interpreter")])
+    out = model.generate(ids, max_new_tokens=20)
+    text = tok.decode(out[0].tolist(), skip_special_tokens=True)
+    assert text.startswith("The Python interpreter") and len(text) > len("The Python interpreter") + 10
+    from tokenizers import Tokenizer
+
+    heldout = train_tiny.encode_stream(Tokenizer.from_file(str(LINEAR_ASSET / "tokenizer.json")),
+                                       tiny_corpus.split_documents()[1])[:1024]
+    ppl = train_tiny.heldout_perplexity(lambda x: model(x).logits, heldout, 256)
+    assert ppl < 0.5 * linear_card["config"]["vocab_size"], ppl
