@@ -236,8 +236,13 @@ def plot(report: dict[str, Any], path: str) -> None:
         if not rows:
             continue
         seqs = [r["seq"] for r in rows]
-        mem_ax.plot(seqs, [r["peak_mem_bytes"] / 2**20 for r in rows], marker="o", label=plugin)
+        line, = mem_ax.plot(seqs, [r["peak_mem_bytes"] / 2**20 for r in rows], marker="o", label=plugin)
         time_ax.plot(seqs, [r["time_s"] * 1e3 for r in rows], marker="o", label=plugin)
+        stop = next((r for r in report["results"] if r["plugin"] == plugin and r["status"] != "ok"), None)
+        if stop is not None and not stop["reason"].startswith("not tried"):
+            why = "out of memory" if "out of memory" in stop["reason"] else stop["status"]
+            mem_ax.annotate(f"{why} at {stop['seq']}", (seqs[-1], rows[-1]["peak_mem_bytes"] / 2**20),
+                            xytext=(6, -4), textcoords="offset points", fontsize=8, color=line.get_color())
     for ax, label in ((mem_ax, "peak memory of one call (MiB)"), (time_ax, "time of one call (ms, median)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
