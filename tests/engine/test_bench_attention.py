@@ -48,7 +48,7 @@ def test_bench_without_source_or_form_is_one_line(capsys: pytest.CaptureFixture[
 def test_tiny_run_writes_a_complete_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, png = tmp_path / "a.json", tmp_path / "a.png"
     argv = ["bench", "attention", "--plugins", "eager,sdpa,linear", "--seq", "32,64", "--heads", "4", "--kv-heads",
-            "2", "--head-dim", "16", "--reps", "1", "--mem-cap-gb", "2", "--json", "--output", str(out), "--plot",
+            "2", "--head-dim", "16", "--ffn", "96", "--layer", "--reps", "1", "--mem-cap-gb", "2", "--json", "--output", str(out), "--plot",
             str(png)]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
@@ -61,6 +61,8 @@ def test_tiny_run_writes_a_complete_report(tmp_path: Path, capsys: pytest.Captur
     for row in report["results"]:
         assert row["status"] == "ok", row
         assert row["peak_mem_bytes"] >= 0 and row["time_s"] > 0 and row["input_bytes"] == 2 * 4 * 16 * row["seq"] * 4
+        assert row["layer_status"] == "ok" and row["layer_peak_mem_bytes"] >= 0 and row["layer_time_s"] > 0
+    assert all("layer_peak_mem_vs_eager" in r for r in report["ratios"])
     assert {(r["plugin"], r["seq"]) for r in report["ratios"]} == {(p, t) for p in ("sdpa", "linear") for t in (32, 64)}
     assert report["target"]["seq"] == 64 and report["target"]["met"] is None
     assert "largest length both ran" in report["target"]["summary"]

@@ -35,8 +35,8 @@ EXPECTED = ("eager", "sdpa", "linear", "sliding")
 #: one layer of Qwen2-7B (on CUDA) and a smaller slice that fits the 2-core CPU machines.
 #: options a plugin needs outside a model (a checkpoint would give sliding its window): Mistral-7B's 4096.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"sliding": {"window": 4096}}
-LAYER_DEFAULTS = {"cuda": {"heads": 28, "kv_heads": 4, "head_dim": 128},
-                  "cpu": {"heads": 8, "kv_heads": 2, "head_dim": 64}}
+LAYER_DEFAULTS = {"cuda": {"heads": 28, "kv_heads": 4, "head_dim": 128, "ffn": 18944},
+                  "cpu": {"heads": 8, "kv_heads": 2, "head_dim": 64, "ffn": 1376}}
 
 
 def add_parser(sub: Any) -> None:
@@ -50,6 +50,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--heads", type=int, help="query heads (default 28 on CUDA = Qwen2-7B, 8 on CPU)")
     p.add_argument("--kv-heads", type=int, help="key/value heads (default 4 on CUDA, 2 on CPU)")
     p.add_argument("--head-dim", type=int, help="head dim (default 128 on CUDA, 64 on CPU)")
+    p.add_argument("--layer", action="store_true",
+                   help="also measure a whole decoder layer (norms, qkv/rope, attention, o_proj, MLP; random weights)")
+    p.add_argument("--ffn", type=int, help="the layer's FFN size (default 18944 on CUDA = Qwen2-7B, 1376 on CPU)")
     p.add_argument("--plugin-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="an option of one plugin, e.g. sliding.window=4096 (repeatable)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the measured call (median)")
@@ -86,6 +89,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "plugins": plugins, "seq": seqs, "device": args.device, "dtype": dtype, "batch": args.batch,
         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "reps": args.reps, "slow_s": args.slow_s,
+        "layer": bool(args.layer), "ffn": args.ffn or layer["ffn"],
         "mem_cap_gb": cap, "timeout_s": args.timeout_s,
         "threads": args.threads or (1 if args.device == "cpu" else None),
         "options": {p: {**DEFAULT_OPTIONS.get(p, {}), **o} for p, o in
@@ -97,14 +101,14 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def command(args: argparse.Namespace) -> str:
     parts = ["dsr1", "bench", "attention", "--plugins", args.plugins, "--seq", args.seq, "--device", args.device]
-    for flag in ("dtype", "batch", "heads", "kv_heads", "head_dim", "reps", "mem_cap_gb", "threads", "output",
+    for flag in ("dtype", "batch", "heads", "kv_heads", "head_dim", "ffn", "reps", "mem_cap_gb", "threads", "output",
                  "plot"):
         value = getattr(args, flag)
         if value is not None and not (flag == "batch" and value == 1) and not (flag == "reps" and value == 3):
             parts += ["--" + flag.replace("_", "-"), str(value)]
     for item in args.plugin_option:
         parts += ["--plugin-option", item]
-    return shlex.join(parts + (["--json"] if args.json else []))
+    return shlex.join(parts + (["--layer"] if args.layer else []) + (["--json"] if args.json else []))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,9 +194,13 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = ok.get(("eager", seq))
         if plugin == "eager" or base is None:
             continue
-        out.append({"plugin": plugin, "seq": seq,
-                    "peak_mem_vs_eager": round(r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1), 4),
-                    "time_vs_eager": round(r["time_s"] / base["time_s"], 4)})
+        row = {"plugin": plugin, "seq": seq,
+               "peak_mem_vs_eager": round(r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1), 4),
+               "time_vs_eager": round(r["time_s"] / base["time_s"], 4)}
+        if r.get("layer_status") == "ok" and base.get("layer_status") == "ok":
+            row["layer_peak_mem_vs_eager"] = round(r["layer_peak_mem_bytes"] / max(base["layer_peak_mem_bytes"], 1), 4)
+            row["layer_time_vs_eager"] = round(r["layer_time_s"] / base["layer_time_s"], 4)
+        out.append(row)
     return out
 
 
@@ -238,6 +246,10 @@ def plot(report: dict[str, Any], path: str) -> None:
         seqs = [r["seq"] for r in rows]
         line, = mem_ax.plot(seqs, [r["peak_mem_bytes"] / 2**20 for r in rows], marker="o", label=plugin)
         time_ax.plot(seqs, [r["time_s"] * 1e3 for r in rows], marker="o", label=plugin)
+        layer = [r for r in rows if r.get("layer_status") == "ok"]
+        if layer:
+            mem_ax.plot([r["seq"] for r in layer], [r["layer_peak_mem_bytes"] / 2**20 for r in layer], ls="--",
+                        marker=".", color=line.get_color(), label=f"{plugin}, whole layer")
         stop = next((r for r in report["results"] if r["plugin"] == plugin and r["status"] != "ok"), None)
         if stop is not None and not stop["reason"].startswith("not tried"):
             why = "out of memory" if "out of memory" in stop["reason"] else stop["status"]
@@ -321,8 +333,53 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         times = [first]
         if first < spec["slow_s"]:
             times = [timed(q, k, v) for _ in range(int(spec["reps"]))] or [first]
-    return {**row, "status": "ok", "peak_mem_bytes": peak, "time_s": statistics.median(times), "times_s": times,
-            "capabilities": sorted(caps)}
+        row.update(status="ok", peak_mem_bytes=peak, time_s=statistics.median(times), times_s=times,
+                   capabilities=sorted(caps))
+        del q, k, v
+        if spec.get("layer"):
+            row.update(_layer(spec, call, device, dtype))
+    return row
+
+
+def _layer(spec: dict[str, Any], call: Any, device: Any, dtype: Any) -> dict[str, Any]:
+    """Peak memory (weights and input excluded, output included) and time of one decoder layer's prefill."""
+    import torch
+
+    from dsr1.models.common import RotaryEmbedding, rope_inv_freq
+    from dsr1.models.llama import LlamaArgs, LlamaBlock
+
+    b, t, h, d = spec["batch"], int(spec["seq"]), spec["heads"], spec["head_dim"]
+    a = LlamaArgs.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": h * d, "num_hidden_layers": 1,
+                           "num_attention_heads": h, "num_key_value_heads": spec["kv_heads"], "head_dim": d,
+                           "intermediate_size": spec["ffn"], "rope_theta": 1e6, "max_position_embeddings": t})
+    with torch.device(device):
+        block = LlamaBlock(a, 0, call, fused=True).to(dtype).eval()  # nn.Linear's random init: never zeros
+        inv_freq, scaling = rope_inv_freq(a.rope, d, t)
+        rope = RotaryEmbedding(inv_freq.to(device), scaling)
+        rope.ensure(t, dtype)
+        cos, sin = rope(torch.arange(t).expand(b, t), signed=True)  # (B, T, 1, D)
+        x = torch.randn(b, t, h * d, generator=torch.Generator(device=device).manual_seed(t)).to(dtype)  # (B, T, C)
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        block(x, cos, sin, (None, None), None, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    try:
+        with common.PeakMemory(spec["device"]) as mem:
+            first = timed()
+            peak = mem.peak()
+    except (RuntimeError, MemoryError) as err:
+        if not common.is_oom(err):
+            raise
+        return {"layer_status": "skipped", "layer_reason": f"out of memory: {str(err).splitlines()[0][:200]}"}
+    times = [timed() for _ in range(int(spec["reps"]))] if first < spec["slow_s"] else []
+    return {"layer_status": "ok", "layer_peak_mem_bytes": peak, "layer_time_s": statistics.median(times or [first]),
+            "layer_weight_bytes": sum(p.nbytes for p in block.parameters())}
 
 
 if __name__ == "__main__":
