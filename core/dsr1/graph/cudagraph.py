@@ -115,7 +115,7 @@ class DecodeGraphs:
         b = key_valid.shape[0]
         cap = int(cache.capacity)
         # a graph holds raw pointers: the cache buffers and rotary tables must be the captured ones
-        key = (b, cap, cache.k.data_ptr(), model.rope.cos.data_ptr(), model.rope.cos.shape[0])
+        key = (b, cap, cache.k[0].data_ptr(), model.rope.cos.data_ptr(), model.rope.cos.shape[0])
         graph = self.graphs.get(key)
         if graph is None:
             for old in [k for k in self.graphs if k[:2] == (b, cap)]:
