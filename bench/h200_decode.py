@@ -34,12 +34,17 @@ MODES: dict[str, dict[str, Any] | None] = {
 }
 
 
-def build(shape: str, quant: str | None) -> Any:
-    hf = dict(SHAPES[shape])
-    reader = RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), torch.bfloat16, torch.device("cuda"))
+def build(shape: str, quant: str | None, model_name: str | None = None) -> Any:
     overrides: dict[str, Any] = {"device": "cuda"}
     if quant:
         overrides["quant"] = quant
+    if model_name:  # a trained checkpoint, in bf16 (its greedy tokens are well separated)
+        from dsr1.auto import AutoModel
+
+        model = AutoModel.from_pretrained(model_name, dtype=None if quant else torch.bfloat16, **overrides)
+        return model, model.pipeline
+    hf = dict(SHAPES[shape])
+    reader = RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), torch.bfloat16, torch.device("cuda"))
     pipeline = PluginRegistry.from_env().resolve(load_config(None, **overrides))
     model = pipeline.model_builder(hf["model_type"]).build_from(hf, reader, pipeline)
     model.generation_defaults = {}
@@ -57,6 +62,7 @@ def timed(model: Any, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="qwen2-7b", choices=sorted(SHAPES))
+    p.add_argument("--model", default=None, help="a checkpoint name or dir instead of --shape's random weights")
     p.add_argument("--batch-size", default="1,8")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -65,10 +71,10 @@ def main() -> None:
     p.add_argument("--quant", default=None, help="a quant policy (int8, int4...) applied to the same weights")
     p.add_argument("--output")
     args = p.parse_args()
-    model, pipeline = build(args.shape, args.quant)
+    model, pipeline = build(args.shape, args.quant, args.model)
     bandwidth = _bandwidth_gbs("cuda")
     streamed = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = int(model.args.vocab_size)
     rows = []
     for b in [int(x) for x in args.batch_size.split(",")]:
         g = torch.Generator().manual_seed(1234)
