@@ -113,6 +113,21 @@ def test_linear_padded_batch_equals_rows_alone(linear_ckpt: Path) -> None:
             torch.testing.assert_close(batch_logits[row, real], model(alone_ids).logits[0], atol=1e-4, rtol=0)
 
 
+def test_linear_on_a_windowed_checkpoint_ignores_the_window_everywhere(ckpts: dict[str, Path]) -> None:
+    """Running sums take no window: the cache-free forward must not get a windowed mask either
+    (linear reads key validity from the mask's last row), or it would disagree with decode."""
+    model = _linear(ckpts["mistral"])
+    assert model.min_window is None
+    enc = _batch(ckpts["mistral"])
+    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=6, ignore_eos=True)
+    t0 = enc["input_ids"].shape[1]
+    mask = torch.cat([enc["attention_mask"], torch.ones(len(PROMPTS), 6, dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        for i in range(6):
+            logits = model(out[:, : t0 + i], attention_mask=mask[:, : t0 + i]).logits[:, -1]  # (B, V)
+            assert torch.equal(logits.argmax(-1), out[:, t0 + i]), f"token {i}"
+
+
 def test_linear_on_a_softmax_checkpoint_warns_about_fidelity(ckpts: dict[str, Path], linear_ckpt: Path) -> None:
     with pytest.warns(UserWarning, match="trained with softmax attention: its outputs will change"):
         AutoModel.from_pretrained(ckpts["llama"], attention="linear")

@@ -150,7 +150,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer, self.attn, self.fused = layer, attn, fused
         self.h, self.kv, self.d = a.n_heads, a.n_kv_heads, a.head_dim
-        self.window = a.windows[layer]
+        self.window = None if attn.recurrent else a.windows[layer]  # running sums take no window
         self.scale = a.head_dim**-0.5
         c = a.hidden_size
         if fused:
@@ -232,7 +232,7 @@ class LlamaBlock(nn.Module):
         self.self_attn = LlamaAttention(a, layer, attn, fused)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.eps)
         self.mlp = LlamaMLP(a, fused)
-        self.windowed = a.windows[layer] is not None
+        self.windowed = a.windows[layer] is not None and not attn.recurrent
 
     def forward(
         self,
@@ -266,7 +266,7 @@ class LlamaForCausalLM(CausalLM):
         inv_freq, scaling = rope_inv_freq(a.rope, a.head_dim, a.context_length)
         self.rope = RotaryEmbedding(inv_freq, scaling)
         self.context_length = a.context_length
-        windows = [w for w in a.windows if w is not None]
+        windows = [w for w in a.windows if w is not None and not attn.recurrent]
         self.min_window = min(windows) if windows else None
         #: the attention plugin decodes from a fixed-size state (linear attention).
         self.recurrent = attn.recurrent

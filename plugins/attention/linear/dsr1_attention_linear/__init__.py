@@ -3,7 +3,8 @@
 Softmax ``exp(q·k)`` is replaced by a kernel ``φ(q)·φ(k)`` with a positive feature map
 ``φ`` (``elu(x) + 1`` by default, ``relu`` as an option), so causal attention becomes
 
-    out_i = φ(q_i)ᵀ S_i / max(φ(q_i)ᵀ z_i, eps),   S_i = Σ_{j≤i} φ(k_j) v_jᵀ  (D, D),   z_i = Σ_{j≤i} φ(k_j)  (D,)
+    out_i = φ(q_i)ᵀ S_i / max(φ(q_i)ᵀ z_i, eps)
+    S_i = Σ_{j≤i} φ(k_j) v_jᵀ  (D, D)        z_i = Σ_{j≤i} φ(k_j)  (D,)
 
 Two forms of the same sum:
 
@@ -58,7 +59,7 @@ class LinearOptions(PluginOptions):
 
     feature_map: FeatureMap = Field("elu+1", description="positive feature map φ: elu+1 (Katharopoulos) or relu")
     chunk: int = Field(128, ge=1, description="keys per block of the parallel form (memory O(chunk²) per head)")
-    eps: float = Field(1e-6, gt=0, description="floor of the denominator φ(q)·Σφ(k) (a row that sees no key gives 0)")
+    eps: float = Field(1e-6, gt=0, description="floor of the denominator φ(q)·Σφ(k) (a row seeing no key gives 0)")
 
 
 def linear_attention_chunked(

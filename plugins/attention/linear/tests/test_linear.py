@@ -24,7 +24,8 @@ class TestLinear(AttentionConformance):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         mask: torch.Tensor | None = None, scale: float | None = None,
     ) -> torch.Tensor:
-        return linear_attention(query, key, value, mask=mask, scale=scale, feature_map=self.options.get("feature_map", "elu+1"))
+        feature_map = str(self.options.get("feature_map", "elu+1"))
+        return linear_attention(query, key, value, mask=mask, scale=scale, feature_map=feature_map)
 
 
 class TestLinearReluSmallChunks(TestLinear):
