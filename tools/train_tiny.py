@@ -9,8 +9,9 @@ place at the end, so an interrupted run never leaves a half-written model. ``--t
 model, the vocabulary and the corpus so the whole pipeline runs in seconds.
 
 ``--attention linear`` trains the same model (data, tokenizer, hyperparameters) with transformers' Llama whose attention
-is the ``linear`` plugin's own forward (``dsr1_attention_linear``, registered with transformers' ``AttentionInterface``),
-so training and dsr1 inference run the same code; ``config.json`` then says ``"dsr1_attention": "linear"``.
+is the ``linear`` plugin's own forward (``dsr1_attention_linear``, registered with transformers'
+``AttentionInterface``), so training and dsr1 inference run the same code; ``config.json`` then says
+``"dsr1_attention": "linear"``.
 """
 
 from __future__ import annotations
@@ -195,17 +196,19 @@ def compare_with_softmax(out: Path, card: dict) -> str:
     return (f"Softmax `dsr1-tiny`, same data, tokenizer, steps and seed: held-out perplexity "
             f"{ref['heldout_perplexity']:.3f}. Linear attention: {card['heldout_perplexity']:.3f}, "
             f"{ratio:.2f}x ({100 * (ratio - 1):+.1f}%).\n"
-            f"Final training loss {card['train_loss_last_10pct']:.3f} (softmax {ref['train_loss_last_10pct']:.3f}).\n\n")
+            f"Final training loss {card['train_loss_last_10pct']:.3f} "
+            f"(softmax {ref['train_loss_last_10pct']:.3f}).\n\n")
 
 
 def write_readme(out: Path, card: dict) -> None:
     """A short model card."""
     c = card["config"]
     linear = card.get("attention") == "linear"
-    what = ("The linear-attention variant of dsr1-tiny: the same data, tokenizer and hyperparameters, trained with causal "
-            "linear attention\n(Katharopoulos et al. 2020, φ = elu+1; the `linear` attention plugin) instead of softmax. "
-            "Its `config.json` says\n`\"dsr1_attention\": \"linear\"`, so `AutoModel.from_pretrained(\"dsr1-tiny-linear\")` "
-            "selects that attention and decodes\nfrom a fixed-size state per layer instead of a growing KV cache. It is"
+    what = ("The linear-attention variant of dsr1-tiny: the same data, tokenizer and hyperparameters, trained with "
+            "causal linear attention\n(Katharopoulos et al. 2020, φ = elu+1; the `linear` attention plugin) instead "
+            "of softmax. Its `config.json` says\n`\"dsr1_attention\": \"linear\"`, so "
+            "`AutoModel.from_pretrained(\"dsr1-tiny-linear\")` selects that attention and decodes\nfrom a "
+            "fixed-size state per layer instead of a growing KV cache. It is"
             if linear else "The bundled default model of dsr1:")
     text = f"""# {card.get('name', 'dsr1-tiny')}
 
@@ -320,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_tokenizer_files(tok, tmp, config.max_position_embeddings)
         card: dict = {
-            "name": "dsr1-tiny" if args.attention == "softmax" else f"dsr1-tiny-{args.attention}", "heldout_perplexity": round(ppl, 4), "heldout_tokens": int(heldout_ids.numel()),
+            "name": "dsr1-tiny" if args.attention == "softmax" else f"dsr1-tiny-{args.attention}",
+            "heldout_perplexity": round(ppl, 4), "heldout_tokens": int(heldout_ids.numel()),
             "train_tokens": int(train_ids.numel()), "parameters": params, "steps": args.steps, "seed": args.seed,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
             "attention": args.attention, **stats, "sample_prompt": PROMPT,
