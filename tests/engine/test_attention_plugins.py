@@ -205,3 +205,16 @@ def test_bad_attention_config_is_a_one_line_error(ckpts: dict[str, Path], attent
     with pytest.raises(Dsr1Error) as err:
         AutoModel.from_pretrained(ckpts["llama"], attention=attention)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sliding_with_a_ring_buffer_cache_equals_the_full_cache(llama_of_mistral: Path) -> None:
+    """The natural cache of a window: ``streaming`` with no sinks keeps the last ``window`` tokens only."""
+    enc = _batch(llama_of_mistral)
+    sliding = {"name": "sliding", "options": {"window": 5}}
+    full = AutoModel.from_pretrained(llama_of_mistral, attention=sliding)
+    ring = AutoModel.from_pretrained(llama_of_mistral, attention=sliding,
+                                     kvcache={"name": "streaming", "options": {"sinks": 0, "window": 5}})
+    want = full.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=16, ignore_eos=True)
+    got = ring.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=16, ignore_eos=True)
+    assert torch.equal(got, want)
+    assert ring.pipeline.kvcache.nbytes() < full.pipeline.kvcache.nbytes() / 4
