@@ -44,7 +44,7 @@ def test_tiny_run_writes_a_complete_report(tmp_path: Path, capsys: pytest.Captur
     assert report == json.loads(out.read_text()) and png.stat().st_size > 0
     assert report["command"].startswith("dsr1 bench kvcache --model dsr1-tiny --context 32,64")
     assert report["machine"]["cpu"] and report["versions"]["torch"] and report["date"]
-    assert report["model"]["dtype"] == "float32" and report["model"]["trained_context"] == 512
+    assert report["model"]["dtype"] == "float32" and report["model"]["trained_context"] == 256  # its card's seq_len
     assert [(r["cache"], r["context"]) for r in report["results"]] == [
         (c, t) for t in (32, 64) for c in ("contiguous", "int8", "streaming@0.5")]
     for row in report["results"]:
@@ -58,3 +58,11 @@ def test_tiny_run_writes_a_complete_report(tmp_path: Path, capsys: pytest.Captur
     stream = next(r for r in report["results"] if r["cache"] == "streaming@0.5" and r["context"] == 64)
     assert stream["options"] == {"sinks": 4, "window": 28} and stream["kv_reduction"] > 1.5
     assert report["targets"]["summary"][-1].startswith("target (>= 3x less KV")
+
+
+def test_the_target_is_judged_within_the_trained_context_only() -> None:
+    rows = [{"cache": "streaming@0.3", "context": c, "status": "ok", "kv_reduction": 3.3, "perplexity_increase": -0.3,
+             "top1_agreement": 0.5, "beyond_trained_context": c > 256} for c in (256, 1024)]
+    got = kvcache.target(rows)
+    assert got["met_by"] == [{"cache": "streaming@0.3", "context": 256}]
+    assert "not judged" in got["summary"][1]
