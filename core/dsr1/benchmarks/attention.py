@@ -261,7 +261,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     where = report["machine"]["gpu"] or report["machine"]["cpu"]
     fig.suptitle(f"prefill attention, B={s['batch']} H={s['heads']} Hkv={s['kv_heads']} D={s['head_dim']} "
                  f"{s['dtype']} on {where}", fontsize=10)
