@@ -65,3 +65,18 @@ def test_captured_graph_decodes_the_same_tokens_on_cuda(ckpts: dict[str, Path], 
     for n in (12, 30):  # a second call replays the graph captured by the first
         assert torch.equal(captured.generate(ids, mask, max_new_tokens=n, ignore_eos=True),
                            ordinary.generate(ids, mask, max_new_tokens=n, ignore_eos=True))
+
+
+def test_compiled_step_only_up_to_its_batch_limit(ckpts: dict[str, Path]) -> None:
+    """compile: true uses the compiled step for batch <= compile_max_batch, the plain one above."""
+    graph = {"name": "cudagraph", "options": {"capture": False, "compile": True, "compile_max_batch": 1}}
+    model = AutoModel.from_pretrained(ckpts["llama"], graph=graph, device="engine-test-device")
+    graphs = model.decode_graphs
+    assert graphs.compiled is not None and graphs.compiled is not graphs.step
+    ids = torch.tensor([[1, 40, 41, 42], [1, 50, 51, 52]])
+    torch._dynamo.reset()
+    want = AutoModel.from_pretrained(ckpts["llama"]).generate(ids, max_new_tokens=4, ignore_eos=True)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, ignore_eos=True), want[:1])
+    assert torch.equal(model.generate(ids, max_new_tokens=4, ignore_eos=True), want)
+    steps = {b: g.step for (b, *_), g in graphs.graphs.items()}
+    assert steps[1] is graphs.compiled and steps[2] is graphs.step

@@ -12,8 +12,9 @@ way gpt-fast and vLLM do:
   reading the sampled token;
 * with ``compile: true`` the step is first compiled by ``torch.compile`` (the device's
   backend and tiling settings, ``dynamic=False``), so inductor fuses the norms, rotary
-  embedding and activation kernels before capture. This is what the hardware section's
-  ``kernel_fusion: true`` selects on ``nvidia``.
+  embedding and activation kernels before capture, for batches up to ``compile_max_batch``
+  (larger ones measured faster with cuBLAS's kernels captured as they are: see the option).
+  This is what the hardware section's ``kernel_fusion: true`` selects on ``nvidia``.
 
 Prefill runs eagerly. One graph is captured per (batch size, cache capacity) and reused;
 the contiguous cache rounds its capacity up to 256 slots, so generate calls of similar
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from dsr1.errors import Dsr1Error
 from dsr1.graph.compile import CompileOptions, compile_kwargs
@@ -96,10 +97,17 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """The captured steps of one model, by shape; :mod:`dsr1.generation` asks it for a runner."""
+    """The captured steps of one model, by shape; :mod:`dsr1.generation` asks it for a runner.
 
-    def __init__(self, step: Callable[..., torch.Tensor], capture: bool) -> None:
+    ``compiled`` (when set) is used for batches up to ``compiled_max_batch``, ``step`` above.
+    """
+
+    def __init__(
+        self, step: Callable[..., torch.Tensor], capture: bool,
+        compiled: Callable[..., torch.Tensor] | None = None, compiled_max_batch: int = 0,
+    ) -> None:
         self.step, self.capture = step, capture
+        self.compiled, self.compiled_max_batch = compiled, compiled_max_batch
         self.graphs: dict[tuple[Any, ...], DecodeGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -120,7 +128,8 @@ class DecodeGraphs:
         if graph is None:
             for old in [k for k in self.graphs if k[:2] == (b, cap)]:
                 del self.graphs[old]  # the buffers it captured are gone
-            graph = DecodeGraph(self.step, cache, (b, cap), key_valid.device, self.capture, self.pool)
+            step = self.compiled if self.compiled is not None and b <= self.compiled_max_batch else self.step
+            graph = DecodeGraph(step, cache, (b, cap), key_valid.device, self.capture, self.pool)
             self.graphs[key] = graph
         graph.prepare(key_valid)
         return graph
@@ -131,6 +140,10 @@ class CudaGraphOptions(CompileOptions):
 
     #: compile the static step with ``torch.compile`` (fusion) before capturing it.
     compile: bool = False
+    #: largest batch that runs the compiled step; larger ones capture the eager kernels. On the
+    #: H200 (Qwen2-7B shape, torch 2.11) inductor's step won at batch 1 (213 vs 175 tok/s) and
+    #: lost above it (batch 8: 1,009 vs 1,275; batch 128: 2,489 vs 15,300 tok/s).
+    compile_max_batch: int = Field(default=1, ge=1)
     #: capture a CUDA graph (off: run the static step eagerly, e.g. to compare outputs).
     capture: bool = True
 
@@ -147,21 +160,22 @@ class CudaGraphPass(GraphPass):
         if capture and device.torch_device_type != "cuda":
             raise Dsr1Error(f"graph 'cudagraph' captures CUDA graphs and the device is "
                             f"{device.torch_device_type!r}; use graph 'compile' there, or option capture: false")
+        plain, compiled = step, None
         if self.options.compile:
             kwargs = compile_kwargs(self.options, device)
             kwargs["dynamic"] = False
             if capture and kwargs["backend"] == "inductor":  # captured here, not by inductor's cudagraph trees
-                import torch._inductor
+                from torch._inductor import list_mode_options
 
                 mode = kwargs.pop("mode", None)
                 opts = dict(kwargs.get("options") or {})
                 if mode:
-                    opts = {**torch._inductor.list_mode_options(mode, False), **opts}
+                    opts = {**list_mode_options(mode, False), **opts}
                 opts["triton.cudagraphs"] = False
                 kwargs["options"] = opts
-            step = torch.compile(step, **kwargs)
+            compiled = torch.compile(step, **kwargs)
             model.compile_kwargs = kwargs
-        model.decode_graphs = DecodeGraphs(step, capture)
+        model.decode_graphs = DecodeGraphs(plain, capture, compiled, self.options.compile_max_batch)
         return model
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
