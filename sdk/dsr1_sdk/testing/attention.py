@@ -382,8 +382,14 @@ class AttentionConformance(PluginConformance):
         Default: the capabilities the case needs and the plugin does not declare. Override
         it to narrow one configuration (a kernel pinned to flash has no chunked prefill).
         """
-        missing = missing_capabilities(case, self.capabilities())
-        return f"{self.plugin} does not declare {sorted(missing)}" if missing else None
+        caps = self.capabilities()
+        missing = missing_capabilities(case, caps)
+        if not missing:
+            return None
+        if "mask" in missing and "padding_mask" in caps:
+            return (f"{self.plugin} supports causal and key-padding masks only (declares 'padding_mask', not 'mask'); "
+                    f"this case has a {case.mask!r} mask")
+        return f"{self.plugin} does not declare {sorted(missing)}"
 
     def _prepared(self, case: AttentionCase) -> AttentionMechanism:
         reason = self.unsupported(case)
