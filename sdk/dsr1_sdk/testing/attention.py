@@ -218,7 +218,8 @@ def split_lengths(kind: str, n: int) -> list[int]:
     if kind == "prefill_then_decode":
         decode = min(4, n - 1)
         return [n - decode] + [1] * decode
-    lengths, i = [], 0
+    lengths: list[int] = []
+    i = 0
     while sum(lengths) < n:
         lengths.append(min((3, 1, 5, 2)[i % 4], n - sum(lengths)))
         i += 1
@@ -250,7 +251,8 @@ def check_cache_vs_full(
     give the rows of one forward over the whole sequence."""
     q, k, v, mask = case.make(device)
     full = impl(q, k, v, mask=mask, scale=case.scale)  # (B, H, T, D)
-    pieces, start = [], 0
+    pieces: list[torch.Tensor] = []
+    start = 0
     for n in split_lengths(split, case.q_len):
         end = start + n
         step_mask = mask[:, :, start:end, :end] if mask is not None else None  # (B, 1, n, end)
@@ -287,7 +289,8 @@ def check_recurrent(
     state = {name: torch.zeros(shape, dtype=torch.float32, device=device) for name, shape in shapes.items()}
     tensors = dict(state)
     valid = mask.expand(case.batch, 1, case.q_len, case.kv_len)[:, 0, -1] if mask is not None else None  # (B, S)
-    pieces, start = [], 0
+    pieces: list[torch.Tensor] = []
+    start = 0
     for n in split_lengths(split, case.q_len):
         end = start + n
         out = impl.forward_recurrent(
