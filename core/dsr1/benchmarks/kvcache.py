@@ -58,6 +58,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.add_argument("--plot", help="write KV memory vs perplexity per cache to this PNG")
+    p.add_argument("--from-json", metavar="F.json", help="measure nothing: plot/summarize a saved report")
     p.set_defaults(func=run)
 
 
@@ -115,6 +116,15 @@ def command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.from_json:
+        try:
+            saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise Dsr1Error(f"--from-json {args.from_json}: {err}") from None
+        if args.plot:
+            plot(saved, args.plot)
+        print("\n".join(target(saved["results"])["summary"]))
+        return 0
     s = settings(args)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
@@ -297,27 +307,46 @@ def target(results: list[dict[str, Any]], reduction: float = 3.0, increase: floa
 
 
 def plot(report: dict[str, Any], path: str) -> None:
+    """KV bytes vs perplexity, one panel per context; a compressing cache is a line over its --keep shares;
+    the shaded box is the target (≥ 3× less KV than contiguous at ≤ 2% more perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     contexts = report["settings"]["contexts"]
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.6 * len(contexts), 4.4), squeeze=False)
-    for ax, context in zip(axes[0], contexts):
-        for r in report["results"]:
-            if r["context"] != context or r["status"] != "ok":
-                continue
-            ax.scatter(r["kv_bytes"] / 2**20, r["perplexity"], s=40)
-            ax.annotate(r["cache"], (r["kv_bytes"] / 2**20, r["perplexity"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+    cols = min(len(contexts), 2)
+    rows_n = -(-len(contexts) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.2 * cols, 4.4 * rows_n), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(report["settings"]["caches"])}
+    markers = {"contiguous": "s", "paged": "x", "int8": "D"}
+    for ax, context in zip(axes.flat, contexts):
+        ok = [r for r in report["results"] if r["context"] == context and r["status"] == "ok"]
+        for name in report["settings"]["caches"]:
+            mine = sorted((r for r in ok if r.get("plugin", r["cache"]) == name), key=lambda r: r["kv_bytes"])
+            if mine:
+                ax.plot([r["kv_bytes"] / 2**20 for r in mine], [r["perplexity"] for r in mine], color=colors[name],
+                        marker=markers.get(name, "o"), ls="-" if len(mine) > 1 else "", label=name, ms=7)
+                for r in mine:
+                    if r.get("keep") is not None:
+                        ax.annotate(f"{r['keep']:g}", (r["kv_bytes"] / 2**20, r["perplexity"]), fontsize=7,
+                                    xytext=(4, 3), textcoords="offset points", color=colors[name])
+        base = next((r for r in ok if r["cache"] == "contiguous"), None)
+        if base is not None:
+            ax.axvspan(0, base["kv_bytes"] / 2**20 / 3, ymax=1, color="green", alpha=0.06)
+            ax.axhline(base["perplexity"] * 1.02, color="green", ls=":", lw=1, label="contiguous + 2%")
         beyond = context > report["model"]["trained_context"] > 0
-        ax.set_title(f"context {context}" + (" (beyond trained length)" if beyond else ""), fontsize=9)
+        trained = report["model"]["trained_context"]
+        ax.set_title(f"context {context}" + (f" (beyond the trained {trained})" if beyond else ""), fontsize=9)
         ax.set_xlabel(f"KV bytes held at full context (MiB, {report['model']['dtype']})")
         ax.set_ylabel("held-out perplexity (decoded half)")
+        ax.set_xlim(left=0)
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{report['model']['name']}: KV memory vs perplexity per cache "
-                 f"(compressing caches keep {', '.join(map(str, report['settings']['keep']))} of the context)", fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(contexts):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{report['model']['name']}: KV memory vs perplexity per cache (labels: share of the context "
+                 f"kept; green band: ≥ 3× less KV than contiguous)", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
