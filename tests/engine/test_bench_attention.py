@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from dsr1.benchmarks import attention
 from dsr1.cli import build_parser, main
 
@@ -48,8 +47,8 @@ def test_bench_without_source_or_form_is_one_line(capsys: pytest.CaptureFixture[
 def test_tiny_run_writes_a_complete_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, png = tmp_path / "a.json", tmp_path / "a.png"
     argv = ["bench", "attention", "--plugins", "eager,sdpa,linear", "--seq", "32,64", "--heads", "4", "--kv-heads",
-            "2", "--head-dim", "16", "--ffn", "96", "--layer", "--reps", "1", "--mem-cap-gb", "2", "--json", "--output", str(out), "--plot",
-            str(png)]
+            "2", "--head-dim", "16", "--ffn", "96", "--layer", "--reps", "1", "--mem-cap-gb", "2", "--json",
+            "--output", str(out), "--plot", str(png)]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text()) and png.stat().st_size > 0

@@ -58,7 +58,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the measured call (median)")
     p.add_argument("--slow-s", type=float, default=20.0, help="a call slower than this is timed once")
     p.add_argument("--mem-cap-gb", type=float, default=None,
-                   help="CPU: most a point may map beyond its inputs (default 10); CUDA: none (out-of-memory is caught)")
+                   help="CPU: most a point may map beyond its inputs (default 10); "
+                        "CUDA: none (out-of-memory is caught)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="a point running longer is skipped")
     p.add_argument("--threads", type=int, help="torch threads (default 1 on CPU: the machines are shared)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -78,7 +79,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     kv_heads = args.kv_heads or layer["kv_heads"]
     head_dim = args.head_dim or layer["head_dim"]
     if min(heads, kv_heads, head_dim, args.batch, args.reps + 1) < 1 or heads % kv_heads:
-        raise Dsr1Error(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads}); all sizes ≥ 1, --reps ≥ 0")
+        raise Dsr1Error(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads}); "
+                        "all sizes ≥ 1, --reps ≥ 0")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise Dsr1Error(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -86,15 +88,14 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if cap is not None and cap <= 0:
         raise Dsr1Error(f"--mem-cap-gb must be > 0, got {cap}")
     skipped = common.check_names("attention", plugins, EXPECTED)
+    given = common.parse_plugin_options(args.plugin_option, plugins, "--plugin-option")
     return {
         "plugins": plugins, "seq": seqs, "device": args.device, "dtype": dtype, "batch": args.batch,
         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "reps": args.reps, "slow_s": args.slow_s,
         "layer": bool(args.layer), "ffn": args.ffn or layer["ffn"],
         "mem_cap_gb": cap, "timeout_s": args.timeout_s,
         "threads": args.threads or (1 if args.device == "cpu" else None),
-        "options": {p: {**DEFAULT_OPTIONS.get(p, {}), **o} for p, o in
-                    ({p: {} for p in plugins} | common.parse_plugin_options(args.plugin_option, plugins,
-                                                                            "--plugin-option")).items()},
+        "options": {p: {**DEFAULT_OPTIONS.get(p, {}), **given.get(p, {})} for p in plugins},
         "not_installed": skipped,
     }
 

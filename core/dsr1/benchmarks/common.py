@@ -135,7 +135,7 @@ class PeakMemory:
         self.method = ("torch.cuda.max_memory_allocated" if self.cuda
                        else "VmHWM - VmRSS after reset via /proc/self/clear_refs")
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034 - never subclassed
         import torch
 
         if self.cuda:

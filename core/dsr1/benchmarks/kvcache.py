@@ -196,7 +196,8 @@ def measure(model: Any, s: dict[str, Any], log: bool = True) -> list[dict[str, A
         for name, keep in variants(s):
             label = name if keep is None else f"{name}@{keep:g}"
             row: dict[str, Any] = {"cache": label, "plugin": name, "keep": keep, "context": context,
-                                   "samples": len(windows), "beyond_trained_context": bool(trained and context > trained)}
+                                   "samples": len(windows),
+                                   "beyond_trained_context": bool(trained and context > trained)}
             if name in s["not_installed"]:
                 row.update(status="skipped", reason=s["not_installed"][name])
             elif name != "contiguous" and not reference:
