@@ -8,7 +8,8 @@ through the engine's :class:`~dsr1.models.common.AttentionCall`, so a plugin wit
 Each point runs in a fresh subprocess: a warm-up call at 16 tokens (library init), then the
 measured call, whose peak memory is what it allocated on top of its inputs (output included;
 see :mod:`dsr1.benchmarks.common` for how on CPU and CUDA), then ``reps`` timed calls
-(median; CUDA synchronized around each). A call slower than ``slow_s`` is timed once.
+(median; CUDA synchronized around each; ``other_processes_cpu_pct`` says how busy other processes
+kept the CPUs meanwhile). A call slower than ``slow_s`` is timed once.
 
 On CPU each worker may map at most ``--mem-cap-gb`` more than its inputs (an address-space
 limit), so a point that does not fit fails alone with the allocator's message; longer lengths
@@ -332,10 +333,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             cap = f" (cap {spec['mem_cap_gb']} GB)" if device.type == "cpu" and spec["mem_cap_gb"] else ""
             return {**row, "status": "skipped", "reason": f"out of memory{cap}: {str(err).splitlines()[0][:200]}"}
         times = [first]
+        busy = common.cpu_busy()
         if first < spec["slow_s"]:
             times = [timed(q, k, v) for _ in range(int(spec["reps"]))] or [first]
         row.update(status="ok", peak_mem_bytes=peak, time_s=statistics.median(times), times_s=times,
-                   capabilities=sorted(caps))
+                   other_processes_cpu_pct=common.others_busy(busy, common.cpu_busy()), capabilities=sorted(caps))
         del q, k, v
         if spec.get("layer"):
             row.update(_layer(spec, call, device, dtype))

@@ -12,9 +12,11 @@ take outside it is not counted).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,27 @@ def parse_plugin_options(items: Sequence[str], names: Sequence[str], flag: str) 
             raise Dsr1Error(f"{flag} {item!r} names {name!r}, which is not benchmarked{did_you_mean(name, names)}")
         out.setdefault(name, {}).update(parse_option_items([rest]))
     return out
+
+
+def cpu_busy() -> tuple[float, float, float]:
+    """(wall seconds, busy CPU-seconds of the whole machine, CPU-seconds of this process)."""
+    busy = float("nan")
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    own = os.times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def others_busy(before: tuple[float, float, float], after: tuple[float, float, float]) -> float | None:
+    """Percent of all CPUs other processes kept busy while this worker was timing (None: unknown)."""
+    wall = after[0] - before[0]
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    if wall <= 0 or math.isnan(other):  # no /proc/stat
+        return None
+    return round(max(0.0, 100 * other / (wall * (os.cpu_count() or 1))), 1)
 
 
 # --- peak memory ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ predicted from what the cache kept. Scored: the predictions of tokens ``P..C−1
 half); perplexity is ``exp(mean NLL)`` over them; top-1 agreement is the share of those
 positions whose argmax equals the ``contiguous`` cache's argmax on the same window.
 
+``other_processes_cpu_pct``: how busy other processes kept the CPUs meanwhile (shared machines).
 KV bytes: ``cache.nbytes() + cache.state_nbytes()`` after the last token of a window (what the
 cache holds at full context), in the model's dtype (fp32 for dsr1-tiny). Decode tok/s: scored
 tokens / wall time of the one-token steps, batch 1 (CUDA synchronized).
@@ -249,6 +250,7 @@ def evaluate(model: Any, cache: Any, windows: list[Any], prefill_frac: float,
     fill = not reference
     nll, count, agree, decode_s, decoded, kv_bytes = 0.0, 0, 0, 0.0, 0, 0
     check: float | None = None
+    busy = common.cpu_busy()
     with torch.inference_mode():
         for w, window in enumerate(windows):
             ids = window.to(device)[None]  # (1, C)
@@ -281,7 +283,8 @@ def evaluate(model: Any, cache: Any, windows: list[Any], prefill_frac: float,
             agree += int((top1 == reference[w]).sum())
     out = {"kv_bytes": kv_bytes, "kv_bytes_per_token": round(kv_bytes / len(windows[0]), 1),
            "perplexity": math.exp(nll / count), "scored_tokens": count, "top1_agreement": round(agree / count, 5),
-           "decode_tok_s": decoded / decode_s if decode_s else None, "prefill_tokens": p}
+           "decode_tok_s": decoded / decode_s if decode_s else None, "prefill_tokens": p,
+           "other_processes_cpu_pct": common.others_busy(busy, common.cpu_busy())}
     if check is not None:
         out["max_abs_logit_diff_vs_forward"] = check
     return out

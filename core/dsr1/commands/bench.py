@@ -25,7 +25,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from dsr1.benchmarks.common import cpu_busy as _cpu_busy
 from dsr1.benchmarks.common import cpu_model as _cpu_model
+from dsr1.benchmarks.common import others_busy as _others_busy
 from dsr1.benchmarks.common import version as _version
 from dsr1.errors import Dsr1Error
 
@@ -219,27 +221,6 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- worker: one engine, one batch size -----------------------------------------------------------
-
-
-def _cpu_busy() -> tuple[float, float, float]:
-    """(wall seconds, busy CPU-seconds of the whole machine, CPU-seconds of this process)."""
-    busy = float("nan")
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-    except (OSError, ValueError, IndexError):
-        pass
-    own = os.times()
-    return time.perf_counter(), busy, own.user + own.system
-
-
-def _others_busy(before: tuple[float, float, float], after: tuple[float, float, float]) -> float | None:
-    """Percent of all CPUs other processes kept busy while this worker was timing (None: unknown)."""
-    wall = after[0] - before[0]
-    other = (after[1] - before[1]) - (after[2] - before[2])
-    if wall <= 0 or other != other:  # NaN: no /proc/stat
-        return None
-    return round(max(0.0, 100 * other / (wall * (os.cpu_count() or 1))), 1)
 
 
 def _maxrss_mb() -> float:
