@@ -17,9 +17,10 @@ tokens / wall time of the one-token steps, batch 1 (CUDA synchronized).
 
 Budgets: each compressing cache gets options that keep about ``--keep`` (default 1/3) of the
 context (:func:`default_options`); ``--cache-option NAME.KEY=VALUE`` overrides them.
-Contexts past the checkpoint's ``max_position_embeddings`` are run anyway (RoPE tables grow;
-nothing else limits the decode step) and the report flags them: the model is then beyond its
-training length for every cache alike.
+Contexts past the trained context (the training card's ``seq_len``, dsr1-tiny: 256; else the
+config's ``max_position_embeddings``) are run anyway (RoPE tables grow; nothing else limits the
+decode step) and the report flags them: the model is then beyond its training length for every
+cache alike, and the target is not judged there.
 """
 from __future__ import annotations
 
