@@ -49,6 +49,7 @@ HARDWARE_TYPES: dict[str, str] = {
     "huawei": "npu",
     "npu": "npu",
     "cpu": "cpu",
+    "auto": "auto",  # probe the installed device plugins in order (dsr1.device_select)
 }
 
 

@@ -54,6 +54,8 @@ class Pipeline:
     kvcache: KVCache
     decoding: Decoder
     monitor: Monitor
+    #: what ``device: auto`` chose and why (``None`` when a device was named).
+    device_selection: Any = None
 
     def model_builder(self, model_type: str) -> ModelBuilder:
         """The builder for a checkpoint's ``model_type`` (explicit config wins)."""
@@ -80,8 +82,10 @@ class Pipeline:
                 continue
             entry: dict[str, Any] = {"name": choice.name}
             obj = getattr(self, family, None)
+            if family == "device" and self.device_selection is not None:
+                entry = {"name": self.device_selection.chosen, "auto": self.device_selection.as_dict()}
             if obj is not None:
-                info = self.registry.origin(family, choice.name)
+                info = self.registry.origin(family, entry["name"])
                 entry.update(distribution=info.distribution, version=info.version,
                              options=obj.options.model_dump())
             out[family] = entry

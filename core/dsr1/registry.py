@@ -270,10 +270,16 @@ class PluginRegistry:
         from dsr1.pipeline import Pipeline
 
         parts: dict[str, Any] = {}
+        selection = None
         for family in FAMILIES:
             if family == "model":
                 continue  # picked per checkpoint, see Pipeline.model_builder
             choice = config.choice(family)
+            if family == "device" and choice is not None and choice.name == "auto":
+                from dsr1.device_select import select_device
+
+                parts[family], selection = select_device(self, choice.options)
+                continue
             parts[family] = self.make(family, choice) if choice is not None else None
         self.pm.hook.dsr1_configure(config=config)
-        return Pipeline(config=config, registry=self, **parts)
+        return Pipeline(config=config, registry=self, device_selection=selection, **parts)

@@ -50,7 +50,11 @@ def run_check(args: argparse.Namespace) -> int:
         extra = ""
         if family == "device":
             extra = "  available" if entry["available"] else f"  NOT AVAILABLE HERE: {entry['reason']}"
+            if "auto" in entry:
+                extra += f"  (auto: {entry['auto']['reason']})"
         print(f"  {family:<11} {name}{where}{options}{extra}")
+        for rejected, why in entry.get("auto", {}).get("rejected", {}).items():
+            print(f"  {'':<11} auto rejected {rejected}: {why}")
     for key, value in report.get("hardware", {}).items():
         print(f"  hardware.{key}: {value}")
     return 0
