@@ -21,6 +21,8 @@ Importing this package is cheap: it imports pydantic and pluggy, never torch.
 * :mod:`dsr1_sdk.reference` - slow, obviously correct oracles per family.
 * :mod:`dsr1_sdk.testing` - the conformance kit (``AttentionConformance`` ...).
 * :mod:`dsr1_sdk.scaffold` - ``new_plugin(family, name, directory)``.
+* :mod:`dsr1_sdk.vendor` - :class:`VendorDevice`, the base of device plugins over a vendor's
+  torch extension (``torch_mlu``, ``torch_npu`` ...).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from dsr1.interfaces import (
     Scheduler,
 )
 from dsr1.specs import API_VERSION, SUPPORTED_API_VERSIONS, NoOptions, PluginSpec
+from dsr1_sdk.vendor import VendorDevice, VendorOptions
 
 __version__ = "0.1.0"
 
@@ -95,6 +98,8 @@ __all__ = [
     "Request",
     "SamplingParams",
     "Scheduler",
+    "VendorDevice",
+    "VendorOptions",
     "__version__",
     "hookimpl",
 ]

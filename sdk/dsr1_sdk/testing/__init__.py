@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1_sdk.testing.attention import AttentionCase, AttentionConformance, check_attention_case
     from dsr1_sdk.testing.base import PluginConformance, check_options_model, check_packaging
-    from dsr1_sdk.testing.device import DeviceConformance, check_matmul, check_probe
+    from dsr1_sdk.testing.device import DeviceConformance, VendorDeviceConformance, check_matmul, check_probe
     from dsr1_sdk.testing.pruning import PruneCase, PruningConformance, check_mask, check_prune_model
     from dsr1_sdk.testing.quant import (
         QuantCase,
@@ -45,6 +45,7 @@ _LAZY: dict[str, str] = {
     "KVCacheConformance": "kvcache",
     "check_matmul": "device",
     "check_probe": "device",
+    "VendorDeviceConformance": "device",
     "PruneCase": "pruning",
     "PruningConformance": "pruning",
     "check_mask": "pruning",
@@ -83,6 +84,7 @@ __all__ = [
     "PruningConformance",
     "QuantCase",
     "QuantConformance",
+    "VendorDeviceConformance",
     "check_attention_case",
     "check_mask",
     "check_matmul",

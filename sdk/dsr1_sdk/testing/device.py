@@ -5,15 +5,28 @@ available here, its ``reason`` is a non-empty sentence, probing started no runti
 every check that needs hardware is skipped with that reason (never called). When it is
 available: ``device_count``, ``memory_info`` (``total == free + used``), ``synchronize``,
 ``supported_dtypes`` and a small matmul on ``torch_device()`` compared with float64 on CPU.
+
+:class:`VendorDeviceConformance` adds what a :class:`~dsr1_sdk.VendorDevice` plugin
+(``torch_mlu``, ``torch_npu`` ...) must do where its extension is absent or broken.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
 import torch
 
+from dsr1.errors import Dsr1Error
 from dsr1.interfaces import Device, ProbeResult
+from dsr1_sdk import vendor
 from dsr1_sdk.reference.device import check_memory_info, matmul
 from dsr1_sdk.testing.base import PluginConformance
 from dsr1_sdk.testing.isolation import import_report, runtime_problems
@@ -128,3 +141,172 @@ class DeviceConformance(PluginConformance):
             pytest.skip(f"{self.plugin} does not list {dtype} in supported_dtypes()")
         for index in range(impl.device_count()):
             check_matmul(impl, DTYPES[dtype], index, self.tolerances)
+
+
+# --- devices over a vendor's torch extension (dsr1_sdk.VendorDevice) ----------------------------
+
+#: Every method of a :class:`~dsr1_sdk.VendorDevice` that needs a device, called the simplest way.
+HARDWARE_CALLS: dict[str, Callable[[Any], Any]] = {
+    "device_count": lambda d: d.device_count(),
+    "memory_info": lambda d: d.memory_info(0),
+    "allocated": lambda d: d.allocated(),
+    "synchronize": lambda d: d.synchronize(0),
+    "supported_dtypes": lambda d: d.supported_dtypes(),
+    "torch_device": lambda d: d.torch_device(),
+    "stream": lambda d: d.stream(),
+    "event": lambda d: d.event(),
+}
+
+
+class VendorDeviceConformance(DeviceConformance):
+    """The device kit plus the contract of a :class:`~dsr1_sdk.VendorDevice` plugin, checked where the
+    vendor extension is absent: import hygiene (a sentinel extension in a subprocess), every probe branch
+    (a stand-in extension module and ``torch.<type>`` namespace put in place by monkeypatch for one
+    test; nothing shipped fakes a device) and the one-line errors of every hardware method.
+
+    Set, besides ``plugin``, the vendor's own words for the stand-ins::
+
+        class TestMlu(VendorDeviceConformance):
+            plugin = "mlu"
+            missing_words = ("CNToolkit",)
+            import_error = OSError("libcnrt.so: cannot open shared object file: No such file or directory")
+            runtime_error = RuntimeError("CNRT error: no MLU device driver found")
+            driver_warning = "Can't initialize CNDEV"
+    """
+
+    #: words the "not installed" reason must contain (what to install, what it needs).
+    missing_words: ClassVar[tuple[str, ...]] = ()
+    #: what a broken install raises on import.
+    import_error: ClassVar[BaseException] = ImportError("libvendor.so: cannot open shared object file")
+    #: what the runtime raises from ``device_count()`` (a second line is added; the reason quotes the first).
+    runtime_error: ClassVar[BaseException] = RuntimeError("the runtime found no driver")
+    #: what the driver warns while ``device_count()`` answers 0.
+    driver_warning: ClassVar[str] = "driver not loaded"
+
+    # --- helpers (not tests) ----------------------------------------------------------
+
+    def vendor_class(self) -> Any:
+        impl = self.load_spec().impl
+        for name in ("package", "vendor", "missing", "import_hint"):
+            assert isinstance(getattr(impl, name, None), str) and getattr(impl, name), (
+                f"{impl.__name__}.{name} must be set (a VendorDevice names its vendor specifics)"
+            )
+        return impl
+
+    def fake_extension(self, monkeypatch: pytest.MonkeyPatch, count: Any = 0, warning: str = "",
+                       registers: bool = True) -> Any:
+        """Make ``import <package>`` succeed and ``torch.<type>.device_count()`` answer ``count`` (an
+        exception instance is raised instead), for this test only; returns the device class."""
+        cls = self.vendor_class()
+
+        def device_count() -> int:
+            if warning:
+                warnings.warn(warning, UserWarning, stacklevel=1)
+            if isinstance(count, BaseException):
+                raise count
+            return int(count)
+
+        monkeypatch.setattr(vendor, "find_spec", lambda name: object())
+        monkeypatch.setitem(sys.modules, cls.package, ModuleType(cls.package))
+        if registers:
+            monkeypatch.setattr(torch, cls.torch_device_type, SimpleNamespace(device_count=device_count), raising=False)
+        else:
+            monkeypatch.delattr(torch, cls.torch_device_type, raising=False)
+        return cls
+
+    # --- without hardware -------------------------------------------------------------
+
+    def test_import_and_load_do_not_import_the_extension(self, tmp_path: Path) -> None:
+        """A sentinel extension on the path fails loudly if anything imports it before probe()."""
+        package = self.vendor_class().package
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(
+            f"raise RuntimeError('sentinel {package}: imported, which the test forbids until probe()')\n"
+        )
+        code = (
+            "import json, sys\n"
+            "from dsr1.registry import PluginRegistry\n"
+            f"spec = PluginRegistry().load('device', {self.plugin!r})\n"
+            "device = spec.make({'memory_fraction': 0.5})\n"
+            f"before = {{'extension': {package!r} in sys.modules, 'torch': 'torch' in sys.modules}}\n"
+            "result = device.probe()\n"
+            "print(json.dumps({'before': before, 'available': result.available, 'reason': result.reason}))\n"
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
+               "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}  # test the plugin, not torch's backend autoload
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["before"] == {"extension": False, "torch": False}
+        # probe() did import it, and turned the failure into a reason instead of raising
+        assert report["available"] is False
+        assert report["reason"].startswith(f"{package} failed to import: RuntimeError: sentinel {package}")
+
+    def test_probe_names_the_missing_package(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls = self.vendor_class()
+        monkeypatch.setattr(vendor, "find_spec", lambda name: None)
+        result = self.make_impl().probe()
+        assert (result.available, result.reason, result.device_count) == (False, cls.missing, 0)
+        assert f"{cls.package} is not installed" in result.reason
+        assert all(word in result.reason for word in self.missing_words), (result.reason, self.missing_words)
+
+    def test_probe_here_says_not_installed(self) -> None:
+        cls = self.vendor_class()
+        if vendor.find_spec(cls.package) is not None:
+            pytest.skip(f"{cls.package} is installed here")
+        assert self.make_impl().probe() == ProbeResult(available=False, reason=cls.missing)
+
+    def test_probe_when_import_fails(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls, error = self.vendor_class(), self.import_error
+
+        def broken(name: str) -> ModuleType:
+            raise error
+
+        monkeypatch.setattr(vendor, "find_spec", lambda name: object())
+        monkeypatch.setattr(vendor, "import_module", broken)
+        result = self.make_impl().probe()
+        assert not result.available
+        assert result.reason == f"{cls.package} failed to import: {type(error).__name__}: {error} ({cls.import_hint})"
+
+    def test_probe_when_the_extension_registers_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls = self.fake_extension(monkeypatch, registers=False)
+        result = self.make_impl().probe()
+        assert not result.available and f"registered no torch.{cls.torch_device_type}" in result.reason
+
+    def test_probe_with_no_device_names_visible_devices(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls = self.fake_extension(monkeypatch, count=0)
+        env, label = cls.visible_devices_env, cls.torch_device_type.upper()
+        monkeypatch.setenv(env, "")
+        assert self.make_impl().probe().reason == f"no {label} device visible ({env}='')"
+        monkeypatch.delenv(env)
+        assert self.make_impl().probe().reason == f"no {label} device visible ({env}=unset)"
+
+    def test_probe_quotes_the_runtime(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        error = type(self.runtime_error)(f"{self.runtime_error}\nsecond line")
+        cls = self.fake_extension(monkeypatch, count=error)
+        result = self.make_impl().probe()
+        assert not result.available
+        assert result.reason == f"the {cls.vendor} runtime refused: {type(error).__name__}: {self.runtime_error}"
+
+    def test_probe_quotes_the_driver_warning(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls = self.fake_extension(monkeypatch, count=0, warning=self.driver_warning)
+        assert self.make_impl().probe().reason == f"the {cls.vendor} driver refused: {self.driver_warning}"
+
+    def test_probe_checks_device_index(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls = self.fake_extension(monkeypatch, count=2)
+        ok = self.make_impl().probe()
+        assert (ok.available, ok.device_count) == (True, 2)
+        out = self.make_impl(device_index=2).probe()
+        label = cls.torch_device_type.upper()
+        assert not out.available and out.reason.startswith(f"device_index 2 is out of range: 2 {label} device(s) visible")
+
+    @pytest.mark.parametrize("call", sorted(HARDWARE_CALLS))
+    def test_hardware_methods_raise_one_line_error(self, call: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        cls = self.vendor_class()
+        monkeypatch.setattr(vendor, "find_spec", lambda name: None)
+        device = self.make_impl(memory_fraction=0.5)
+        with pytest.raises(Dsr1Error) as info:
+            HARDWARE_CALLS[call](device)
+        assert str(info.value) == f"{cls.torch_device_type} device is not available here: {cls.missing}"
