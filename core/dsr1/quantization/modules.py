@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dsr1.errors import Dsr1Error
+from dsr1.quantization.schemes import int8_dequantize, int8_per_channel
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -48,6 +49,35 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, precision={self.precision}")
+
+
+class Int8PerChannelLinear(QuantizedLinear):
+    """A layer holding int8 ``qweight`` ``(out, in)`` and ``scales`` ``(out,)`` in ``scale_dtype``
+    (symmetric, per output channel: the ``int8_per_channel`` checkpoint layout).
+
+    Subclasses implement :meth:`matmul`, the kernel; the bias is added after it.
+    """
+
+    FORMAT: ClassVar[str] = "int8_per_channel"
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
+        super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
+        q, scales = int8_per_channel(linear.weight, scale_dtype)
+        self.register_buffer("qweight", q.to(linear.weight.device))  # (out, in) int8
+        self.register_buffer("scales", scales.to(linear.weight.device))  # (out,) scale_dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return int8_dequantize(self.qweight, self.scales)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in) @ (qweight · scales)ᵀ`` → ``(..., out)`` in ``x.dtype``, without the bias."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y + self.bias if self.bias is not None else y
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:

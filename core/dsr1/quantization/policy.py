@@ -25,6 +25,7 @@ from dsr1.quantization.modules import (
     refuse_unless_valid,
     replace_linears_,
 )
+from dsr1.quantization.schemes import int8_dequantize, int8_error_bound, int8_per_channel
 
 #: ``quant_method`` of every dsr1-written checkpoint; transformers knows no such method and refuses it.
 QUANT_METHOD = "dsr1"
@@ -91,3 +92,22 @@ class StaticQuantPolicy(QuantPolicy):
     def precision_map(self, model: nn.Module) -> dict[str, str]:
         """Every linear layer and its precision (``dsr1 generate --json`` shows it)."""
         return precision_map(model)
+
+
+class Int8PerChannelPolicy(StaticQuantPolicy):
+    """A static policy whose weights are int8, symmetric, one scale per output channel, the scales in
+    :meth:`scale_dtype` (the layers it makes subclass :class:`~dsr1.quantization.modules.Int8PerChannelLinear`)."""
+
+    FORMAT = "int8_per_channel"
+
+    def scale_dtype(self) -> torch.dtype:
+        """The dtype the kernel reads the scales in (default: the compute dtype)."""
+        return self.compute_dtype()
+
+    def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
+        q, scales = int8_per_channel(weight, self.scale_dtype())
+        return int8_dequantize(q, scales).reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
+
+    def error_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Half a quantization step of each row (``scale / 2``) plus float rounding slack."""
+        return int8_error_bound(weight, self.scale_dtype())

@@ -21,15 +21,12 @@ on the CPU measured, while ``_weight_int8pack_mm`` is faster (README has the fig
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1.quantization.modules import QuantizedLinear, flat
-from dsr1.quantization.policy import StaticQuantPolicy
-from dsr1.quantization.schemes import int8_dequantize, int8_error_bound, int8_per_channel
+from dsr1.quantization.modules import Int8PerChannelLinear, QuantizedLinear, flat
+from dsr1.quantization.policy import Int8PerChannelPolicy
 from dsr1_sdk import PluginSpec, hookimpl
 
 __all__ = ["Int8WeightOnly", "Int8WeightOnlyLinear", "dsr1_quant", "int8_weight_only_linear"]
@@ -57,45 +54,29 @@ def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     return y.reshape(*x.shape[:-1], out)
 
 
-class Int8WeightOnlyLinear(QuantizedLinear):
-    """``y = x (qweight · scales)ᵀ + b``; ``qweight`` int8 ``(out, in)``, ``scales`` ``(out,)``."""
+class Int8WeightOnlyLinear(Int8PerChannelLinear):
+    """``y = x (qweight · scales)ᵀ + b``; ``qweight`` int8 ``(out, in)``, ``scales`` ``(out,)`` in the compute dtype."""
 
-    FORMAT: ClassVar[str] = "int8_per_channel"
     precision = "int8"
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
-        super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
-        q, scales = int8_per_channel(linear.weight, dtype)
-        self.register_buffer("qweight", q.to(linear.weight.device))  # (out, in) int8
-        self.register_buffer("scales", scales.to(linear.weight.device))  # (out,) compute dtype
+        super().__init__(linear, dtype, scale_dtype=dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        return int8_dequantize(self.qweight, self.scales)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_weight_only_linear(x, self.qweight, self.scales)
-        return y + self.bias if self.bias is not None else y
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_only_linear(x, self.qweight, self.scales)
 
 
-class Int8WeightOnly(StaticQuantPolicy):
-    """Weight-only int8 of every linear layer (a tied output head stays in floating point)."""
+class Int8WeightOnly(Int8PerChannelPolicy):
+    """Weight-only int8 of every linear layer (a tied output head stays in floating point); scales in the
+    compute dtype."""
 
     name = "int8"
     distribution = "dsr1-quant-int8"
-    FORMAT = "int8_per_channel"
     #: measured 40.4-48.2 dB on the kit's cases (bf16 scales); README has the command.
     sqnr_threshold = 38.0
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
         return Int8WeightOnlyLinear(linear, self.compute_dtype())
-
-    def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
-        q, scales = int8_per_channel(weight, self.compute_dtype())
-        return int8_dequantize(q, scales).reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
-
-    def error_bound(self, weight: torch.Tensor) -> torch.Tensor:
-        """Half a quantization step of each row (``scale / 2``) plus float rounding slack."""
-        return int8_error_bound(weight, self.compute_dtype())
 
 
 @hookimpl

@@ -12,16 +12,14 @@ on a GPU (no device budget). torchao is not used (see the ``int8`` plugin's READ
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsr1.errors import Dsr1Error
-from dsr1.quantization.modules import QuantizedLinear, device_type, flat, linear_layers
-from dsr1.quantization.policy import StaticQuantPolicy
-from dsr1.quantization.schemes import int8_dequantize, int8_error_bound, int8_per_channel, int8_per_token
+from dsr1.quantization.modules import Int8PerChannelLinear, QuantizedLinear, device_type, flat, linear_layers
+from dsr1.quantization.policy import Int8PerChannelPolicy
+from dsr1.quantization.schemes import int8_per_token
 from dsr1_sdk import PluginSpec, hookimpl
 
 __all__ = ["W8A8Dynamic", "W8A8Linear", "dsr1_quant"]
@@ -42,37 +40,33 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
-class W8A8Linear(QuantizedLinear):
+class W8A8Linear(Int8PerChannelLinear):
     """``y = quant(x) · qweightᵀ · s_x · s_w + b``; ``qweight`` int8 ``(out, in)``, ``scales`` fp32 ``(out,)``."""
 
-    FORMAT: ClassVar[str] = "int8_per_channel"
     precision = "w8a8"
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
-        super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
-        q, scales = int8_per_channel(linear.weight, torch.float32)
-        self.register_buffer("qweight", q.to(linear.weight.device))  # (out, in) int8
-        self.register_buffer("scales", scales.to(linear.weight.device))  # (out,) fp32
+        super().__init__(linear, dtype, scale_dtype=torch.float32)
 
-    def dequantize(self) -> torch.Tensor:
-        return int8_dequantize(self.qweight, self.scales)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = w8a8_linear(x, self.qweight, self.scales)
-        return y + self.bias if self.bias is not None else y
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_linear(x, self.qweight, self.scales)
 
 
-class W8A8Dynamic(StaticQuantPolicy):
-    """int8 × int8 matmuls with per-token dynamic activation scales."""
+class W8A8Dynamic(Int8PerChannelPolicy):
+    """int8 × int8 matmuls with per-token dynamic activation scales; weight scales in fp32."""
 
     name = "w8a8"
     distribution = "dsr1-quant-w8a8"
-    FORMAT = "int8_per_channel"
     #: of the weight round trip (fp32 scales): measured 40.4-48.2 dB on the kit's cases.
     sqnr_threshold = 38.0
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
         return W8A8Linear(linear, self.compute_dtype())
+
+    def scale_dtype(self) -> torch.dtype:
+        """fp32: ``torch._int_mm``'s int32 result is rescaled in fp32 (activations are not part of the
+        ``quantize_tensor`` round trip)."""
+        return torch.float32
 
     def check_layers(self, model: nn.Module) -> None:
         if device_type(model) != "cuda":
@@ -81,14 +75,6 @@ class W8A8Dynamic(StaticQuantPolicy):
             if linear.in_features % 8 or linear.out_features % 8:
                 raise Dsr1Error(f"w8a8 on cuda needs in/out features that are multiples of 8 (torch._int_mm); layer "
                                 f"{name!r} is {linear.in_features}->{linear.out_features}: add it to options.skip")
-
-    def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
-        q, scales = int8_per_channel(weight, torch.float32)
-        return int8_dequantize(q, scales).reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
-
-    def error_bound(self, weight: torch.Tensor) -> torch.Tensor:
-        """Half a quantization step of each row plus float slack (activations are not part of the round trip)."""
-        return int8_error_bound(weight, torch.float32)
 
 
 @hookimpl
