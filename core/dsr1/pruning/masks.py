@@ -16,6 +16,15 @@ def check_sparsity(sparsity: float) -> None:
         raise Dsr1Error(f"sparsity must be within [0, 1], got {sparsity}")
 
 
+def wanda_score(weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Wanda's score ``|W[i, j]| · ‖X_j‖₂`` (Sun et al. 2023), fp32 ``(out, in)`` on the weight's device;
+    ``|W|`` (magnitude) without an activation norm ``(in,)``."""
+    s = weight.detach().abs().float()  # (out, in)
+    if activation_norm is not None:
+        s = s * activation_norm.detach().float().to(s.device)[None, :]  # (out, in) · (1, in)
+    return s
+
+
 def n_pruned(numel: int, sparsity: float) -> int:
     """How many of ``numel`` entries ``sparsity`` prunes: ``round(sparsity · numel)``."""
     check_sparsity(sparsity)

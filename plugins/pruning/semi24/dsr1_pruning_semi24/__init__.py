@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
-from dsr1.pruning.masks import check_sparsity, n_m_mask
+from dsr1.pruning.masks import check_sparsity, n_m_mask, wanda_score
 from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
 
@@ -83,10 +83,7 @@ class Semi24Pruner(Pruner):
     options: Semi24Options
 
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
-        s = weight.detach().abs().float()  # (out, in)
-        if self.options.score == "wanda" and activation_norm is not None:
-            s = s * activation_norm.detach().float().to(s.device)[None, :]
-        return s
+        return wanda_score(weight, activation_norm if self.options.score == "wanda" else None)  # (out, in)
 
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         return n_m_mask(self.score(weight, activation_norm), sparsity, ZEROS, GROUP)  # (out, in) bool

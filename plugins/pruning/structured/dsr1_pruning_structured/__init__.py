@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from dsr1.errors import Dsr1Error
 from dsr1.pruning.calibration import input_norms, usable_batches
-from dsr1.pruning.masks import check_sparsity, lowest_k_mask, n_pruned
+from dsr1.pruning.masks import check_sparsity, lowest_k_mask, n_pruned, wanda_score
 from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
 from torch import nn
@@ -136,10 +136,7 @@ class StructuredPruner(Pruner):
     # --- one matrix (the kit's view): whole input columns --------------------------------------
 
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
-        s = weight.detach().abs().float()  # (out, in)
-        if activation_norm is not None:
-            s = s * activation_norm.detach().float().to(s.device)[None, :]
-        return s
+        return wanda_score(weight, activation_norm)  # (out, in)
 
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Prune the ``round(s · in)`` input columns of lowest ``‖score[:, j]‖``: a (out, in) bool mask."""

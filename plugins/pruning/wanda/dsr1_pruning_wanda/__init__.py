@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
-from dsr1.pruning.masks import check_sparsity, row_balanced_mask
+from dsr1.pruning.masks import check_sparsity, row_balanced_mask, wanda_score
 from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
 
@@ -38,10 +38,7 @@ class WandaPruner(Pruner):
     options: WandaOptions
 
     def score(self, weight: torch.Tensor, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
-        s = weight.detach().abs().float()  # (out, in)
-        if activation_norm is not None:
-            s = s * activation_norm.detach().float().to(s.device)[None, :]  # (out, in) · (1, in)
-        return s
+        return wanda_score(weight, activation_norm)  # (out, in)
 
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         check_sparsity(sparsity)
