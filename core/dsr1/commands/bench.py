@@ -292,7 +292,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         model, gen = _load_dsr1(spec, hf_cfg, reader, dtype)
     else:
         model, gen = _load_hf(spec, hf_cfg, reader, dtype, device)
-    params = {id(p): p for p in model.parameters()}
+    # weights = parameters + buffers: quantized layers keep their int8/int4 weights and scales as buffers
+    params = {id(p): p for p in (*model.parameters(), *model.buffers())}
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
     # an embedding table is gathered, not streamed, per token (unless it is also the output head)
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
