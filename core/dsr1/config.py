@@ -37,6 +37,8 @@ class OptimizerConfig(BaseModel):
 
     kernel_fusion: bool = False
     tiling_strategy: Literal["auto", "fixed"] = "fixed"
+    #: a device without a compile backend runs unfused (with a warning) instead of refusing.
+    fallback: bool = False
 
 
 #: The seed's hardware ``type`` → device plugin name.
@@ -74,11 +76,13 @@ class HardwareConfig(BaseModel):
         return HARDWARE_TYPES[self.type]
 
 
-def fusion_choice(device: str, tiling_strategy: str) -> PluginChoice:
+def fusion_choice(device: str, tiling_strategy: str, fallback: bool = False) -> PluginChoice:
     """The graph pass ``kernel_fusion: true`` means on ``device``: on cuda, the decode step
     compiled by torch.compile and captured as a CUDA graph; elsewhere, torch.compile with the
     device's backend."""
     options: dict[str, Any] = {"tiling_strategy": tiling_strategy}
+    if fallback:
+        options["fallback"] = True
     if device == "cuda":
         return PluginChoice(name="cudagraph", options={**options, "compile": True})
     return PluginChoice(name="compile", options=options)
@@ -132,7 +136,7 @@ class EngineConfig(BaseModel):
             if family == "quant" and hw.precision:
                 return PluginChoice(name=hw.precision)
             if family == "graph" and hw.optimizer.kernel_fusion:
-                return fusion_choice(hw.device, hw.optimizer.tiling_strategy)
+                return fusion_choice(hw.device, hw.optimizer.tiling_strategy, hw.optimizer.fallback)
         default = DEFAULTS[family]
         return PluginChoice(name=default) if default else None
 

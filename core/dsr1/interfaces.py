@@ -150,8 +150,9 @@ class Device(Plugin):
             return torch.device("cpu")
         return torch.device(self.torch_device_type, index)
 
-    def compile_backend(self) -> tuple[str, dict[str, Any]]:
-        """``torch.compile`` backend name and its options for this device."""
+    def compile_backend(self) -> tuple[str, dict[str, Any]] | None:
+        """``torch.compile`` backend name and its options for this device (``None``: it has none,
+        and the graph passes that fuse kernels refuse it, or run unfused if the config allows)."""
         return "inductor", {}
 
     def autotune_settings(self, strategy: str) -> dict[str, Any]:

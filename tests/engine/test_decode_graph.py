@@ -80,3 +80,40 @@ def test_compiled_step_only_up_to_its_batch_limit(ckpts: dict[str, Path]) -> Non
     assert torch.equal(model.generate(ids, max_new_tokens=4, ignore_eos=True), want)
     steps = {b: g.step for (b, *_), g in graphs.graphs.items()}
     assert steps[1] is graphs.compiled and steps[2] is graphs.step
+
+
+class _NoCompileDevice:
+    """A CPU device that declares no torch.compile backend (what kernel fusion must not ignore)."""
+
+    torch_device_type = "cpu"
+
+    def compile_backend(self) -> None:
+        return None
+
+    def autotune_settings(self, strategy: str) -> dict[str, object]:
+        return {}
+
+
+@pytest.mark.parametrize("graph", ["compile", "cudagraph"])
+def test_kernel_fusion_without_a_compile_backend(ckpts: dict[str, Path], graph: str) -> None:
+    """Refused with a clear message, or unfused with a warning when the config allows fallback."""
+    from dsr1.graph.compile import CompileGraph, CompileOptions
+    from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
+
+    model = AutoModel.from_pretrained(ckpts["llama"])
+    make = {"compile": lambda **o: CompileGraph(CompileOptions(**o)),
+            "cudagraph": lambda **o: CudaGraphPass(CudaGraphOptions(capture=False, compile=True, **o))}[graph]
+    with pytest.raises(Dsr1Error, match="has no torch.compile backend.*set fallback: true"):
+        make().apply(model, _NoCompileDevice())
+    with pytest.warns(UserWarning, match="running the unfused decode step"):
+        out = make(fallback=True).apply(model, _NoCompileDevice())
+    assert not hasattr(out, "compiled_step")
+    if graph == "cudagraph":
+        assert out.decode_graphs.compiled is None
+
+
+def test_hardware_fallback_reaches_the_graph_pass() -> None:
+    from dsr1.config import load_config
+
+    cfg = load_config({"hardware": {"type": "cpu", "optimizer": {"kernel_fusion": True, "fallback": True}}})
+    assert cfg.choice("graph").options == {"tiling_strategy": "fixed", "fallback": True}

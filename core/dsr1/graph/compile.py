@@ -28,11 +28,18 @@ class CompileOptions(BaseModel):
     mode: str | None = None
     #: ``torch.compile(dynamic=...)``; ``None`` lets dynamo mark the growing cache length dynamic.
     dynamic: bool | None = None
+    #: on a device without a compile backend, run unfused (with a warning) instead of refusing.
+    fallback: bool = False
 
 
 def compile_kwargs(options: CompileOptions, device: Device) -> dict[str, Any]:
     """The ``torch.compile`` arguments for ``device`` (mode and options merged when both are set)."""
-    backend, backend_options = device.compile_backend()
+    found = device.compile_backend()
+    if found is None:
+        raise NoCompileBackend(f"device {type(device).__name__} has no torch.compile backend, so kernel fusion "
+                               "cannot run there; use graph 'eager', or set fallback: true (hardware.optimizer."
+                               "fallback) to run unfused")
+    backend, backend_options = found
     tuning = dict(device.autotune_settings(options.tiling_strategy))
     mode = options.mode or tuning.pop("mode", None)
     merged = {**backend_options, **tuning}
@@ -51,6 +58,20 @@ def compile_kwargs(options: CompileOptions, device: Device) -> dict[str, Any]:
     return kwargs
 
 
+class NoCompileBackend(Dsr1Error):
+    """The device declares no ``torch.compile`` backend."""
+
+
+def unfused_fallback(err: NoCompileBackend, options: CompileOptions, device: Device) -> bool:
+    """Whether to run unfused after ``err`` (the config allows it: warn and say so), else re-raise."""
+    if not options.fallback:
+        raise err
+    import warnings
+
+    warnings.warn(f"{err.args[0].split(';')[0]}: running the unfused decode step (fallback: true)", stacklevel=3)
+    return True
+
+
 class CompileGraph(GraphPass):
     Options = CompileOptions
     options: CompileOptions
@@ -59,7 +80,11 @@ class CompileGraph(GraphPass):
         step = getattr(model, "forward_step", None)
         if step is None:  # encoders have no decode step: nothing to compile
             return model
-        kwargs = compile_kwargs(self.options, device)
+        try:
+            kwargs = compile_kwargs(self.options, device)
+        except NoCompileBackend as err:
+            unfused_fallback(err, self.options, device)
+            return model
         model.compiled_step = torch.compile(step, **kwargs)
         model.compile_kwargs = kwargs
         return model
