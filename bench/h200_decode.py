@@ -36,8 +36,8 @@ MODES: dict[str, dict[str, Any] | None] = {
 
 def build(shape: str, quant: str | None, model_name: str | None = None) -> Any:
     overrides: dict[str, Any] = {"device": "cuda"}
-    if quant:
-        overrides["quant"] = quant
+    if quant:  # a name, or JSON {"name": ..., "options": {...}}
+        overrides["quant"] = json.loads(quant) if quant.startswith("{") else quant
     if model_name:  # a trained checkpoint, in bf16 (its greedy tokens are well separated)
         from dsr1.auto import AutoModel
 

@@ -21,12 +21,14 @@ on the CPU measured, while ``_weight_int8pack_mm`` is faster (README has the fig
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsr1.quantization.modules import Int8PerChannelLinear, QuantizedLinear, flat
-from dsr1.quantization.policy import Int8PerChannelPolicy
+from dsr1.quantization.policy import Int8PerChannelPolicy, QuantOptions
 from dsr1_sdk import PluginSpec, hookimpl
 
 __all__ = ["Int8WeightOnly", "Int8WeightOnlyLinear", "dsr1_quant", "int8_weight_only_linear"]
@@ -38,16 +40,19 @@ __all__ = ["Int8WeightOnly", "Int8WeightOnlyLinear", "dsr1_quant", "int8_weight_
 INT8PACK_MAX_ROWS = 12
 
 
-def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_weight_only_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, cuda_int8pack: bool = False
+) -> torch.Tensor:
     """``x (..., in) @ (qweight · scales)ᵀ`` → ``(..., out)`` in ``x.dtype`` (scales in ``x.dtype``).
 
-    CPU decode (few rows): the int8 kernel reads 1 byte per weight. CPU prefill and CUDA: the
-    weight is converted to ``x.dtype`` and multiplied by a GEMM, then scaled per column
-    (under ``torch.compile`` on CUDA the conversion fuses into the matmul).
+    CPU decode (few rows), and CUDA decode with ``cuda_int8pack``: the aten int8 kernel reads
+    1 byte per weight. Otherwise the weight is converted to ``x.dtype`` and multiplied by a GEMM,
+    then scaled per column.
     """
     out = qweight.shape[0]
     x2 = flat(x)  # (M, in)
-    if x.device.type == "cpu" and x2.shape[0] <= INT8PACK_MAX_ROWS:
+    few = x2.shape[0] <= INT8PACK_MAX_ROWS
+    if few and (x.device.type == "cpu" or (cuda_int8pack and x.device.type == "cuda")):
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)  # (M, out)
     else:
         y = F.linear(x2, qweight.to(x.dtype)) * scales  # (M, out)
@@ -59,11 +64,19 @@ class Int8WeightOnlyLinear(Int8PerChannelLinear):
 
     precision = "int8"
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, cuda_int8pack: bool = False) -> None:
         super().__init__(linear, dtype, scale_dtype=dtype)
+        self.cuda_int8pack = cuda_int8pack
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_weight_only_linear(x, self.qweight, self.scales)
+        return int8_weight_only_linear(x, self.qweight, self.scales, self.cuda_int8pack)
+
+
+class Int8Options(QuantOptions):
+    #: CUDA kernel for decode-sized calls (≤ 12 rows): ``dequant`` converts the weight to the compute
+    #: dtype and runs cuBLAS (the default); ``int8pack`` runs ``aten._weight_int8pack_mm``, which reads
+    #: the int8 weight directly (its CUDA kernel appeared in recent torch; see the README's figures).
+    cuda_kernel: Literal["dequant", "int8pack"] = "dequant"
 
 
 class Int8WeightOnly(Int8PerChannelPolicy):
@@ -75,8 +88,11 @@ class Int8WeightOnly(Int8PerChannelPolicy):
     #: measured 40.4-48.2 dB on the kit's cases (bf16 scales); README has the command.
     sqnr_threshold = 38.0
 
+    Options = Int8Options
+    options: Int8Options
+
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
-        return Int8WeightOnlyLinear(linear, self.compute_dtype())
+        return Int8WeightOnlyLinear(linear, self.compute_dtype(), self.options.cuda_kernel == "int8pack")
 
 
 @hookimpl
