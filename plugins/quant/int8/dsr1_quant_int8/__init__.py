@@ -12,8 +12,9 @@ Kernels, one per device type:
   activations that kernel is slower than an fp32 matmul on the CPU measured (see README):
   keep the default ``compute_dtype: bf16``.
 * CPU prefill, CUDA and others: ``F.linear(x, qweight.to(x.dtype)) * scales``, the gpt-fast
-  formulation, which ``torch.compile`` (``graph: compile``) fuses into one int8-reading matmul
-  on CUDA. Not measured on a GPU (no device budget).
+  formulation. On the H200 (torch 2.11) inductor does not fuse the conversion into the matmul,
+  so this is slower than bf16 (decode 0.45x at batch 1, ``bench/results/quant-h200/``); option
+  ``cuda_kernel: int8pack`` runs ``aten._weight_int8pack_mm`` instead, measured slower still.
 
 torchao is not used: with torch 2.13 CPU its import reports C extensions that fail to load,
 and its int8 weight-only linear runs eager as a full dequantize + matmul, 2x slower than bf16
