@@ -38,6 +38,18 @@ def test_generate_with_config_file(ckpts: dict[str, Path], tmp_path: Path, capsy
     assert report["pipeline"]["attention"]["distribution"] == "dsr1-engine-testplugins"
 
 
+def test_seed_hardware_yaml_runs_end_to_end_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/hardware-cpu.yaml (the seed's hardware section, type cpu) drives generate on dsr1-tiny."""
+    cfg = Path(__file__).resolve().parents[2] / "examples" / "hardware-cpu.yaml"
+    argv = ["generate", "--model", "dsr1-tiny", "--config", str(cfg), "--max-new-tokens", "6", "--seed", "0", "--json",
+            "The Python interpreter"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    pipeline = report["pipeline"]
+    assert pipeline["device"]["name"] == "cpu" and pipeline["quant"]["name"] == "fp32"
+    assert pipeline["graph"]["name"] == "eager" and report["new_tokens"] == 6 and report["text"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
