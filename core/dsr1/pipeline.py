@@ -6,7 +6,7 @@ events (``fire_model_loaded``, ``fire_step_finished``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dsr1.config import EngineConfig, PluginChoice
@@ -56,6 +56,8 @@ class Pipeline:
     monitor: Monitor
     #: what ``device: auto`` chose and why (``None`` when a device was named).
     device_selection: Any = None
+    #: the effective choice of each family, as resolved (defaults, hardware section and auto applied).
+    choices: dict[str, PluginChoice] = field(default_factory=dict)
 
     def model_builder(self, model_type: str) -> ModelBuilder:
         """The builder for a checkpoint's ``model_type`` (explicit config wins)."""
@@ -76,7 +78,7 @@ class Pipeline:
         out: dict[str, Any] = {}
         for family in ("preprocess", "model", "attention", "device", "quant", "pruning", "graph", "pool",
                        "scheduler", "kvcache", "decoding", "monitor"):
-            choice = self.config.choice(family)
+            choice = self.choices.get(family) or self.config.choice(family)
             if choice is None:
                 out[family] = {"name": "auto (by model_type)" if family == "model" else None}
                 continue

@@ -270,6 +270,7 @@ class PluginRegistry:
         from dsr1.pipeline import Pipeline
 
         parts: dict[str, Any] = {}
+        chosen: dict[str, Any] = {}  # the effective choice of each family (what describe() reports)
         selection = None
         for family in FAMILIES:
             if family == "model":
@@ -280,6 +281,14 @@ class PluginRegistry:
 
                 parts[family], selection = select_device(self, choice.options)
                 continue
+            hw = config.hardware
+            if family == "graph" and selection is not None and config.graph is None and hw is not None \
+                    and hw.optimizer.kernel_fusion:  # fusion for the device auto picked, not for "auto"
+                from dsr1.config import fusion_choice
+
+                choice = fusion_choice(selection.chosen, hw.optimizer.tiling_strategy, hw.optimizer.fallback)
             parts[family] = self.make(family, choice) if choice is not None else None
+            if choice is not None:
+                chosen[family] = choice
         self.pm.hook.dsr1_configure(config=config)
-        return Pipeline(config=config, registry=self, device_selection=selection, **parts)
+        return Pipeline(config=config, registry=self, device_selection=selection, choices=chosen, **parts)

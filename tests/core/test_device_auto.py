@@ -48,3 +48,14 @@ def test_hardware_type_auto(tmp_path: Path):
     path.write_text("hardware:\n  type: auto\n")
     pipeline = PluginRegistry().resolve(load_config(path))
     assert pipeline.device_selection is not None and pipeline.device.probe().available
+
+
+def test_kernel_fusion_follows_the_device_auto_picked():
+    from dsr1.config import fusion_choice
+
+    cfg = load_config({"hardware": {"type": "auto", "optimizer": {"kernel_fusion": True}}})
+    pipeline = PluginRegistry().resolve(cfg)
+    registry = pipeline.registry
+    want = fusion_choice(pipeline.device_selection.chosen, "fixed")
+    assert pipeline.describe()["graph"]["name"] == want.name
+    assert type(pipeline.graph) is registry.load("graph", want.name).impl
