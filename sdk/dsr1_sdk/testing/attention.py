@@ -436,6 +436,25 @@ class AttentionConformance(PluginConformance):
         gqa = "gqa" in self.capabilities()
         check_recurrent(impl, case, split, gqa, self.target_device(), self.tolerances)
 
+    def test_hypothesis_recurrent(self) -> None:
+        """``forward_recurrent`` stepped through hypothesis-drawn sequences equals ``forward``."""
+        caps = self.capabilities()
+        if "recurrent" not in caps:
+            pytest.skip(f"{self.plugin} does not declare ['recurrent']")
+        impl = self.make_impl()
+        device = self.target_device()
+
+        @settings(max_examples=self.max_examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=attention_cases(effective_capabilities(caps)), split=st.sampled_from(SPLITS))
+        def run(case: AttentionCase, split: str) -> None:
+            case = replace(case, kv_len=case.q_len)  # a sequence attending itself, stepped through the state
+            if self.unsupported(case) or impl.validate(device, DTYPES[case.dtype]):
+                return
+            check_recurrent(impl, case, split, "gqa" in caps, device, self.tolerances)
+
+        run()
+
     def test_recurrent_padding_leaves_state(self) -> None:
         case = STEP_CASES["gqa_4to1"]
         impl = self._recurrent(case)
