@@ -12,28 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"qkv_proj": (4608, 3584), "o_proj": (3584, 3584), "gate_up_proj": (37888, 3584),
-          "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
+from cuda_timing import QWEN2_7B_LINEARS, QWEN2_7B_LM_HEAD, median_ms  # bench/cuda_timing.py, a sibling module
 
-
-def bench(fn) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(50):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+SHAPES = {**QWEN2_7B_LINEARS, "lm_head": QWEN2_7B_LM_HEAD}
 
 
 def main() -> None:
@@ -51,13 +37,13 @@ def main() -> None:
         for m in [int(x) for x in args.rows.split(",")]:
             x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
             entry = {"layer": name, "shape": [n, k], "rows": m,
-                     "bf16_ms": bench(lambda: F.linear(x, wb)),
-                     "dequant_ms": bench(lambda: F.linear(x, q.to(torch.bfloat16)) * scales)}
+                     "bf16_ms": median_ms(lambda: F.linear(x, wb)),
+                     "dequant_ms": median_ms(lambda: F.linear(x, q.to(torch.bfloat16)) * scales)}
             try:
                 y = torch.ops.aten._weight_int8pack_mm(x, q, scales)
                 want = F.linear(x.float(), q.float() * scales.float()[:, None])
                 entry["int8pack_max_rel_err"] = float((y.float() - want).abs().max() / want.abs().max())
-                entry["int8pack_ms"] = bench(lambda: torch.ops.aten._weight_int8pack_mm(x, q, scales))
+                entry["int8pack_ms"] = median_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q, scales))
             except RuntimeError as err:
                 entry["int8pack_error"] = str(err).splitlines()[0]
             rows.append(entry)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -20,21 +19,9 @@ import torch.nn.functional as F
 
 from dsr1_pruning_semi24 import Semi24Pruner
 
-SHAPES = {"qkv_proj": (4608, 3584), "o_proj": (3584, 3584), "gate_up_proj": (37888, 3584), "down_proj": (3584, 18944)}
+from cuda_timing import QWEN2_7B_LINEARS, median_ms  # bench/cuda_timing.py, a sibling module
 
-
-def bench(fn, x) -> float:
-    for _ in range(10):
-        fn(x)
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+SHAPES = QWEN2_7B_LINEARS
 
 
 def main() -> None:
@@ -53,8 +40,8 @@ def main() -> None:
         sparse = to_sparse_semi_structured(w)
         for b in [int(x) for x in args.batch_size.split(",")]:
             x = torch.randn(b, in_f, device="cuda", generator=g).to(torch.bfloat16)
-            dense_ms = bench(lambda a: F.linear(a, w), x)
-            sparse_ms = bench(lambda a: F.linear(a, sparse), x)
+            dense_ms = median_ms(lambda: F.linear(x, w))
+            sparse_ms = median_ms(lambda: F.linear(x, sparse))
             diff = (F.linear(x, w) - F.linear(x, sparse)).abs().max().item()
             rows.append({"layer": name, "shape": [out_f, in_f], "batch_size": b, "dense_ms": round(dense_ms, 4),
                          "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 3),

@@ -50,12 +50,21 @@ def test_hardware_type_auto(tmp_path: Path):
     assert pipeline.device_selection is not None and pipeline.device.probe().available
 
 
-def test_kernel_fusion_follows_the_device_auto_picked():
-    from dsr1.config import fusion_choice
+def test_kernel_fusion_follows_the_device_auto_picked(monkeypatch):
+    """kernel_fusion with type auto fuses for the device auto picked: cudagraph when it is cuda."""
+    import dsr1.device_select as device_select
+    from dsr1.config import PluginChoice
+    from dsr1.device_select import DeviceSelection
 
+    def pretend_cuda(registry, options):  # as if cuda had probed available (building it starts nothing)
+        return registry.make("device", PluginChoice(name="cuda")), DeviceSelection("cuda", "pretend", {})
+
+    if "cuda" not in PluginRegistry().names("device"):
+        pytest.skip("dsr1-device-cuda is not installed")
+
+    monkeypatch.setattr(device_select, "select_device", pretend_cuda)
     cfg = load_config({"hardware": {"type": "auto", "optimizer": {"kernel_fusion": True}}})
     pipeline = PluginRegistry().resolve(cfg)
-    registry = pipeline.registry
-    want = fusion_choice(pipeline.device_selection.chosen, "fixed")
-    assert pipeline.describe()["graph"]["name"] == want.name
-    assert type(pipeline.graph) is registry.load("graph", want.name).impl
+    assert pipeline.describe()["graph"]["name"] == "cudagraph"
+    assert type(pipeline.graph) is pipeline.registry.load("graph", "cudagraph").impl
+    assert pipeline.graph.options.compile is True

@@ -106,7 +106,13 @@ class SdpaAttention(AttentionMechanism):
             else:  # chunked prefill: queries are the last T positions (lower-right causal)
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
         if t == 1 and h != hkv:
-            return self._decode_grouped(query, key, value, mask, scale)
+            # GQA decode as plain multi-head attention: the G = H / Hkv query heads that share a key/value
+            # head become G query rows of that head. Same math as repeating key/value heads, without
+            # reading or copying them G times, and every kernel (flash, efficient, cuDNN) accepts it.
+            b, d = query.shape[0], query.shape[3]
+            grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
+            out = self._sdpa(grouped, key, value, mask, False, scale, {})  # (B, Hkv, G, D)
+            return out.reshape(b, h, 1, d)  # (B, H, 1, D)
         extra = {}
         if h != hkv:
             if HAS_ENABLE_GQA and self._pinned != "efficient":  # the efficient kernel has no GQA
@@ -114,37 +120,28 @@ class SdpaAttention(AttentionMechanism):
             else:
                 key = key.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
                 value = value.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
+        return self._sdpa(query, key, value, attn_mask, is_causal, scale, extra)  # (B, H, T, D)
+
+    def _sdpa(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+        is_causal: bool, scale: float | None, extra: dict[str, bool],
+    ) -> torch.Tensor:
+        """One SDPA call; a pinned kernel that refuses the inputs is a one-line error, never a fallback."""
         if self._pinned is None:
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
-            )  # (B, H, T, D)
+            )
         try:
             with self._kernel():
                 return F.scaled_dot_product_attention(
                     query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
-                )  # (B, H, T, D)
-        except RuntimeError as err:  # a pinned kernel refuses these inputs: say which, never fall back
+                )
+        except RuntimeError as err:
             raise Dsr1Error(
                 f"sdpa backend {self._pinned!r} cannot run this call ({query.dtype}, head dim {query.shape[-1]}, "
                 f"{'a mask' if attn_mask is not None else 'no mask'}, on {query.device.type}): "
                 f"{str(err).strip().splitlines()[0]}; use backend 'auto'"
             ) from err
-
-
-    def _decode_grouped(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-        scale: float | None,
-    ) -> torch.Tensor:
-        """One decode query per head under GQA, as plain multi-head attention: the ``G = H / Hkv``
-        query heads that share a key/value head become ``G`` query rows of that head. Same
-        math as repeating key/value heads, without reading or copying them ``G`` times, and
-        every kernel (flash, efficient, cuDNN) accepts it, with or without a mask."""
-        b, h, _, d = query.shape  # (B, H, 1, D)
-        hkv = key.shape[1]
-        grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
-        with self._kernel() if self._pinned is not None else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)  # (B, Hkv, G, D)
-        return out.reshape(b, h, 1, d)  # (B, H, 1, D)
 
 
 @hookimpl
