@@ -197,6 +197,7 @@ class _Run:
         b, t0 = ids.shape
         t_max = t0 + n_new
         device = ids.device
+        model.prepare_batch(b)
         kv.allocate(model.cache_shape(b, t_max), model.dtype, device)
         kv.clear_state()
         model.rope.ensure(t_max, model.dtype)

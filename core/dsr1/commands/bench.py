@@ -299,6 +299,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     gathered = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
     streamed = sum(p.numel() * p.element_size() for i, p in params.items() if i not in gathered)
+    del params  # no reference to the weights beyond the model's (it may relayout them: dsr1.models.packing)
     b, p, n = int(spec["batch_size"]), int(spec["prompt_len"]), int(spec["new_tokens"])
     vocab = int(hf_cfg["vocab_size"])
     g = torch.Generator().manual_seed(1234)

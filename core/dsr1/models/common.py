@@ -296,6 +296,9 @@ class CausalLM(Dsr1Model):
     def cache_shape(self, batch_size: int, max_len: int) -> Any:
         raise NotImplementedError
 
+    def prepare_batch(self, batch_size: int) -> None:
+        """Called before a generate of ``batch_size`` rows (a model may relayout its weights for it)."""
+
     def forward_step(
         self,
         input_ids: torch.Tensor,
