@@ -36,7 +36,7 @@ from dsr1.models.common import (
     rope_parameters,
 )
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
-from dsr1.models.packing import OnednnLinear, dense, pack_linears_, pack_weight, unpack_linears_
+from dsr1.models.packing import dense, pack_linears_, unpack_linears_
 from dsr1.specs import PluginSpec
 
 
@@ -280,8 +280,8 @@ class LlamaForCausalLM(CausalLM):
         a compiled or captured step keeps the layout it was built on."""
         if not self.batch_layout or getattr(self, "compiled_step", None) is not None:
             return
-        if batch_size > 1:  # the decoder layers; lm_head was packed at load and stays so
-            pack_linears_(self.model)
+        if batch_size > 1:
+            pack_linears_(self.model)  # the decoder layers; lm_head stays kn (see dsr1.models.packing)
         else:
             unpack_linears_(self.model)
 
@@ -395,7 +395,7 @@ class LlamaOptions(LoadOptions):
     #: (``weight`` stays an (out, in) view), ``auto`` = ``kn`` on CPU, where MKL's small-batch matmul reads
     #: that layout faster (tiny-125m, batch 8 decode: 37 → 28 ms of matmuls per step), else ``nk``.
     #: On CPU with fp32 weights, ``auto`` also repacks the weights for oneDNN while generating 2+ rows
-    #: (28 → 21 ms) and back to ``kn`` for one row (:meth:`LlamaForCausalLM.prepare_batch`).
+    #: and back to ``kn`` for one row (:meth:`LlamaForCausalLM.prepare_batch`, :mod:`dsr1.models.packing`).
     weight_layout: Literal["auto", "nk", "kn"] = "auto"
 
 
@@ -421,7 +421,6 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     # oneDNN-packed weights for batched CPU decode (dsr1.models.packing), where nothing rewrites them after load
     batch_layout = (layout == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available()
                     and getattr(pipeline, "quant", None) is None)
-    packed_head = False
     state: dict[str, torch.Tensor] = {}
     for name in order:
         if a.tie_embeddings and name == "lm_head.weight":
@@ -432,13 +431,7 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
         else:
             prefix, fused, suffix = m.groups()
             parts = [reader.read(names[f"{prefix}{p}.{suffix}"], dtype, device) for p in FUSED[fused]]
-        if batch_layout and name == "lm_head.weight" and parts[0].dtype == torch.float32:
-            # packed as it arrives (first, when little else is loaded): repacking this (V, C) weight later
-            # would need a second full-size copy on top of the whole model; it stays packed for every batch
-            # size (batch 1: 3.5 instead of 3.0 ms per step on tiny-125m, against 4.5 instead of 7.2 at batch 8)
-            state[name] = pack_weight(parts[0])
-            packed_head = True
-        elif kn and name in linear_weights:
+        if kn and name in linear_weights:
             # (in, out) contiguous, one copy per tensor as it arrives; the parameter is its (out, in) view
             state[name] = torch.cat([t.t() for t in parts], dim=1).t()
         else:
@@ -450,8 +443,6 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     del state
     if a.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if packed_head:
-        model.lm_head.__class__ = OnednnLinear
     model.batch_layout = batch_layout
     model.rope.to(device)
     model.config = dict(hf)

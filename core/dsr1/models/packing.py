@@ -16,7 +16,12 @@ rows (M)   MKL on the ``kn`` layout    oneDNN packed
 So the CPU ``auto`` layout follows the batch (``LlamaForCausalLM.prepare_batch``): the decoder
 layers are packed before a generate of 2 or more rows and go back to ``kn`` before one of a
 single row; each switch reorders their weights once (≈ 0.3 s for 400 MB), one tensor at a
-time. The output head is packed at load and stays so (see ``build_llama``). A packed
+time. The output head (32000 × 768 on tiny-125m) stays ``kn``: packing it would gain 1.9 ms per
+batch-8 step, but reordering it after load needs ≈ 170 MB on top of the model (over the
+transformers peak the benchmark holds us to), and packing it at load (when little else is
+loaded) leaves a freshly loaded model with an opaque weight that tools reading
+``linear.weight`` (``dsr1.quantization.evaluate``) and ``torch.compile`` refuse, and costs
+1.4 ms per batch-1 step. A packed
 weight is an opaque ``torch._mkldnn`` tensor: ops other than this module's forward refuse it
 loudly; ``to_dense()`` gives the ``(out, in)`` values back.
 """
