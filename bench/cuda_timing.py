@@ -1,5 +1,10 @@
 """What the single-kernel H200 scripts (``h200_int8.py``, ``h200_semi24.py``) share: the Qwen2-7B
-linear shapes and a CUDA-event timer. Imported as a sibling module (``python bench/<script>.py``)."""
+linear shapes and two CUDA-event timers. Imported as a sibling module (``python bench/<script>.py``).
+
+:func:`median_ms` times eager calls, so a call whose host-side work (Python dispatch, plan set-up)
+takes longer than its kernels is timed at the host's pace. :func:`graph_ms` captures the calls in
+a CUDA graph and times replays: the device time alone, which is what a captured decode step pays.
+"""
 from __future__ import annotations
 
 import statistics
@@ -27,3 +32,21 @@ def median_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> flo
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], calls: int = 20, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds per ``fn()`` when ``calls`` of them are captured in one CUDA graph and replayed.
+
+    Raises what capture raises (a kernel that cannot be captured).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, warmup=2, reps=reps) / calls

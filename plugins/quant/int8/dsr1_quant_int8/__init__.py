@@ -11,10 +11,14 @@ Kernels, one per device type:
   (bf16/fp16/fp32 activations × int8 weight, scales applied in the kernel). With fp32
   activations that kernel is slower than an fp32 matmul on the CPU measured (see README):
   keep the default ``compute_dtype: bf16``.
-* CPU prefill, CUDA and others: ``F.linear(x, qweight.to(x.dtype)) * scales``, the gpt-fast
-  formulation. On the H200 (torch 2.11) inductor does not fuse the conversion into the matmul,
-  so this is slower than bf16 (decode 0.45x at batch 1, ``bench/results/quant-h200/``); option
-  ``cuda_kernel: int8pack`` runs ``aten._weight_int8pack_mm`` instead, measured slower still.
+* CUDA, up to :data:`~dsr1_quant_int8.triton_kernels.MAX_ROWS` fp16/bf16 rows (decode), option
+  ``cuda_kernel: triton`` (the default): our Triton kernels (:mod:`dsr1_quant_int8.triton_kernels`)
+  read the int8 weight and convert it in registers. ``cuda_kernel: int8pack`` runs
+  ``aten._weight_int8pack_mm`` instead and ``dequant`` the formulation below; both measured
+  slower than bf16 on the H200 (README).
+* Everything else (CPU and CUDA prefill, fp32 activations on CUDA, other devices):
+  ``F.linear(x, qweight.to(x.dtype)) * scales``, the gpt-fast formulation: compute-bound calls
+  lose nothing by dequantizing first.
 
 torchao is not used: with torch 2.13 CPU its import reports C extensions that fail to load,
 and its int8 weight-only linear runs eager as a full dequantize + matmul, 2x slower than bf16
@@ -22,6 +26,7 @@ on the CPU measured, while ``_weight_int8pack_mm`` is faster (README has the fig
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import torch
@@ -39,21 +44,29 @@ __all__ = ["Int8WeightOnly", "Int8WeightOnlyLinear", "dsr1_quant", "int8_weight_
 #: rows (a matrix-vector loop): at 16 rows it ties with dequantize + bf16 GEMM, at 64 it is 2.6x
 #: slower, at 512 8x (768x2048 weights, 1 thread; README has the command).
 INT8PACK_MAX_ROWS = 12
+#: rows and activation dtypes the CUDA Triton kernels take (``triton_kernels.MAX_ROWS``; not imported here,
+#: so the plugin loads without triton).
+TRITON_MAX_ROWS = 64
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def int8_weight_only_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, cuda_int8pack: bool = False
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, cuda_kernel: str = "dequant"
 ) -> torch.Tensor:
     """``x (..., in) @ (qweight · scales)ᵀ`` → ``(..., out)`` in ``x.dtype`` (scales in ``x.dtype``).
 
-    CPU decode (few rows), and CUDA decode with ``cuda_int8pack``: the aten int8 kernel reads
-    1 byte per weight. Otherwise the weight is converted to ``x.dtype`` and multiplied by a GEMM,
-    then scaled per column.
+    Decode-sized calls read the int8 weight directly: the aten int8 kernel on the CPU, the
+    ``cuda_kernel`` on CUDA (``triton`` or ``int8pack``). Otherwise the weight is converted to
+    ``x.dtype`` and multiplied by a GEMM, then scaled per column.
     """
     out = qweight.shape[0]
     x2 = flat(x)  # (M, in)
-    few = x2.shape[0] <= INT8PACK_MAX_ROWS
-    if few and (x.device.type == "cpu" or (cuda_int8pack and x.device.type == "cuda")):
+    rows, on = x2.shape[0], x.device.type
+    if on == "cuda" and cuda_kernel == "triton" and rows <= TRITON_MAX_ROWS and x.dtype in TRITON_DTYPES:
+        from dsr1_quant_int8.triton_kernels import weight_only_mm
+
+        y = weight_only_mm(x2, qweight, scales)  # (M, out)
+    elif rows <= INT8PACK_MAX_ROWS and (on == "cpu" or (on == "cuda" and cuda_kernel == "int8pack")):
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)  # (M, out)
     else:
         y = F.linear(x2, qweight.to(x.dtype)) * scales  # (M, out)
@@ -65,19 +78,19 @@ class Int8WeightOnlyLinear(Int8PerChannelLinear):
 
     precision = "int8"
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, cuda_int8pack: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, cuda_kernel: str = "triton") -> None:
         super().__init__(linear, dtype, scale_dtype=dtype)
-        self.cuda_int8pack = cuda_int8pack
+        self.cuda_kernel = cuda_kernel
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_weight_only_linear(x, self.qweight, self.scales, self.cuda_int8pack)
+        return int8_weight_only_linear(x, self.qweight, self.scales, self.cuda_kernel)
 
 
 class Int8Options(QuantOptions):
-    #: CUDA kernel for decode-sized calls (≤ 12 rows): ``dequant`` converts the weight to the compute
-    #: dtype and runs cuBLAS (the default); ``int8pack`` runs ``aten._weight_int8pack_mm``, which reads
-    #: the int8 weight directly (its CUDA kernel appeared in recent torch; see the README's figures).
-    cuda_kernel: Literal["dequant", "int8pack"] = "dequant"
+    #: CUDA kernel for decode-sized calls: ``triton`` (the default; up to 64 fp16/bf16 rows) reads the
+    #: int8 weight and dequantizes in registers; ``dequant`` converts the weight to the compute dtype and
+    #: runs cuBLAS; ``int8pack`` runs ``aten._weight_int8pack_mm`` (up to 12 rows). README has the figures.
+    cuda_kernel: Literal["triton", "dequant", "int8pack"] = "triton"
 
 
 class Int8WeightOnly(Int8PerChannelPolicy):
@@ -92,8 +105,14 @@ class Int8WeightOnly(Int8PerChannelPolicy):
     Options = Int8Options
     options: Int8Options
 
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        if device == "cuda" and self.options.cuda_kernel == "triton" and importlib.util.find_spec("triton") is None:
+            return ["int8 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of torch "
+                    "ship it), or set options.cuda_kernel: dequant"]
+        return []
+
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
-        return Int8WeightOnlyLinear(linear, self.compute_dtype(), self.options.cuda_kernel == "int8pack")
+        return Int8WeightOnlyLinear(linear, self.compute_dtype(), self.options.cuda_kernel)
 
 
 @hookimpl
@@ -101,5 +120,5 @@ def dsr1_quant() -> PluginSpec:
     return PluginSpec(
         name="int8", family="quant", impl=Int8WeightOnly, options=Int8WeightOnly.Options,
         capabilities=frozenset({"weight_only", "per_channel", "save"}),
-        description="weight-only int8, symmetric per output channel (aten int8 matmul on CPU)",
+        description="weight-only int8, symmetric per output channel (aten int8 matmul on CPU, Triton on CUDA)",
     )
