@@ -26,6 +26,7 @@ from dsr1.quantization.modules import DTYPES, cast_floats_, precision_map, refus
 from dsr1.quantization.schemes import int8_dequantize, int8_error_bound, int8_per_channel
 from dsr1_quant_dynamic.controller import PrecisionController
 from dsr1_quant_dynamic.layer import DynamicLinear
+from dsr1_quant_int8 import CudaKernel, cuda_kernel_problems
 from dsr1_sdk import PluginSpec, hookimpl
 
 __all__ = ["DynamicLinear", "DynamicOptions", "DynamicPrecision", "PrecisionController", "dsr1_quant"]
@@ -52,6 +53,8 @@ class DynamicOptions(BaseModel):
     fallback_fraction: float = Field(1.0, gt=0.0, le=1.0)
     #: ``fnmatch`` patterns of linear layers that always stay in high precision.
     skip: list[str] = Field(default_factory=list)
+    #: CUDA kernel of the int8 layers at decode sizes, as the ``int8`` plugin's option (``triton`` reads int8).
+    cuda_kernel: CudaKernel = "triton"
 
 
 class DynamicPrecision(QuantPolicy):
@@ -65,11 +68,15 @@ class DynamicPrecision(QuantPolicy):
     def compute_dtype(self) -> torch.dtype:
         return DTYPES[self.options.high_precision]
 
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        return cuda_kernel_problems(device, self.options.cuda_kernel)
+
     def quantize_(self, model: nn.Module) -> nn.Module:
         refuse_unless_valid(self, model)
         dtype = self.compute_dtype()
         with torch.no_grad():
-            names = replace_linears_(model, lambda name, linear: DynamicLinear(linear, dtype), self.options.skip)
+            names = replace_linears_(model, lambda name, linear: DynamicLinear(linear, dtype, self.options.cuda_kernel),
+                                     self.options.skip)
             cast_floats_(model, dtype)
         layers = {n: model.get_submodule(n) for n in names}
         monitor = getattr(getattr(model, "pipeline", None), "monitor", None)

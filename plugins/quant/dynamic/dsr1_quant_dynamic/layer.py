@@ -7,7 +7,8 @@
   (no host sync per call): :meth:`DynamicLinear.sqnr_db` is the layer's SQNR on live
   activations.
 * ``"hp"``: high precision (bf16/fp16) only.
-* ``"int8"``: :func:`dsr1_quant_int8.int8_weight_only_linear` only.
+* ``"int8"``: :func:`dsr1_quant_int8.int8_weight_only_linear` only (on CUDA with the int8
+  plugin's kernels, option ``cuda_kernel``).
 
 The layer keeps both weights (the high-precision one is what it saves and loads; the
 int8 copy is recomputed from it), so this policy trades memory for speed.
@@ -33,8 +34,9 @@ HP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"
 class DynamicLinear(QuantizedLinear):
     """``nn.Linear`` with a switchable int8 path; ``weight`` ``(out, in)`` in the high-precision dtype."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, cuda_kernel: str = "triton") -> None:
         super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
+        self.cuda_kernel = cuda_kernel  # the int8 path's CUDA kernel (dsr1_quant_int8.Int8Options.cuda_kernel)
         self.register_buffer("weight", linear.weight.detach().to(dtype))  # (out, in), the saved tensor
         self.mode: Mode = "observe"
         #: live SQNR (dB) measured during warm-up (``None`` until decided).
@@ -68,11 +70,11 @@ class DynamicLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8":
-            y = int8_weight_only_linear(x, self.qweight, self.scales)
+            y = int8_weight_only_linear(x, self.qweight, self.scales, self.cuda_kernel)
         else:
             y = F.linear(x, self.weight)  # (..., out)
             if self.mode == "observe":
-                diff = y.float() - int8_weight_only_linear(x, self.qweight, self.scales).float()
+                diff = y.float() - int8_weight_only_linear(x, self.qweight, self.scales, self.cuda_kernel).float()
                 self.signal += y.float().pow(2).sum().double()
                 self.noise += diff.pow(2).sum().double()
         return y + self.bias if self.bias is not None else y

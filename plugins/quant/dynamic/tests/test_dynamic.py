@@ -2,6 +2,7 @@
 the guard switching back, monitor events, and one-line errors for out-of-range settings."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,16 @@ def test_guard_trips_early_when_the_window_cannot_recover() -> None:
     assert controller.phase == "running"  # 2 flips: a full window could still reach 0.8
     controller.check(_logits(1), _logits(2))
     assert controller.phase == "held"  # 3 flips > 2 allowed in 10
+
+
+def test_int8_layers_use_the_chosen_cuda_kernel(llama_dir: Path) -> None:
+    """``cuda_kernel`` reaches every layer; ``triton`` on CUDA is refused by ``validate`` without triton."""
+    model = load(llama_dir, cuda_kernel="dequant")
+    kernels = {m.cuda_kernel for m in model.modules() if isinstance(m, DynamicLinear)}
+    assert kernels == {"dequant"}
+    policy = PluginRegistry().load("quant", "dynamic").make()
+    if importlib.util.find_spec("triton") is None:
+        assert "pip install triton" in " ".join(policy.validate("cuda"))
+    else:
+        assert policy.validate("cuda") == []
+    assert policy.validate("cpu") == []

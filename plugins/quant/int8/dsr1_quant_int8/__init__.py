@@ -37,7 +37,8 @@ from dsr1.quantization.modules import Int8PerChannelLinear, QuantizedLinear, fla
 from dsr1.quantization.policy import Int8PerChannelPolicy, QuantOptions
 from dsr1_sdk import PluginSpec, hookimpl
 
-__all__ = ["Int8WeightOnly", "Int8WeightOnlyLinear", "dsr1_quant", "int8_weight_only_linear"]
+__all__ = ["CudaKernel", "Int8WeightOnly", "Int8WeightOnlyLinear", "cuda_kernel_problems", "dsr1_quant",
+           "int8_weight_only_linear"]
 
 
 #: rows up to which the CPU kernel ``_weight_int8pack_mm`` is used. Its cost grows linearly with the
@@ -86,11 +87,23 @@ class Int8WeightOnlyLinear(Int8PerChannelLinear):
         return int8_weight_only_linear(x, self.qweight, self.scales, self.cuda_kernel)
 
 
+#: the CUDA kernels of decode-sized calls (see :class:`Int8Options`).
+CudaKernel = Literal["triton", "dequant", "int8pack"]
+
+
+def cuda_kernel_problems(device: str, cuda_kernel: str) -> list[str]:
+    """Why ``cuda_kernel`` cannot run on ``device`` (empty when it can): ``triton`` needs the triton package."""
+    if device == "cuda" and cuda_kernel == "triton" and importlib.util.find_spec("triton") is None:
+        return ["int8 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of torch "
+                "ship it), or set options.cuda_kernel: dequant"]
+    return []
+
+
 class Int8Options(QuantOptions):
     #: CUDA kernel for decode-sized calls: ``triton`` (the default; up to 64 fp16/bf16 rows) reads the
     #: int8 weight and dequantizes in registers; ``dequant`` converts the weight to the compute dtype and
     #: runs cuBLAS; ``int8pack`` runs ``aten._weight_int8pack_mm`` (up to 12 rows). README has the figures.
-    cuda_kernel: Literal["triton", "dequant", "int8pack"] = "triton"
+    cuda_kernel: CudaKernel = "triton"
 
 
 class Int8WeightOnly(Int8PerChannelPolicy):
@@ -106,10 +119,7 @@ class Int8WeightOnly(Int8PerChannelPolicy):
     options: Int8Options
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
-        if device == "cuda" and self.options.cuda_kernel == "triton" and importlib.util.find_spec("triton") is None:
-            return ["int8 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of torch "
-                    "ship it), or set options.cuda_kernel: dequant"]
-        return []
+        return cuda_kernel_problems(device, self.options.cuda_kernel)
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
         return Int8WeightOnlyLinear(linear, self.compute_dtype(), self.options.cuda_kernel)
