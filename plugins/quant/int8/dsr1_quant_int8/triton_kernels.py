@@ -134,10 +134,14 @@ def _block_m(rows: int) -> int:
 
 @torch.library.custom_op("dsr1_int8::weight_only_mm", mutates_args=())
 def weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x (M, K)`` fp16/bf16 contiguous, ``qweight (N, K)`` int8 contiguous, ``scales (N,)`` → ``(M, N)`` in ``x.dtype``.
+    """``x (M, K)`` fp16/bf16, ``qweight (N, K)`` int8 contiguous, ``scales (N,)`` → ``(M, N)`` in ``x.dtype``.
 
-    ``M`` at most :data:`MAX_ROWS`.
+    ``M`` at most :data:`MAX_ROWS`. The kernels index rows as ``row · K``: a strided ``x`` (a slice
+    of a wider tensor) is copied first; the weight and scales are buffers, contiguous as stored.
     """
+    x = x.contiguous()
+    if not (qweight.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("weight_only_mm needs a contiguous qweight and scales")
     m, k = x.shape
     n = qweight.shape[0]
     if m > MAX_ROWS or x.dtype not in (torch.float16, torch.bfloat16):

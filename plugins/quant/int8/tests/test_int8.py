@@ -68,6 +68,12 @@ for (m, n, k), dtype in [((1, 48, 64), torch.bfloat16), ((1, 37, 300), torch.flo
     assert y.shape == (m, n) and y.dtype == dtype
     want = x.float() @ (q.float() * s.float()[:, None]).T
     worst = max(worst, float((y.float() - want).abs().max() / want.abs().max()))
+# a strided x (the last position of a (B, T, K) tensor) is read row by row correctly
+x = torch.randn(3, 5, 64, generator=g).to(torch.float16)[:, -1]
+q = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+s = (torch.rand(32, generator=g) / 100 + 1e-3).to(torch.float16)
+want = x.float() @ (q.float() * s.float()[:, None]).T
+worst = max(worst, float((weight_only_mm(x, q, s).float() - want).abs().max() / want.abs().max()))
 # the int8 -> fp32 bit trick is exact for every code: a one-hot row picks one column of q
 q = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).reshape(16, 16).contiguous()
 for j in range(16):
