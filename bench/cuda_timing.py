@@ -7,8 +7,12 @@ a CUDA graph and times replays: the device time alone, which is what a captured 
 """
 from __future__ import annotations
 
+import datetime
+import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,3 +54,11 @@ def graph_ms(fn: Callable[[], object], calls: int = 20, warmup: int = 3, reps: i
         for _ in range(calls):
             fn()
     return median_ms(graph.replay, warmup=2, reps=reps) / calls
+
+
+def write_report(command: str, rows: list[dict[str, Any]], output: str | None, **extra: Any) -> None:
+    """The script's JSON (command, date, GPU, torch version, ``extra``, results) to ``output`` when given."""
+    report = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, **extra, "results": rows}
+    if output:
+        Path(output).write_text(json.dumps(report, indent=2) + "\n")

@@ -4,10 +4,7 @@
 # check the path on a small shape, then measure Qwen2-7B-shaped random bf16 weights against
 # transformers at batch sizes $1 (default 1,8,32,128), $2 timed repetitions (default 2). JSON lands in $OUT.
 set -euo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl" ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda
 cd /tmp
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

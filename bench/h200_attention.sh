@@ -10,11 +10,8 @@
 # JSON lands in $OUT (h200.json, h200-group.json); make the PNGs here afterwards with
 #   dsr1 bench attention --from-json bench/results/attention/h200.json --plot bench/results/attention/h200.png
 set -euo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/eager ./plugins/attention/sdpa ./plugins/attention/linear \
-  ./plugins/attention/sliding ./plugins/devices/cpu ./plugins/devices/cuda >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl" ./plugins/attention/eager ./plugins/attention/sdpa \
+  ./plugins/attention/linear ./plugins/attention/sliding ./plugins/devices/cpu ./plugins/devices/cuda
 cd /tmp
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -4,11 +4,8 @@
 # random bf16 weights in one process (bench/h200_decode.py). JSON lands in $OUT.
 #   bash bench/h200_decode.sh [BATCHES=1,8,32,128] [COMPILED_BATCHES=1,128]
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
-  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl" ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
+  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_decode_graph.py plugins/attention/sdpa 2>&1 | tail -n 15
 timeout 200 python3 bench/h200_decode.py --shape qwen2-7b --batch-size "${1:-1,8,32,128}" --modes eager,cudagraph \

@@ -3,12 +3,10 @@
 # transformers (issue 5), (2) int8/int4 against bf16 on the fused path at batch 1 (issue 6), (3) 2:4
 # sparse linear layers (issue 7), (4) the attention memory bench (issue 4), each under its own timeout.
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/eager ./plugins/attention/sdpa ./plugins/attention/linear \
-  ./plugins/attention/sliding ./plugins/devices/cpu ./plugins/devices/cuda ./plugins/quant/float \
-  ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/pruning/magnitude ./plugins/pruning/semi24 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl" ./plugins/attention/eager ./plugins/attention/sdpa \
+  ./plugins/attention/linear ./plugins/attention/sliding ./plugins/devices/cpu ./plugins/devices/cuda \
+  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/pruning/magnitude \
+  ./plugins/pruning/semi24
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo '{"device": "cuda", "graph": {"name": "cudagraph", "options": {"compile": true}}}' > /tmp/fused.json
 timeout 240 python3 -m dsr1.cli bench --shape qwen2-7b --random-weights --compare hf --device cuda --config /tmp/fused.json \

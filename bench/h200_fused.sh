@@ -4,11 +4,8 @@
 # `dsr1 bench --compare hf` on Qwen2-7B-shaped random weights with the fused decode path
 # (graph cudagraph + compile, which kernel_fusion: true selects on nvidia). JSON lands in $OUT.
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
-  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl" ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
+  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m dsr1.cli config check examples/hardware-nvidia.yaml
 timeout 120 python3 -m dsr1.cli generate --config examples/hardware-nvidia.yaml --model dsr1-tiny \

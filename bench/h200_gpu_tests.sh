@@ -2,12 +2,9 @@
 # The CUDA-only tests on the H200 (2026-11-29, third session): the int8 Triton kernels, the CUDA device
 # plugin, the decode graph, sdpa on CUDA, int4/fp8/semi24 CUDA paths. Needs carry: .engine-whl, .test-whl.
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl .test-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/eager ./plugins/attention/sdpa ./plugins/devices/cpu \
-  ./plugins/devices/cuda ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/quant/fp8 \
-  ./plugins/pruning/magnitude ./plugins/pruning/semi24 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl .test-whl" ./plugins/attention/eager ./plugins/attention/sdpa \
+  ./plugins/devices/cpu ./plugins/devices/cuda ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 \
+  ./plugins/quant/fp8 ./plugins/pruning/magnitude ./plugins/pruning/semi24
 timeout 200 python3 -m pytest -q -p no:cacheprovider --no-header -rs -k "not interpreter" \
   plugins/quant/int8/tests/test_int8.py plugins/devices/cuda/tests tests/engine/test_decode_graph.py \
   plugins/attention/sdpa/tests/test_sdpa_cuda.py plugins/quant/int4/tests plugins/quant/fp8/tests \

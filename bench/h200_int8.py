@@ -20,16 +20,14 @@ The bandwidth column is the bytes each kernel must read (weight, scales, x) over
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cuda_timing import QWEN2_7B_LINEARS, QWEN2_7B_LM_HEAD, graph_ms  # bench/cuda_timing.py, a sibling module
+from cuda_timing import QWEN2_7B_LINEARS, QWEN2_7B_LM_HEAD, graph_ms, write_report  # bench/cuda_timing.py, a sibling module
 
 SHAPES = {**QWEN2_7B_LINEARS, "lm_head": QWEN2_7B_LM_HEAD}
 
@@ -115,16 +113,12 @@ def main() -> None:
                 entry["triton_gbs"] = round(int8_bytes / entry["triton_ms"] / 1e6, 1)
                 entry["triton_vs_bf16"] = round(entry["bf16_ms"] / entry["triton_ms"], 3)
             rows.append(entry)
-            del x
             print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in entry.items()}),
                   flush=True)
         del wb_copies, q_copies
-    report = {"command": f"python bench/h200_int8.py --rows {args.rows} --torchao-rows {args.torchao_rows}",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "timing": "CUDA graph of 20 calls, median of 20 replays, per call; bf16 and triton cycle weight copies (HBM reads)", "results": rows}
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(f"python bench/h200_int8.py --rows {args.rows} --torchao-rows {args.torchao_rows}", rows, args.output,
+                 timing="CUDA graph of 20 calls, median of 20 replays, per call; bf16 and triton cycle weight copies "
+                        "(HBM reads)")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@
 # kernels and torchao's (issue 6), then 2:4 sparse linear layers with both sparse back ends and a
 # CUDA-graph timer (issue 7). Needs carry: .engine-whl (dsr1's pure-Python deps) and .ao-whl (torchao).
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl .ao-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/quant/int8 ./plugins/pruning/magnitude ./plugins/pruning/semi24 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl .ao-whl" ./plugins/quant/int8 ./plugins/pruning/magnitude \
+  ./plugins/pruning/semi24
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 timeout 240 python3 bench/h200_int8.py --rows 1,8,16,32,64 --torchao-rows 1,8 --output "$OUT/int8-kernels-h200.json" 2>&1 \

@@ -3,11 +3,8 @@
 # weights, bf16 baseline and each policy through `dsr1 bench --config`, batch sizes $1 (default 1,8),
 # prompt 128, 64 new tokens. Each run is its own process; all run back to back in this one script.
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
-  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/quant/fp8 ./plugins/quant/w8a8 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl" ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
+  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/quant/fp8 ./plugins/quant/w8a8
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for q in bf16 int8 int4 fp8 w8a8; do
   echo "{\"quant\": \"$q\", \"device\": \"cuda\"}" > /tmp/$q.json

@@ -4,12 +4,9 @@
 # precision policy on the fused path (batch 1 compiled + captured, batch 8 captured), one process each.
 # Needs carry: .engine-whl (dsr1's pure-Python deps) and .ao-whl (torchao, for the kernel comparison).
 set -uo pipefail
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site"
-$PIP --upgrade .engine-whl/*.whl .ao-whl/*.whl
-$PIP --no-build-isolation ./ ./sdk ./plugins/attention/sdpa ./plugins/devices/cpu ./plugins/devices/cuda \
-  ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/quant/fp8 \
-  ./plugins/pruning/magnitude ./plugins/pruning/semi24 >/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. bench/h200_install.sh ".engine-whl .ao-whl" ./plugins/attention/sdpa ./plugins/devices/cpu \
+  ./plugins/devices/cuda ./plugins/quant/float ./plugins/quant/int8 ./plugins/quant/int4 ./plugins/quant/fp8 \
+  ./plugins/pruning/magnitude ./plugins/pruning/semi24
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 150 python3 bench/h200_int8.py --rows 1,8,16,32 --torchao-rows 1 --output "$OUT/int8-kernels-h200.json" 2>&1 \
   | grep -v -i warn | cut -c1-400 | tail -n 20

@@ -14,9 +14,7 @@ result is checked against the dense one (max abs difference).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 from dsr1_pruning_semi24 import Semi24Pruner
 
-from cuda_timing import QWEN2_7B_LINEARS, graph_ms, median_ms  # bench/cuda_timing.py, a sibling module
+from cuda_timing import QWEN2_7B_LINEARS, graph_ms, median_ms, write_report  # bench/cuda_timing.py, a sibling module
 
 SHAPES = QWEN2_7B_LINEARS
 TIMERS = {"eager": median_ms, "graph": graph_ms}
@@ -80,11 +78,8 @@ def main() -> None:
                     entry[f"{backend}_{timer}_speedup"] = round(entry[f"dense_{timer}_ms"] / ms, 3)
             rows.append(entry)
             print(json.dumps(entry), flush=True)
-    report = {"command": f"python bench/h200_semi24.py --batch-size {args.batch_size} --backends {args.backends}",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": rows}
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(f"python bench/h200_semi24.py --batch-size {args.batch_size} --backends {args.backends}", rows,
+                 args.output)
 
 
 if __name__ == "__main__":

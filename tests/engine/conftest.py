@@ -107,6 +107,25 @@ def write_tokenizer(out: Path) -> int:
     return int(tok.get_vocab_size())
 
 
+#: prompts of four different lengths: padded together they exercise left padding.
+PROMPTS = [
+    "The Python interpreter reads a program",
+    "A function",
+    "Lists, tuples and dictionaries are the built-in containers of Python, and for iterates",
+    "An exception is raised when",
+]
+
+
+def padded_batch(path: Path) -> dict[str, torch.Tensor]:
+    """:data:`PROMPTS` tokenized by the checkpoint's tokenizer: left-padded, every row a different length."""
+    from dsr1.auto import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(path)(PROMPTS, return_tensors="pt", padding=True)
+    lengths = enc["attention_mask"].sum(-1)
+    assert len(set(lengths.tolist())) == len(PROMPTS) and enc["attention_mask"][:, 0].eq(0).any()
+    return dict(enc)
+
+
 TINY: dict[str, dict[str, Any]] = {
     "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", extra=dict(
         rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -14,23 +14,10 @@ from dsr1.auto import AutoModel, AutoTokenizer
 from dsr1.cli import main
 from dsr1.errors import Dsr1Error
 
-from .conftest import hf_model
+from .conftest import PROMPTS, hf_model, padded_batch
 
 pytest.importorskip("dsr1_attention_linear")
 pytest.importorskip("dsr1_attention_sliding")
-
-PROMPTS = [
-    "The Python interpreter reads a program",
-    "A function",
-    "Lists, tuples and dictionaries are the built-in containers of Python, and for iterates",
-    "An exception is raised when",
-]
-
-
-def _batch(path: Path) -> dict[str, torch.Tensor]:
-    enc = AutoTokenizer.from_pretrained(path)(PROMPTS, return_tensors="pt", padding=True)
-    assert enc["attention_mask"][:, 0].eq(0).any()  # left-padded
-    return dict(enc)
 
 
 def _linear(path: Path) -> AutoModel:
@@ -100,7 +87,7 @@ def test_linear_recurrent_logits_equal_full_forward(linear_ckpt: Path) -> None:
 
 def test_linear_padded_batch_equals_rows_alone(linear_ckpt: Path) -> None:
     model = AutoModel.from_pretrained(linear_ckpt)
-    enc = _batch(linear_ckpt)
+    enc = padded_batch(linear_ckpt)
     got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=8, ignore_eos=True)
     with torch.inference_mode():
         batch_logits = model(**enc).logits  # (B, T, V)
@@ -118,7 +105,7 @@ def test_linear_on_a_windowed_checkpoint_ignores_the_window_everywhere(ckpts: di
     (linear reads key validity from the mask's last row), or it would disagree with decode."""
     model = _linear(ckpts["mistral"])
     assert model.min_window is None
-    enc = _batch(ckpts["mistral"])
+    enc = padded_batch(ckpts["mistral"])
     out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=6, ignore_eos=True)
     t0 = enc["input_ids"].shape[1]
     mask = torch.cat([enc["attention_mask"], torch.ones(len(PROMPTS), 6, dtype=torch.long)], dim=1)
@@ -143,7 +130,7 @@ def test_linear_on_a_softmax_checkpoint_warns_about_fidelity(ckpts: dict[str, Pa
 
 def test_sliding_on_llama_equals_transformers_mistral(ckpts: dict[str, Path], llama_of_mistral: Path) -> None:
     """A Llama with ``attention=sliding, window=6`` is transformers' Mistral with sliding_window=6."""
-    enc = _batch(ckpts["mistral"])
+    enc = padded_batch(ckpts["mistral"])
     assert enc["input_ids"].shape[1] > 6  # the window bites
     ours = AutoModel.from_pretrained(llama_of_mistral, attention={"name": "sliding", "options": {"window": 6}})
     assert ours.min_window is None  # the window lives in the plugin only
@@ -161,7 +148,7 @@ def test_sliding_on_llama_equals_transformers_mistral(ckpts: dict[str, Path], ll
 
 def test_sliding_takes_the_checkpoint_window(ckpts: dict[str, Path]) -> None:
     """No window option: the checkpoint's sliding_window (6), same as dsr1's own windowed masks."""
-    enc = _batch(ckpts["mistral"])
+    enc = padded_batch(ckpts["mistral"])
     plugin = AutoModel.from_pretrained(ckpts["mistral"], attention="sliding")
     assert plugin.pipeline.attention.window == 6
     builtin = AutoModel.from_pretrained(ckpts["mistral"], attention="eager")
@@ -209,7 +196,7 @@ def test_bad_attention_config_is_a_one_line_error(ckpts: dict[str, Path], attent
 
 def test_sliding_with_a_ring_buffer_cache_equals_the_full_cache(llama_of_mistral: Path) -> None:
     """The natural cache of a window: ``streaming`` with no sinks keeps the last ``window`` tokens only."""
-    enc = _batch(llama_of_mistral)
+    enc = padded_batch(llama_of_mistral)
     sliding = {"name": "sliding", "options": {"window": 5}}
     full = AutoModel.from_pretrained(llama_of_mistral, attention=sliding)
     ring = AutoModel.from_pretrained(llama_of_mistral, attention=sliding,

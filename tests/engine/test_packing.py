@@ -9,8 +9,7 @@ from torch import nn
 from dsr1.auto import AutoModel
 from dsr1.models.packing import OnednnLinear
 
-from .conftest import hf_model
-from .test_parity import _batch
+from .conftest import hf_model, padded_batch
 
 
 def _decoder_linears(model: nn.Module) -> list[nn.Module]:
@@ -18,7 +17,7 @@ def _decoder_linears(model: nn.Module) -> list[nn.Module]:
 
 
 def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]) -> None:
-    enc = _batch(ckpts["qwen2"])  # qkv bias: the packed call takes a bias too
+    enc = padded_batch(ckpts["qwen2"])  # qkv bias: the packed call takes a bias too
     model = AutoModel.from_pretrained(ckpts["qwen2"])
     ref = hf_model(ckpts["qwen2"])
     before = dict(model.hf_state_dict())
@@ -43,7 +42,7 @@ def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]
 
 
 def test_explicit_layouts_never_pack(ckpts: dict[str, Path]) -> None:
-    enc = _batch(ckpts["llama"])
+    enc = padded_batch(ckpts["llama"])
     for layout in ("kn", "nk"):
         model = AutoModel.from_pretrained(ckpts["llama"], {"model": {"name": "llama", "options": {"weight_layout": layout}}})
         model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)

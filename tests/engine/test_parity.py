@@ -8,27 +8,12 @@ import torch
 
 from dsr1.auto import AutoModel, AutoTokenizer
 
-from .conftest import TINY, hf_model
-
-PROMPTS = [
-    "The Python interpreter reads a program",
-    "A function",
-    "Lists, tuples and dictionaries are the built-in containers of Python, and for iterates",
-    "An exception is raised when",
-]
-
-
-def _batch(path: Path) -> dict[str, torch.Tensor]:
-    tok = AutoTokenizer.from_pretrained(path)
-    enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    lengths = enc["attention_mask"].sum(-1)
-    assert len(set(lengths.tolist())) == 4 and enc["attention_mask"][:, 0].eq(0).any()  # left-padded, all different
-    return dict(enc)
+from .conftest import TINY, hf_model, padded_batch
 
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_logits_match_transformers(ckpts: dict[str, Path], kind: str) -> None:
-    enc = _batch(ckpts[kind])
+    enc = padded_batch(ckpts[kind])
     ours = AutoModel.from_pretrained(ckpts[kind])
     ref = hf_model(ckpts[kind])
     with torch.inference_mode():
@@ -40,7 +25,7 @@ def test_logits_match_transformers(ckpts: dict[str, Path], kind: str) -> None:
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_greedy_generate_matches_transformers(ckpts: dict[str, Path], kind: str) -> None:
-    enc = _batch(ckpts[kind])
+    enc = padded_batch(ckpts[kind])
     ours = AutoModel.from_pretrained(ckpts[kind])
     ref = hf_model(ckpts[kind])
     got = ours.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=32)
@@ -52,7 +37,7 @@ def test_greedy_generate_matches_transformers(ckpts: dict[str, Path], kind: str)
 
 def test_mistral_window_is_exercised(ckpts: dict[str, Path]) -> None:
     """The sliding window (6) is shorter than the prompts, so dropping it would change the logits."""
-    enc = _batch(ckpts["mistral"])
+    enc = padded_batch(ckpts["mistral"])
     assert enc["input_ids"].shape[1] > 6
     model = AutoModel.from_pretrained(ckpts["mistral"])
     with torch.inference_mode():
@@ -65,7 +50,7 @@ def test_mistral_window_is_exercised(ckpts: dict[str, Path]) -> None:
 
 def test_unfused_reference_path_and_non_gqa_plugin(ckpts: dict[str, Path]) -> None:
     """The reference (unfused) layers and k/v repetition for an attention without 'gqa'."""
-    enc = _batch(ckpts["qwen2"])
+    enc = padded_batch(ckpts["qwen2"])
     fast = AutoModel.from_pretrained(ckpts["qwen2"])
     slow = AutoModel.from_pretrained(ckpts["qwen2"], {"model": {"name": "llama", "options": {"fuse": False}}},
                                      attention="engine-test-nogqa")

@@ -115,10 +115,7 @@ def command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_json:
-        try:
-            saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise Dsr1Error(f"--from-json {args.from_json}: {err}") from None
+        saved = common.read_report(args.from_json)
         if args.plot:
             plot(saved, args.plot)
         print(target(saved["results"])["summary"])
@@ -131,10 +128,7 @@ def run(args: argparse.Namespace) -> int:
     report["results"] = results
     report["ratios"] = ratios(results)
     report["target"] = target(results)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    text = common.write_report(report, args.output)
     if args.plot:
         try:
             plot(report, args.plot)

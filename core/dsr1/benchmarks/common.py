@@ -12,6 +12,7 @@ take outside it is not counted).
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -55,6 +56,23 @@ def environment(device: str, threads: int | None = None) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                      "dsr1": version("dsr1")},
     }
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """A report an earlier run wrote with ``--output``, for ``--from-json`` (unreadable: one-line error)."""
+    try:
+        return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise Dsr1Error(f"--from-json {path}: {err}") from None
+
+
+def write_report(report: dict[str, Any], output: str | None) -> str:
+    """``report`` as indented JSON, also written to ``output`` when given; returns the text."""
+    text = json.dumps(report, indent=2)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n", encoding="utf-8")
+    return text
 
 
 def _mem_total() -> int:

@@ -119,10 +119,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.from_json:
-        try:
-            saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise Dsr1Error(f"--from-json {args.from_json}: {err}") from None
+        saved = common.read_report(args.from_json)
         if args.plot:
             plot(saved, args.plot)
         print("\n".join(target(saved["results"])["summary"]))
@@ -138,10 +135,7 @@ def run(args: argparse.Namespace) -> int:
                        "trained_context": trained, "attention": type(model.pipeline.attention).__name__}
     report["results"] = measure(model, s, log=not args.json)
     report["targets"] = target(report["results"])
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    text = common.write_report(report, args.output)
     if args.plot:
         plot(report, args.plot)
     if args.json:

@@ -15,7 +15,6 @@ execution plan per shape-and-stride (tens of ms each, seen on an H200, torch 2.1
 from __future__ import annotations
 
 import torch
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsr1.hookspecs import hookimpl

@@ -54,9 +54,6 @@ class HeavyHitterKVCache(EvictingKVCache):
     options: HeavyHitterOptions
     observes_queries = True
 
-    def __init__(self, options: HeavyHitterOptions | None = None) -> None:
-        super().__init__(options)
-
     def budget(self, written: int) -> int:
         b = self.options.budget
         return max(math.ceil(b * written), 1) if isinstance(b, float) else b

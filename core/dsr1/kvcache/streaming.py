@@ -36,9 +36,6 @@ class StreamingKVCache(EvictingKVCache):
     Options = StreamingOptions
     options: StreamingOptions
 
-    def __init__(self, options: StreamingOptions | None = None) -> None:
-        super().__init__(options)
-
     def budget(self, written: int) -> int:
         return self.options.sinks + self.options.window
 

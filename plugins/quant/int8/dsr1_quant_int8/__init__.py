@@ -26,7 +26,9 @@ on the CPU measured, while ``_weight_int8pack_mm`` is faster (README has the fig
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -51,6 +53,14 @@ TRITON_MAX_ROWS = 64
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def _triton_mm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The Triton op, imported on the first CUDA call (the plugin itself loads without triton)."""
+    from dsr1_quant_int8.triton_kernels import weight_only_mm
+
+    return weight_only_mm
+
+
 def int8_weight_only_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, cuda_kernel: str = "dequant"
 ) -> torch.Tensor:
@@ -64,9 +74,7 @@ def int8_weight_only_linear(
     x2 = flat(x)  # (M, in)
     rows, on = x2.shape[0], x.device.type
     if on == "cuda" and cuda_kernel == "triton" and rows <= TRITON_MAX_ROWS and x.dtype in TRITON_DTYPES:
-        from dsr1_quant_int8.triton_kernels import weight_only_mm
-
-        y = weight_only_mm(x2, qweight, scales)  # (M, out)
+        y = _triton_mm()(x2, qweight, scales)  # (M, out)
     elif rows <= INT8PACK_MAX_ROWS and (on == "cpu" or (on == "cuda" and cuda_kernel == "int8pack")):
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)  # (M, out)
     else:
@@ -94,8 +102,8 @@ CudaKernel = Literal["triton", "dequant", "int8pack"]
 def cuda_kernel_problems(device: str, cuda_kernel: str) -> list[str]:
     """Why ``cuda_kernel`` cannot run on ``device`` (empty when it can): ``triton`` needs the triton package."""
     if device == "cuda" and cuda_kernel == "triton" and importlib.util.find_spec("triton") is None:
-        return ["int8 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of torch "
-                "ship it), or set options.cuda_kernel: dequant"]
+        return [("int8 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of torch "
+                 "ship it), or set options.cuda_kernel: dequant")]
     return []
 
 

@@ -151,7 +151,7 @@ def weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor)
         _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, qweight, scales, y, n, k, **_FIXED)
     else:
         block_m = _block_m(m)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
         _dot[grid](x, qweight, scales, y, m, n, k, BLOCK_M=block_m, **_FIXED)
     return y
 

@@ -99,7 +99,8 @@ def _triton_version() -> tuple[int, ...] | None:
 def test_triton_kernels_in_the_interpreter() -> None:
     """The CUDA kernels' code, run on the CPU by Triton's interpreter (its own process: the variable
     must be set before triton is imported), against the dequantized weight's product."""
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=600,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-2
 
