@@ -12,6 +12,7 @@ heads, ``D`` head dim, ``V`` vocab size.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,15 @@ class Device(Plugin):
     def autotune_settings(self, strategy: str) -> dict[str, Any]:
         """Compile/tiling options for ``tiling_strategy`` (``"auto"`` or ``"fixed"``)."""
         return {"mode": "max-autotune-no-cudagraphs"} if strategy == "auto" else {}
+
+    @contextlib.contextmanager
+    def relayout_memory(self) -> Iterator[None]:
+        """Scope in which the engine loads or relayouts weights, buffer by buffer.
+
+        A device whose allocator would keep the freed old buffers resident (and so count them
+        in the process's peak) returns them to the system inside it; the default does nothing.
+        """
+        yield
 
 
 # --- quant / pruning ------------------------------------------------------------------------

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from dsr1.auto import AutoModel
+from dsr1.models import packing
 from dsr1.models.packing import OnednnLinear
 
 from .conftest import hf_model, padded_batch
 
 
-def _decoder_linears(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
+def _linears(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers' linear layers and the output head, packed or not."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, OnednnLinear))]
 
 
 def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]) -> None:
@@ -21,11 +24,12 @@ def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]
     model = AutoModel.from_pretrained(ckpts["qwen2"])
     ref = hf_model(ckpts["qwen2"])
     before = dict(model.hf_state_dict())
-    assert all(type(m) is nn.Linear for m in _decoder_linears(model))
+    assert all(type(m) is nn.Linear for m in _linears(model))
+    n_linears = len(_linears(model))
 
     got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=16)  # batch 4: packs
-    assert all(type(m) is OnednnLinear and m.weight.is_mkldnn for m in _decoder_linears(model))
-    assert type(model.lm_head) is nn.Linear  # the output head stays kn
+    assert len(_linears(model)) == n_linears
+    assert all(type(m) is OnednnLinear and all(b.is_mkldnn for b in m.blocks()) for m in _linears(model))
     with torch.inference_mode():
         want = ref.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0)
         real = enc["attention_mask"].bool()
@@ -36,7 +40,7 @@ def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]
     assert all(not t.is_mkldnn and torch.equal(t, before[n]) for n, t in packed.items())
 
     model.generate(enc["input_ids"][:1], max_new_tokens=2)  # batch 1: back to kn
-    for m in _decoder_linears(model):
+    for m in _linears(model):
         assert type(m) is nn.Linear and not m.weight.is_mkldnn and m.weight.t().is_contiguous()  # (in, out) storage
     assert all(torch.equal(t, before[n]) for n, t in model.hf_state_dict())
 
@@ -47,3 +51,28 @@ def test_explicit_layouts_never_pack(ckpts: dict[str, Path]) -> None:
         model = AutoModel.from_pretrained(ckpts["llama"], {"model": {"name": "llama", "options": {"weight_layout": layout}}})
         model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
         assert not any(type(m) is OnednnLinear for m in model.modules())
+
+
+def test_wide_layers_pack_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 16 KiB blocks: a 200 x 40 fp32 weight (32 000 bytes) packs as 64-row blocks 64, 64, 64, 8
+    monkeypatch.setattr(packing, "BLOCK_BYTES", 16 * 2**10)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 200), nn.Linear(200, 8, bias=False))
+    x = torch.randn(3, 5, 40)
+    want = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert packing.pack_linears_(model) == 2
+    wide, narrow = model[0], model[1]
+    assert [b.shape[0] for b in wide.blocks()] == [64, 64, 64, 8] and narrow.n_blocks == 1
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=0)
+    saved = model.state_dict()  # what save_pretrained reads: the plain (out, in) weights, bit for bit
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    assert packing.unpack_linears_(model) == 2
+    assert all(type(m) is nn.Linear and m.weight.t().is_contiguous() for m in model)
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("out", "inp", "rows"), [(100, 10, 100), (32000, 768, 5440), (70000, 1, 70000), (5, 10**7, 5)])
+def test_block_rows(out: int, inp: int, rows: int) -> None:
+    assert packing.block_rows(out, inp, 4) == rows

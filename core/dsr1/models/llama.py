@@ -36,7 +36,7 @@ from dsr1.models.common import (
     rope_parameters,
 )
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
-from dsr1.models.packing import dense, pack_linears_, unpack_linears_
+from dsr1.models.packing import pack_linears_, unpack_linears_
 from dsr1.specs import PluginSpec
 
 
@@ -280,10 +280,11 @@ class LlamaForCausalLM(CausalLM):
         a compiled or captured step keeps the layout it was built on."""
         if not self.batch_layout or getattr(self, "compiled_step", None) is not None:
             return
-        if batch_size > 1:
-            pack_linears_(self.model)  # the decoder layers; lm_head stays kn (see dsr1.models.packing)
-        else:
-            unpack_linears_(self.model)
+        with self.pipeline.device.relayout_memory():  # the old layouts' buffers leave the resident set
+            if batch_size > 1:
+                pack_linears_(self)
+            else:
+                unpack_linears_(self)
 
     def cache_shape(self, batch_size: int, max_len: int) -> CacheShape:
         a = self.args
@@ -363,7 +364,6 @@ class LlamaForCausalLM(CausalLM):
         for name, t in self.state_dict().items():
             if a.tie_embeddings and name == "lm_head.weight":
                 continue
-            t = dense(t)  # a oneDNN-packed weight (batched CPU decode) as its (out, in) values
             m = _FUSED_RE.match(name)
             if m is None:
                 yield name, t
@@ -422,6 +422,28 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     batch_layout = (layout == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available()
                     and getattr(pipeline, "quant", None) is None)
     state: dict[str, torch.Tensor] = {}
+    with pipeline.device.relayout_memory():  # each tensor's read buffer is freed once it is placed
+        _read_state(reader, names, order, a, dtype, device, kn, linear_weights, state)
+    if a.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    if a.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.batch_layout = batch_layout
+    model.rope.to(device)
+    model.config = dict(hf)
+    model.pipeline = pipeline
+    model.tokenizer = None
+    model.source_dir = None
+    return model
+
+
+def _read_state(
+    reader: Any, names: Mapping[str, str], order: list[str], a: LlamaArgs, dtype: torch.dtype,
+    device: torch.device, kn: bool, linear_weights: set[str], state: dict[str, torch.Tensor],
+) -> None:
+    """Read every tensor of ``order`` into ``state``, fusing q/k/v and gate/up, ``kn`` where asked."""
     for name in order:
         if a.tie_embeddings and name == "lm_head.weight":
             continue
@@ -437,20 +459,6 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
         else:
             state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (sum of outputs, in)
         del parts
-    if a.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    if a.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.batch_layout = batch_layout
-    model.rope.to(device)
-    model.config = dict(hf)
-    model.pipeline = pipeline
-    model.tokenizer = None
-    model.source_dir = None
-    return model
-
 
 class LlamaBuilder(ModelBuilder):
     """Llama / Mistral / Qwen2 checkpoints → :class:`LlamaForCausalLM`."""

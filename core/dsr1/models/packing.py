@@ -3,81 +3,146 @@
 At a few rows per matmul (decode at batch 2-32) MKL's ``sgemm`` repacks the weight on every
 call and stays compute-bound; oneDNN's matmul on a weight reordered once into its blocked
 layout does not. At one row MKL's matrix-vector product already streams at DRAM bandwidth
-and oneDNN's is slower. The 49 matmuls of one tiny-125m decode step (fp32, 12 layers + lm_head,
-weights streamed from DRAM), 2-core Xeon, torch 2.13, MKL 2024.2, oneDNN 3.12:
+and oneDNN's is slower. tiny-125m (fp32, weights streamed from DRAM), 2-core Xeon, torch 2.13,
+MKL 2024.2, oneDNN 3.12, per decode step:
 
-=========  ==========================  =================
-rows (M)   MKL on the ``kn`` layout    oneDNN packed
-=========  ==========================  =================
-1          13.5 ms (≈ 30 GB/s)         17.7 ms
-8          27.4 ms                     20.6 ms
-=========  ==========================  =================
+=====================================  ==========================  =================
+                                        MKL on the ``kn`` layout    oneDNN packed
+=====================================  ==========================  =================
+48 decoder matmuls, 1 row               11.9 ms                     16.2 ms
+48 decoder matmuls, 8 rows              26.7 ms                     18.1 ms
+output head 32000 × 768, 1 row          3.25 ms                     3.93 ms
+output head 32000 × 768, 8 rows         6.72 ms                     4.86 ms
+=====================================  ==========================  =================
 
-So the CPU ``auto`` layout follows the batch (``LlamaForCausalLM.prepare_batch``): the decoder
-layers are packed before a generate of 2 or more rows and go back to ``kn`` before one of a
-single row; each switch reorders their weights once (≈ 0.3 s for 400 MB), one tensor at a
-time. The output head (32000 × 768 on tiny-125m) stays ``kn``: packing it would gain 1.9 ms per
-batch-8 step, but reordering it after load needs ≈ 170 MB on top of the model (over the
-transformers peak the benchmark holds us to), and packing it at load (when little else is
-loaded) leaves a freshly loaded model with an opaque weight that tools reading
-``linear.weight`` (``dsr1.quantization.evaluate``) and ``torch.compile`` refuse, and costs
-1.4 ms per batch-1 step. A packed
-weight is an opaque ``torch._mkldnn`` tensor: ops other than this module's forward refuse it
-loudly; ``to_dense()`` gives the ``(out, in)`` values back.
+So the CPU ``auto`` layout follows the batch (``LlamaForCausalLM.prepare_batch``): every fp32
+linear layer is packed before a generate of 2 or more rows and goes back to ``kn`` before one
+of a single row. A switch reorders the weights once (≈ 0.3 s for 500 MB), one layer at a time,
+and a wide layer (the output head) in row blocks of at most :data:`BLOCK_BYTES`: the old layout
+of one layer, its new layout and one block are all the switch holds beyond the model (a
+whole-matrix reorder of the head would add two 98 MB copies: oneDNN copies a ``kn`` view to
+contiguous first).
+
+A packed layer (:class:`OnednnLinear`) is CPU inference only: its blocks are opaque
+``torch._mkldnn`` tensors that other ops refuse loudly. ``state_dict()`` (and so
+``save_pretrained``) gives its plain ``(out, in)`` weight; :meth:`OnednnLinear.dense_weight`
+does too.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 #: the row count oneDNN chooses the blocked layout for (any row count computes correctly).
 PACK_ROWS = 8
+#: a packed weight is split into row blocks of at most this many bytes (see the module docstring).
+BLOCK_BYTES = 16 * 2**20
+#: block heights are multiples of this (oneDNN's output-channel blocking).
+ROW_ALIGN = 64
 
 
-class OnednnLinear(nn.Linear):
-    """``nn.Linear`` whose ``weight`` is oneDNN-packed (made by :func:`pack_linears_`, never built directly)."""
+def block_rows(out_features: int, in_features: int, element_size: int) -> int:
+    """Rows per block for an ``(out, in)`` weight: the whole matrix when it fits in :data:`BLOCK_BYTES`."""
+    rows = max(BLOCK_BYTES // (in_features * element_size), 1)
+    if rows >= out_features:
+        return out_features
+    return min(max(rows // ROW_ALIGN, 1) * ROW_ALIGN, out_features)
+
+
+class OnednnLinear(nn.Module):
+    """A linear layer whose ``(out, in)`` weight is held oneDNN-packed, in row blocks.
+
+    Made by :func:`pack_linears_` from an ``nn.Linear`` (never built directly); ``block{i}`` are
+    the packed blocks (parameters, so ``parameters()`` still counts the weights), ``bias`` the
+    plain bias. :func:`unpack_linears_` turns it back into an ``nn.Linear``.
+    """
+
+    def __init__(self, blocks: list[torch.Tensor], bias: torch.Tensor | None, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = sum(int(b.shape[0]) for b in blocks)
+        self.n_blocks = len(blocks)
+        for i, block in enumerate(blocks):
+            self.register_parameter(f"block{i}", nn.Parameter(block, requires_grad=False))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        rows = [int(b.shape[0]) for b in blocks]
+        self._bias_blocks = [None] * len(blocks) if bias is None else list(self.bias.detach().split(rows))
+
+    def blocks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"block{i}") for i in range(self.n_blocks)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")  # (..., out)
+        outs = [
+            torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # (..., rows of the block)
+            for w, b in zip(self.blocks(), self._bias_blocks)
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (..., out)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The plain ``(out, in)`` weight (a new contiguous tensor)."""
+        return torch.cat([b.to_dense() for b in self.blocks()], dim=0)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # the state of a packed layer is that of the nn.Linear it stands for: plain weight and bias
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.n_blocks}, oneDNN-packed"
 
 
-def packable(model: nn.Module) -> list[nn.Linear]:
-    """The plain fp32 CPU ``nn.Linear`` layers of ``model`` whose weight no other module shares."""
+def packable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """``(parent, name, layer)`` for every plain fp32 CPU ``nn.Linear`` whose weight no embedding shares."""
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [
-        m for m in model.modules()
+        (parent, name, m)
+        for parent in model.modules()
+        for name, m in parent.named_children()
         if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
         and id(m.weight) not in shared
     ]
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``(out, in)`` fp32 reordered into oneDNN's blocked layout (an opaque tensor, same shape)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+def pack_weight(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` ``(out, in)`` fp32 reordered into oneDNN's blocked layout, in row blocks (opaque tensors)."""
+    rows = block_rows(weight.shape[0], weight.shape[1], weight.element_size())
+    return [torch.ops.mkldnn._reorder_linear_weight(part.detach(), PACK_ROWS) for part in weight.split(rows)]
 
 
 @torch.no_grad()
 def pack_linears_(model: nn.Module) -> int:
-    """Reorder every :func:`packable` layer's weight into oneDNN's layout, in place; returns how many."""
-    layers = packable(model)
-    for m in layers:
-        m.weight = nn.Parameter(pack_weight(m.weight), requires_grad=False)
-        m.__class__ = OnednnLinear
-    return len(layers)
+    """Replace every :func:`packable` layer of ``model`` by an :class:`OnednnLinear`; returns how many."""
+    places = [(parent, name) for parent, name, _ in packable(model)]  # no reference to the layers: each
+    for parent, name in places:  # old weight is freed as soon as its layer is replaced
+        m = getattr(parent, name)
+        setattr(parent, name, OnednnLinear(pack_weight(m.weight), m.bias, m.in_features))
+        del m
+    return len(places)
 
 
 @torch.no_grad()
 def unpack_linears_(model: nn.Module) -> int:
-    """Turn every :class:`OnednnLinear` back into an ``nn.Linear`` with a ``kn`` weight; returns how many."""
-    layers = [m for m in model.modules() if type(m) is OnednnLinear]
-    for m in layers:
-        dense = m.weight.to_dense()  # (out, in) contiguous
-        m.weight = nn.Parameter(dense.t().contiguous().t(), requires_grad=False)  # (in, out) storage
-        del dense
-        m.__class__ = nn.Linear
-    return len(layers)
-
-
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or its plain values if it is a packed weight."""
-    return t.to_dense() if t.is_mkldnn else t
+    """Turn every :class:`OnednnLinear` of ``model`` back into an ``nn.Linear`` with a ``kn`` weight."""
+    places = [(parent, name) for parent in model.modules() for name, m in parent.named_children()
+              if type(m) is OnednnLinear]
+    for parent, name in places:
+        m = getattr(parent, name)
+        kn = torch.empty(m.in_features, m.out_features)  # (in, out) storage; the weight is its (out, in) view
+        row = 0
+        for i in range(m.n_blocks):
+            block = getattr(m, f"block{i}")
+            rows = int(block.shape[0])
+            kn[:, row : row + rows] = block.to_dense().t()  # (in, rows)
+            delattr(m, f"block{i}")  # free each packed block as soon as it is copied
+            row += rows
+        with torch.device("meta"):
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        linear.weight = nn.Parameter(kn.t(), requires_grad=False)
+        if m.bias is not None:
+            linear.bias = m.bias
+        setattr(parent, name, linear)
+        del m
+    return len(places)

@@ -102,6 +102,15 @@ class DeviceConformance(PluginConformance):
         for strategy in ("auto", "fixed"):
             assert isinstance(impl.autotune_settings(strategy), dict)
 
+    def test_relayout_memory_is_a_scope_that_propagates_errors(self) -> None:
+        impl = self.make_impl()
+        with impl.relayout_memory():
+            pass
+        with pytest.raises(KeyError, match="raised inside"), impl.relayout_memory():
+            raise KeyError("raised inside")
+        with impl.relayout_memory():  # usable again after an error
+            pass
+
     # --- with hardware ----------------------------------------------------------------
 
     def test_device_count(self) -> None:

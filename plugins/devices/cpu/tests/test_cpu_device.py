@@ -61,3 +61,55 @@ def test_cgroup_limit_caps_total(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (info.total, info.free, info.used) == (4096, 3072, 1024)
     (tmp_path / "memory.max").write_text("max\n")
     assert dsr1_device_cpu._cgroup_limit(tmp_path) is None
+
+
+
+class _RecordingLibc:
+    def __init__(self, result: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.result = result
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+
+def _cpu(monkeypatch: pytest.MonkeyPatch, libc: object, **options: object) -> object:
+    monkeypatch.setattr(dsr1_device_cpu, "glibc", lambda: libc)
+    return PluginRegistry().make("device", PluginChoice(name="cpu", options=options))
+
+
+def test_relayout_returns_freed_buffers_then_restores_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = _RecordingLibc()
+    device = _cpu(monkeypatch, libc)
+    assert libc.calls == []  # building the device leaves the allocator alone
+    with device.relayout_memory():
+        assert libc.calls == [(dsr1_device_cpu.M_MMAP_THRESHOLD, 2**20), (dsr1_device_cpu.M_TRIM_THRESHOLD, 2**21)]
+    assert libc.calls[2:] == [(dsr1_device_cpu.M_MMAP_THRESHOLD, 32 * 2**20), (dsr1_device_cpu.M_TRIM_THRESHOLD, 64 * 2**20)]
+    with pytest.raises(RuntimeError, match="inside"), device.relayout_memory():
+        raise RuntimeError("inside")
+    assert libc.calls[-2:] == [(dsr1_device_cpu.M_MMAP_THRESHOLD, 32 * 2**20), (dsr1_device_cpu.M_TRIM_THRESHOLD, 64 * 2**20)]
+
+
+def test_return_freed_weights_off_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = _RecordingLibc()
+    with _cpu(monkeypatch, libc, return_freed_weights=False).relayout_memory():
+        pass
+    assert libc.calls == []
+
+
+def test_return_freed_weights_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _cpu(monkeypatch, None).relayout_memory():  # the default: nothing to do, no error
+        pass
+    with pytest.raises(Dsr1Error, match="return_freed_weights needs glibc.*set it to false"):
+        _cpu(monkeypatch, None, return_freed_weights=True)
+    device = _cpu(monkeypatch, _RecordingLibc(result=0))  # glibc refuses mallopt
+    with pytest.raises(Dsr1Error, match="glibc refused mallopt"), device.relayout_memory():
+        pass
+
+
+@pytest.mark.skipif(dsr1_device_cpu.glibc() is None, reason="glibc only")
+def test_glibc_takes_both_thresholds() -> None:
+    libc = dsr1_device_cpu.glibc()
+    dsr1_device_cpu.set_mmap_threshold(libc, dsr1_device_cpu.RELAYOUT_MMAP_BYTES)  # raises unless glibc took it
+    dsr1_device_cpu.set_mmap_threshold(libc, dsr1_device_cpu.COMPUTE_MMAP_BYTES)
