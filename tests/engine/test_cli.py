@@ -88,3 +88,39 @@ def test_bench_compares_with_transformers(ckpts: dict[str, Path], tmp_path: Path
 def test_bench_rejects_shape_without_random_weights(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--shape", "tiny-125m"]) == 2
     assert "--shape needs --random-weights" in capsys.readouterr().err
+
+
+def test_bench_rounds_alternate_engines_and_report_medians(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from dsr1.commands import bench
+
+    order: list[str] = []
+    decode = {"dsr1": iter([30.0, 10.0, 20.0]), "hf": iter([5.0, 15.0, 10.0])}
+    peaks = {"dsr1": iter([100.0, 300.0, 200.0]), "hf": iter([50.0, 60.0, 40.0])}
+
+    def fake_spawn(spec: dict) -> dict:
+        engine = spec["engine"]
+        order.append(engine)
+        rate = next(decode[engine])
+        return {"prefill_tok_s": rate * 10, "decode_tok_s": rate, "e2e_tok_s": rate, "prefill_s": 1 / rate,
+                "generate_s": 2 / rate, "peak_mem_mb": next(peaks[engine]), "weight_bytes": 8, "streamed_bytes": 4,
+                "other_processes_cpu_pct": 0.0}
+
+    monkeypatch.setattr(bench, "_spawn", fake_spawn)
+    monkeypatch.setattr(bench, "_bandwidth_gbs", lambda device: 1.0)
+    argv = ["bench", "--shape", "tiny-125m", "--random-weights", "--compare", "hf", "--batch-size", "8",
+            "--rounds", "3", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert order == ["dsr1", "hf", "hf", "dsr1", "dsr1", "hf"]
+    row = report["results"][0]
+    assert row["dsr1"]["decode_tok_s"] == 20.0 and row["hf"]["decode_tok_s"] == 10.0  # medians
+    assert row["dsr1"]["peak_mem_mb"] == 300.0 and row["hf"]["peak_mem_mb"] == 60.0  # highest
+    assert [r["decode_tok_s"] for r in row["dsr1"]["rounds"]] == [30.0, 10.0, 20.0]
+    assert row["ratio_vs_hf"]["decode_tok_s"] == 2.0 and row["ratio_vs_hf"]["peak_mem"] == 5.0
+    assert "--rounds 3" in report["command"]
+
+
+def test_bench_rejects_zero_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--shape", "tiny-125m", "--random-weights", "--rounds", "0"]) == 2
+    assert "--rounds ≥ 1" in capsys.readouterr().err
