@@ -124,3 +124,25 @@ def test_bench_rounds_alternate_engines_and_report_medians(monkeypatch: pytest.M
 def test_bench_rejects_zero_rounds(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--shape", "tiny-125m", "--random-weights", "--rounds", "0"]) == 2
     assert "--rounds ≥ 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("by_dsr1", [True, False])
+def test_bench_keeps_dsr1s_huge_page_default_out_of_the_transformers_worker(
+        monkeypatch: pytest.MonkeyPatch, by_dsr1: bool) -> None:
+    import subprocess
+
+    import dsr1
+    from dsr1.commands import bench
+
+    seen: dict[str, str | None] = {}
+
+    def fake_run(cmd: list[str], env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        seen[json.loads(cmd[-1])["engine"]] = env.get("THP_MEM_ALLOC_ENABLE")
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(dsr1, "HUGE_PAGES_BY_DSR1", by_dsr1)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # set by dsr1's import, or by the user
+    for engine in ("dsr1", "hf"):
+        bench._spawn({"engine": engine, "threads": 1, "batch_size": 1})
+    assert seen == {"dsr1": "1", "hf": "0" if by_dsr1 else "1"}  # a user's own setting reaches both

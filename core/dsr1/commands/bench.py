@@ -90,6 +90,15 @@ def add_parser(subparsers: Any) -> None:
 # --- parent: spawn one worker per (engine, batch) -----------------------------------------------
 
 
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``), where Linux says."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return next((w[1:-1] for w in text.split() if w.startswith("[")), None)
+
+
 def _bandwidth_gbs(device: str) -> float:
     """Weight-streaming bandwidth (GB/s): a matrix-vector product over 480 MiB of random fp32, best of 5.
 
@@ -172,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": {
             "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None,
-            "load_avg_1m": os.getloadavg()[0],
+            "load_avg_1m": os.getloadavg()[0], "transparent_hugepage": _thp_mode(),
         },
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "python":
                      platform.python_version()},
@@ -236,6 +245,10 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    import dsr1
+
+    if spec["engine"] == "hf" and dsr1.HUGE_PAGES_BY_DSR1:
+        env["THP_MEM_ALLOC_ENABLE"] = "0"  # dsr1's default (see dsr1.HUGE_PAGES_BY_DSR1), not transformers'
     cmd = [sys.executable, "-m", "dsr1.cli", "bench", "--shape", "tiny-125m", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -357,6 +370,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "streamed_bytes": streamed,
         "times_1": t1, "times_n": tn,
         "other_processes_cpu_pct": others,
+        "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
     }
     if spec["engine"] == "dsr1":
         out["pipeline"] = model.pipeline.describe()
