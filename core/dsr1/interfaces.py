@@ -160,6 +160,16 @@ class Device(Plugin):
         """Compile/tiling options for ``tiling_strategy`` (``"auto"`` or ``"fixed"``)."""
         return {"mode": "max-autotune-no-cudagraphs"} if strategy == "auto" else {}
 
+    def pack_linear(self, linear: Any) -> Any | None:
+        """A module that computes ``linear`` (a ``torch.nn.Linear``) from this device's own weight
+        layout and kernel, or ``None`` to keep the layer as it is (the default).
+
+        The engine asks once per layer, after every plugin that rewrites weights has run and
+        before the first generate; the module it gets must give the same ``state_dict()`` as the
+        layer it replaces, so saved checkpoints stay plain.
+        """
+        return None
+
     @contextlib.contextmanager
     def relayout_memory(self) -> Iterator[None]:
         """Scope in which the engine loads or relayouts weights, buffer by buffer.

@@ -1,4 +1,5 @@
-"""The CPU ``auto`` layout: oneDNN-packed linear weights while generating 2+ rows, ``kn`` for one row."""
+"""The CPU ``auto`` layout: the cpu device's panel kernel where it runs, else oneDNN-packed linear
+weights while generating 2+ rows and ``kn`` for one row."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,17 +12,26 @@ from dsr1.auto import AutoModel
 from dsr1.models import packing
 from dsr1.models.packing import OnednnLinear
 
+from dsr1_device_cpu import panels
+from dsr1_device_cpu.panels import PanelLinear
+
 from .conftest import hf_model, padded_batch
+
+needs_panels = pytest.mark.skipif(panels.unavailable() is not None, reason=f"panel kernel: {panels.unavailable()}")
 
 
 def _linears(model: nn.Module) -> list[nn.Module]:
     """The decoder layers' linear layers and the output head, packed or not."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, OnednnLinear))]
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, OnednnLinear, PanelLinear))]
+
+
+#: the cpu device without its panel kernel: the model's own layouts (oneDNN / kn).
+NO_PANELS = {"device": {"name": "cpu", "options": {"linear_kernel": "none"}}}
 
 
 def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]) -> None:
     enc = padded_batch(ckpts["qwen2"])  # qkv bias: the packed call takes a bias too
-    model = AutoModel.from_pretrained(ckpts["qwen2"])
+    model = AutoModel.from_pretrained(ckpts["qwen2"], NO_PANELS)
     ref = hf_model(ckpts["qwen2"])
     before = dict(model.hf_state_dict())
     assert all(type(m) is nn.Linear for m in _linears(model))
@@ -45,10 +55,38 @@ def test_packing_follows_the_batch_and_keeps_the_numerics(ckpts: dict[str, Path]
     assert all(torch.equal(t, before[n]) for n, t in model.hf_state_dict())
 
 
+@needs_panels
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_panel_kernel_serves_every_batch_size_with_the_numerics(ckpts: dict[str, Path], arch: str) -> None:
+    enc = padded_batch(ckpts[arch])
+    model = AutoModel.from_pretrained(ckpts[arch])  # the default cpu device: linear_kernel auto
+    ref = hf_model(ckpts[arch])
+    before = dict(model.hf_state_dict())
+    got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=16)  # batch 4
+    assert all(type(m) is PanelLinear for m in _linears(model)) and model.device_layout is True
+    with torch.inference_mode():
+        want = ref.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0)
+        real = enc["attention_mask"].bool()
+        torch.testing.assert_close(model(**enc).logits[real], ref(**enc).logits[real], atol=1e-4, rtol=0)
+    assert torch.equal(got, want)
+    longest = enc["input_ids"][2:3]  # the row without padding
+    assert bool(enc["attention_mask"][2].all())
+    single = model.generate(longest, max_new_tokens=8)  # batch 1: the same panels, no switch
+    assert all(type(m) is PanelLinear for m in _linears(model))
+    with torch.inference_mode():
+        assert torch.equal(single, ref.generate(longest, max_new_tokens=8, do_sample=False, eos_token_id=2,
+                                                pad_token_id=0))
+    saved = dict(model.hf_state_dict())  # what save_pretrained writes: plain (out, in) tensors, bit for bit
+    assert saved.keys() == before.keys() and all(torch.equal(saved[n], before[n]) for n in before)
+
+
 def test_explicit_layouts_never_pack(ckpts: dict[str, Path]) -> None:
     enc = padded_batch(ckpts["llama"])
     for layout in ("kn", "nk"):
         model = AutoModel.from_pretrained(ckpts["llama"], {"model": {"name": "llama", "options": {"weight_layout": layout}}})
+        model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
+        assert not any(isinstance(m, (OnednnLinear, PanelLinear)) for m in model.modules())
+        model = AutoModel.from_pretrained(ckpts["llama"], {"model": {"name": "llama", "options": {"weight_layout": layout}}, **NO_PANELS})
         model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
         assert not any(type(m) is OnednnLinear for m in model.modules())
 

@@ -36,7 +36,7 @@ from dsr1.models.common import (
     rope_parameters,
 )
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
-from dsr1.models.packing import pack_linears_, unpack_linears_
+from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
 from dsr1.specs import PluginSpec
 
 
@@ -273,14 +273,22 @@ class LlamaForCausalLM(CausalLM):
         self.recurrent = attn.recurrent
         #: CPU ``auto`` layout: linear weights follow the batch size (see :meth:`prepare_batch`).
         self.batch_layout = False
+        #: whether the device packed the linear layers in its own layout (None: not asked yet).
+        self.device_layout: bool | None = None
 
     def prepare_batch(self, batch_size: int) -> None:
-        """Before a generate of ``batch_size`` rows: on the CPU ``auto`` layout, oneDNN-packed linear
-        weights for 2+ rows, ``kn`` for one (:mod:`dsr1.models.packing` has the figures). Eager only:
-        a compiled or captured step keeps the layout it was built on."""
+        """Before a generate of ``batch_size`` rows, on the CPU ``auto`` layout: the first time, the
+        device may take the linear layers into its own layout (``Device.pack_linear``: the cpu
+        device's AVX-512 panel kernel), which then serves every batch size. Else oneDNN-packed
+        weights for 2+ rows and ``kn`` for one (:mod:`dsr1.models.packing` has the figures). Eager
+        only: a compiled or captured step keeps the layout it was built on."""
         if not self.batch_layout or getattr(self, "compiled_step", None) is not None:
             return
         with self.pipeline.device.relayout_memory():  # the old layouts' buffers leave the resident set
+            if self.device_layout is None:  # first generate: the device's own kernels, where it has them
+                self.device_layout = pack_for_device_(self, self.pipeline.device) > 0
+            if self.device_layout:
+                return  # one layout for every batch size
             if batch_size > 1:
                 pack_linears_(self)
             else:

@@ -113,6 +113,21 @@ def pack_weight(weight: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def pack_for_device_(model: nn.Module, device: Any) -> int:
+    """Replace each :func:`packable` layer by the module ``device.pack_linear`` makes of it, where it
+    makes one (one layer at a time: each old weight is freed before the next is packed)."""
+    places = [(parent, name) for parent, name, _ in packable(model)]
+    done = 0
+    for parent, name in places:
+        packed = device.pack_linear(getattr(parent, name))
+        if packed is not None:
+            setattr(parent, name, packed)
+            done += 1
+        del packed
+    return done
+
+
+@torch.no_grad()
 def pack_linears_(model: nn.Module) -> int:
     """Replace every :func:`packable` layer of ``model`` by an :class:`OnednnLinear`; returns how many."""
     places = [(parent, name) for parent, name, _ in packable(model)]  # no reference to the layers: each

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -37,6 +39,11 @@ class CpuOptions(PluginOptions):
     """Options of the ``cpu`` device."""
 
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
+    linear_kernel: Literal["auto", "panels", "none"] = Field(
+        "auto", description="fp32 linear layers: 'panels' = dsr1's AVX-512 panel kernel (built at first use, "
+        "needs a C++ compiler); 'none' = the model's own layout (MKL / oneDNN); 'auto' = panels where they "
+        "build and run, else none, with a warning saying why",
+    )
     return_freed_weights: bool = Field(
         True, description="glibc: freed weight buffers go back to the system while weights are loaded or "
         "relaid out (a lower peak); false leaves glibc's allocator alone",
@@ -47,6 +54,11 @@ class CpuOptions(PluginOptions):
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 #: mmap threshold while weights are loaded or relaid out, and outside (glibc's adaptive ceiling).
 RELAYOUT_MMAP_BYTES, COMPUTE_MMAP_BYTES = 2**20, 32 * 2**20
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -148,6 +160,24 @@ class CpuDevice(Device):
     def autotune_settings(self, strategy: str) -> dict[str, Any]:
         return {"mode": "max-autotune-no-cudagraphs"} if strategy == "auto" else {}
 
+    def pack_linear(self, linear: Any) -> Any | None:
+        """fp32 CPU ``nn.Linear`` layers as :class:`~dsr1_device_cpu.panels.PanelLinear` (option ``linear_kernel``)."""
+        choice = self.options.linear_kernel
+        weight = getattr(linear, "weight", None)
+        if (choice == "none" or type(linear) is not torch.nn.Linear or weight is None
+                or weight.dtype != torch.float32 or weight.device.type != "cpu"):
+            return None
+        from dsr1_device_cpu import panels
+
+        reason = panels.unavailable()
+        if reason is not None:
+            if choice == "panels":
+                raise Dsr1Error(f"device cpu: linear_kernel 'panels' cannot run here: {reason}")
+            _warn_once(f"device cpu: fp32 linear layers keep MKL/oneDNN, not the panel kernel: {reason} "
+                       "(set linear_kernel: none to silence this)")
+            return None
+        return panels.pack_linear(linear)
+
     @contextlib.contextmanager
     def relayout_memory(self) -> Iterator[None]:
         """Freed buffers of 1 MiB and more go back to the system inside (see the module docstring)."""
@@ -169,5 +199,5 @@ def dsr1_device() -> PluginSpec:
         impl=CpuDevice,
         options=CpuOptions,
         capabilities=frozenset({"fp16", "bf16", "compile:inductor"}),
-        description="the host CPU (memory from /proc/meminfo, thread count option, freed weights returned to the system, inductor)",
+        description="the host CPU (memory from /proc/meminfo, thread count, AVX-512 panel kernel for fp32 linears, freed weights returned to the system, inductor)",
     )
