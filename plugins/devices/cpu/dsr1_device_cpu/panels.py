@@ -1,7 +1,8 @@
 """fp32 linear layers from a "panel" weight layout, on AVX-512 CPUs (``panel_gemm.cpp``).
 
 An ``(N, K)`` weight is kept as ``ceil(N / 64)`` contiguous ``(K, 64)`` panels; the kernel streams
-each panel once per call, takes the input rows 8 at a time against it, and prefetches 2 KiB
+each panel once per call, takes up to 8 input rows in one pass over it (6-row tiles beyond, while
+the panel sits in L2), and prefetches 2 KiB
 ahead. At decode sizes that overlaps the weight stream with the multiply-adds, which neither MKL
 (the ``kn`` layout) nor oneDNN (its packed layout) does at a few rows. tiny-125m's 49 decode
 matmuls (400 MB of fp32 weights, streamed from DRAM), 2-core Xeon with AVX-512, torch 2.13,
@@ -82,14 +83,14 @@ class PanelLinear(nn.Module):
         self.panels = nn.Parameter(panels, requires_grad=False)  # (P, K, 64)
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
         self._no_bias = torch.empty(0)
+        self._mm = _kernels().mm  # resolved once: this runs per token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise Dsr1Error(f"a panel-packed linear layer computes float32 on the CPU, got {x.dtype} on {x.device}")
-        rows = x.reshape(-1, self.in_features).contiguous()  # (M, K)
-        bias = self._no_bias if self.bias is None else self.bias
-        out = _kernels().mm(rows, self.panels, bias, self.out_features)  # (M, N)
-        return out.view(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features).contiguous()  # (M, K); a view when x is contiguous
+        out = self._mm(rows, self.panels, self._no_bias if self.bias is None else self.bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)  # (..., N)
 
     def dense_weight(self) -> torch.Tensor:
         """The plain ``(out, in)`` weight (a new contiguous tensor)."""

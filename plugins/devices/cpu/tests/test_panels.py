@@ -38,6 +38,15 @@ def test_panel_matmul_matches_the_reference(rows: int, k: int, n: int, bias: boo
 
 
 @needs_panels
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 14])  # panel pairs (1-2 rows), one pass (3-8), 6-row tiles
+@pytest.mark.parametrize("n", [64, 130, 192, 200])  # whole pairs, an odd last panel, partial panels
+def test_every_kernel_path(rows: int, n: int) -> None:
+    layer = _linear(70, n, bias=True, kn=True, seed=rows)
+    x = torch.randn(rows, 70)
+    torch.testing.assert_close(panels.pack_linear(layer)(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_panels
 def test_panel_linear_takes_any_leading_shape_and_strided_input() -> None:
     layer = _linear(96, 130, bias=True, kn=True)
     packed = panels.pack_linear(layer)
