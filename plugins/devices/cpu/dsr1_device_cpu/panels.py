@@ -28,6 +28,7 @@ ninja. :func:`unavailable` says why it cannot run here, or ``None``.
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from torch import nn
 from dsr1_sdk import Dsr1Error
 
 SOURCE = Path(__file__).with_name("panel_gemm.cpp")
+#: the extension's module name (torch caches the build under it).
+NAME = "dsr1_cpu_panel_gemm"
 #: output columns per panel (the kernel's register tile).
 PANEL = 64
 
@@ -59,10 +62,13 @@ def _kernels() -> Any:
 
     if not cpp_extension.is_ninja_available():
         raise Dsr1Error("building the panel kernel needs ninja (pip install ninja) and a C++ compiler")
+    built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
+    if not built.exists():  # a pause of half a minute deserves a word (torch rebuilds on its own if stale)
+        print("dsr1: building the cpu device's panel kernel (first use only, about 25 s)", file=sys.stderr, flush=True)
     try:
         # -fopenmp: at::parallel_for is an OpenMP region compiled into this module; at run time it binds
         # to the libgomp torch already loaded (same soname), so torch.set_num_threads governs it
-        return cpp_extension.load(name="dsr1_cpu_panel_gemm", sources=[str(SOURCE)],
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)],
                                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler missing or failing
         last = (str(err).strip().splitlines() or ["unknown error"])[-1]
