@@ -402,8 +402,10 @@ class LlamaOptions(LoadOptions):
     #: memory layout of linear weights: ``nk`` (out, in) as stored, ``kn`` the transpose kept contiguous
     #: (``weight`` stays an (out, in) view), ``auto`` = ``kn`` on CPU, where MKL's small-batch matmul reads
     #: that layout faster (tiny-125m, batch 8 decode: 37 → 28 ms of matmuls per step), else ``nk``.
-    #: On CPU with fp32 weights, ``auto`` also repacks the weights for oneDNN while generating 2+ rows
-    #: and back to ``kn`` for one row (:meth:`LlamaForCausalLM.prepare_batch`, :mod:`dsr1.models.packing`).
+    #: On CPU with fp32 weights, ``auto`` also hands the linear layers to the device's own kernel before
+    #: the first generate (the cpu device's panel kernel), or else repacks them for oneDNN while
+    #: generating 2+ rows and back to ``kn`` for one row (:meth:`LlamaForCausalLM.prepare_batch`,
+    #: :mod:`dsr1.models.packing`).
     weight_layout: Literal["auto", "nk", "kn"] = "auto"
 
 

@@ -1,4 +1,9 @@
-"""oneDNN-packed ``nn.Linear`` weights for batched decode on the CPU.
+"""Device layouts of the linear layers, and oneDNN-packed weights for batched decode on the CPU.
+
+First choice: the device's own layout and kernel (:func:`pack_for_device_`, ``Device.pack_linear``;
+the cpu device's AVX-512 panel kernel, ``dsr1_device_cpu.panels``), which serves every batch size
+from one layout. Where the device declines (``linear_kernel: none``, no AVX-512, no compiler), the
+oneDNN/``kn`` switching below applies.
 
 At a few rows per matmul (decode at batch 2-32) MKL's ``sgemm`` repacks the weight on every
 call and stays compute-bound; oneDNN's matmul on a weight reordered once into its blocked

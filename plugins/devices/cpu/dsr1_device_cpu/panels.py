@@ -1,25 +1,26 @@
 """fp32 linear layers from a "panel" weight layout, on AVX-512 CPUs (``panel_gemm.cpp``).
 
 An ``(N, K)`` weight is kept as ``ceil(N / 64)`` contiguous ``(K, 64)`` panels; the kernel streams
-each panel once per call, takes up to 8 input rows in one pass over it (6-row tiles beyond, while
-the panel sits in L2), and prefetches 2 KiB
-ahead. At decode sizes that overlaps the weight stream with the multiply-adds, which neither MKL
-(the ``kn`` layout) nor oneDNN (its packed layout) does at a few rows. tiny-125m's 49 decode
-matmuls (400 MB of fp32 weights, streamed from DRAM), 2-core Xeon with AVX-512, torch 2.13,
-torch's huge-page allocations on:
+each panel once per call, takes up to 8 input rows in one pass over it (two panels at a time for
+1-2 rows, 6-row tiles past 8 while the panel sits in L2), and prefetches 2 KiB ahead. At decode
+sizes that overlaps the weight stream with the multiply-adds, which neither MKL (the ``kn``
+layout) nor oneDNN (its packed layout) does at a few rows. tiny-125m's 49 matmuls of one forward
+(400 MB of fp32 weights, from DRAM up to 16 rows), 2-core Xeon with AVX-512, torch 2.13,
+huge-page allocations on, medians in ms (``bench/cpu_linear_kernels.py``,
+``bench/results/cpu-linear-kernels.json``):
 
 =========  ===============  ===============  ==================
 rows       MKL, ``kn``      oneDNN packed    panels (this file)
 =========  ===============  ===============  ==================
-1          14.0 ms          18.9 ms          13.3 ms
-8          30.4 ms          22.3 ms          18.0 ms
-16         26.2 ms          22.4 ms          18.9 ms
-512        222 ms           221 ms           277 ms
+1          15.2             18.4             14.8
+8          30.2             23.1             20.8
+16         35.1             26.5             25.8
+512        397              334              313
 =========  ===============  ===============  ==================
 
-So one layout serves every decode batch size, and a model never switches layouts between
-generate calls; prefill-sized products (hundreds of rows) are about 25 % slower than MKL's.
-The numerics are fp32 with fp32 accumulation in ``k`` order, like any BLAS (not bit-identical).
+So one layout serves every batch size, prefill included, and a model never switches layouts
+between generate calls. The numerics are fp32 with fp32 accumulation in ``k`` order, like any
+BLAS (not bit-identical to MKL's).
 
 The kernel is compiled at first use with ``torch.utils.cpp_extension.load`` (about 25 s on 2
 cores, then cached by torch under ``~/.cache/torch_extensions``); that needs a C++ compiler and
