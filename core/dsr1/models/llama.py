@@ -282,13 +282,13 @@ class LlamaForCausalLM(CausalLM):
         device's AVX-512 panel kernel), which then serves every batch size. Else oneDNN-packed
         weights for 2+ rows and ``kn`` for one (:mod:`dsr1.models.packing` has the figures). Eager
         only: a compiled or captured step keeps the layout it was built on."""
-        if not self.batch_layout or getattr(self, "compiled_step", None) is not None:
-            return
+        if not self.batch_layout or self.device_layout or getattr(self, "compiled_step", None) is not None:
+            return  # (the device's layout serves every batch size)
         with self.pipeline.device.relayout_memory():  # the old layouts' buffers leave the resident set
             if self.device_layout is None:  # first generate: the device's own kernels, where it has them
                 self.device_layout = pack_for_device_(self, self.pipeline.device) > 0
-            if self.device_layout:
-                return  # one layout for every batch size
+                if self.device_layout:
+                    return
             if batch_size > 1:
                 pack_linears_(self)
             else:
