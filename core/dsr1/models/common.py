@@ -205,6 +205,8 @@ class AttentionCall:
         self.n_rep = n_rep if not gqa else 1
         self.name = type(plugin).__name__
         self.recurrent = recurrent
+        #: the plugin's state shapes by (batch, heads, key/value heads, head dim).
+        self._state_shapes: dict[tuple[int, int, int, int], Mapping[str, tuple[int, ...]]] = {}
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
@@ -223,7 +225,10 @@ class AttentionCall:
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=1)  # (B, H, T, D)
             v = v.repeat_interleave(self.n_rep, dim=1)
-        shapes = self.plugin.state_shapes(b, h, k.shape[1], d)
+        key = (b, h, k.shape[1], d)
+        shapes = self._state_shapes.get(key)
+        if shapes is None:  # once per batch shape, not per layer and token
+            shapes = self._state_shapes[key] = self.plugin.state_shapes(*key)
         state = cache.state(layer, shapes, torch.float32, q.device)  # running sums: always fp32
         key_valid = mask[:, 0, -1, -t:] if mask is not None else None  # (B, T): the last query sees every real key
         return self.plugin.forward_recurrent(q, k, v, state, key_valid=key_valid, scale=scale)
