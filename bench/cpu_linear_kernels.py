@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dsr1  # noqa: F401 - first: torch's huge-page allocations on, as in the engine (dsr1.HUGE_PAGES_BY_DSR1)
 
+# isort: split
+
 import argparse
 import datetime
 import json
@@ -73,10 +75,10 @@ def main() -> int:
         reps = args.reps if rows <= 64 else 3
         row = {"rows": rows, "weights_from": "dram" if cold is not None else "cache, back to back"}
         row.update(_interleaved_medians({
-            "mkl_kn": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in kn],
-            "onednn_packed": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
-                                      for w in onednn],
-            "panels": lambda: [m(xs[m.in_features]) for m in panel],
+            "mkl_kn": lambda xs=xs: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in kn],
+            "onednn_packed": lambda xs=xs: [
+                torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "") for w in onednn],
+            "panels": lambda xs=xs: [m(xs[m.in_features]) for m in panel],
         }, reps, cold))
         print(json.dumps(row), flush=True)
         results.append(row)

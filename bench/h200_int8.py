@@ -26,8 +26,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from cuda_timing import QWEN2_7B_LINEARS, QWEN2_7B_LM_HEAD, graph_ms, write_report  # bench/cuda_timing.py, a sibling module
+from cuda_timing import (  # bench/cuda_timing.py, a sibling module
+    QWEN2_7B_LINEARS,
+    QWEN2_7B_LM_HEAD,
+    graph_ms,
+    write_report,
+)
 
 SHAPES = {**QWEN2_7B_LINEARS, "lm_head": QWEN2_7B_LM_HEAD}
 

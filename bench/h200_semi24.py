@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import QWEN2_7B_LINEARS, graph_ms, median_ms, write_report  # bench/cuda_timing.py, a sibling module
 
 from dsr1_pruning_semi24 import Semi24Pruner
-
-from cuda_timing import QWEN2_7B_LINEARS, graph_ms, median_ms, write_report  # bench/cuda_timing.py, a sibling module
 
 SHAPES = QWEN2_7B_LINEARS
 TIMERS = {"eager": median_ms, "graph": graph_ms}

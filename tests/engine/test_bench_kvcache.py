@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from dsr1.benchmarks import kvcache
 from dsr1.cli import main
 

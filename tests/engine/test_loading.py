@@ -15,7 +15,6 @@ from dsr1.errors import Dsr1Error
 from dsr1.models.loading import CheckpointReader, resolve_model_dir
 
 
-
 @pytest.fixture
 def llama(ckpts: dict[str, Path], tmp_path: Path) -> Path:
     """A private copy of the tiny llama checkpoint that a test may damage."""

@@ -11,7 +11,6 @@ from torch import nn
 from dsr1.auto import AutoModel
 from dsr1.models import packing
 from dsr1.models.packing import OnednnLinear
-
 from dsr1_device_cpu import panels
 from dsr1_device_cpu.panels import PanelLinear
 

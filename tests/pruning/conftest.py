@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from dsr1.models.loading import bundled_dir
 
 TINY = bundled_dir() / "dsr1-tiny"

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
+
 from dsr1.preprocess.hf_tokenizer import Tokenizer
 from dsr1.pruning import data
-
 from tests.pruning.conftest import TINY
 
 

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from dsr1.interfaces import Pruner
 from dsr1.pruning.masks import n_m_mask, row_balanced_mask
 from dsr1_sdk.reference import magnitude_mask, semi_structured_mask, wanda_mask

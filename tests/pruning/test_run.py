@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from dsr1.auto import AutoModel
 from dsr1.pruning import runner
 from dsr1.pruning.data import heldout_stream
@@ -159,6 +160,7 @@ def test_global_magnitude_through_option(prune: Prune, tiny_llama: Path, tmp_pat
 
 def test_semi24_skips_layers_not_multiple_of_4(prune: Prune, tiny_llama: Path, tmp_path: Path) -> None:
     import transformers
+
     from dsr1_sdk.reference import groups_hold_zeros
 
     odd = tmp_path / "odd"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dsr1.config import parse_option_items as parse_options
 from dsr1.errors import Dsr1Error
 from dsr1.pruning.schedule import PruneSettings, check_settings, plan_stages, stage_name

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from dsr1.commands.bench import _cpu_model
 from dsr1.models.loading import read_hf_config, resolve_model_dir
 from dsr1.pruning import data

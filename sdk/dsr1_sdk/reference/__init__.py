@@ -28,7 +28,7 @@ from dsr1_sdk.reference.pruning import (
     topk_mask,
     wanda_mask,
 )
-from dsr1_sdk.reference.quant import cast_round_trip, cast_error_bound, fake_quant_per_channel, int_error_bound, sqnr
+from dsr1_sdk.reference.quant import cast_error_bound, cast_round_trip, fake_quant_per_channel, int_error_bound, sqnr
 
 __all__ = [
     "CpuReferenceDevice",

@@ -31,8 +31,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsr1.interfaces import AttentionMechanism
 import dsr1_sdk.reference.attention as ref
+from dsr1.interfaces import AttentionMechanism
 from dsr1_sdk.testing.base import PluginConformance, declared_devices
 from dsr1_sdk.testing.tolerances import ATTENTION_TOLERANCES, DTYPES, close_problem
 

@@ -29,11 +29,11 @@ from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
-from dsr1.errors import Dsr1Error
-from dsr1.interfaces import Pruner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsr1.errors import Dsr1Error
+from dsr1.interfaces import Pruner
 from dsr1_sdk.reference.pruning import groups_hold_zeros
 from dsr1_sdk.reference.pruning import sparsity as realized
 from dsr1_sdk.testing.base import PluginConformance

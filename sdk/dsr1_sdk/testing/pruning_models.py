@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
 from dsr1.interfaces import Pruner
 
 Arch = Literal["llama", "bert"]

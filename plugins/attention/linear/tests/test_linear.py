@@ -6,13 +6,12 @@ from typing import Any
 import pytest
 import torch
 
+import dsr1_attention_linear
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_sdk.reference import linear_attention
 from dsr1_sdk.testing import AttentionConformance
-
-import dsr1_attention_linear
 
 
 class TestLinear(AttentionConformance):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import dsr1_attention_sdpa
-from dsr1.errors import Dsr1Error
 from dsr1.config import PluginChoice
+from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_sdk.reference import softmax_attention
 from dsr1_sdk.testing import AttentionConformance

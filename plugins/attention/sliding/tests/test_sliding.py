@@ -7,13 +7,12 @@ from typing import Any
 import pytest
 import torch
 
+import dsr1_attention_sliding
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_sdk.reference import sliding_window_mask, softmax_attention
 from dsr1_sdk.testing import AttentionConformance
-
-import dsr1_attention_sliding
 
 
 class TestSliding(AttentionConformance):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, n_m_mask, wanda_score
 from dsr1.pruning.metrics import prunable_linears

@@ -5,14 +5,15 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dsr1.config import PluginChoice, load_config
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_pruning_semi24 import Semi24Pruner, dsr1_model_loaded, is_2_4, to_sparse_semi_structured_
 from dsr1_sdk.reference import groups_hold_zeros, semi_structured_mask
 from dsr1_sdk.testing import PruningConformance
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 class TestSemi24(PruningConformance):

@@ -32,12 +32,13 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+from torch import nn
+
 from dsr1.errors import Dsr1Error
 from dsr1.pruning.calibration import input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, lowest_k_mask, n_pruned, wanda_score
 from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
-from torch import nn
 
 __all__ = ["StructuredOptions", "StructuredPruner", "dsr1_pruning"]
 

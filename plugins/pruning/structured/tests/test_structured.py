@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry

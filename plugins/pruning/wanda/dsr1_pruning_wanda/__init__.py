@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, row_balanced_mask, wanda_score
 from dsr1.pruning.metrics import prunable_linears

@@ -5,6 +5,9 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
@@ -12,8 +15,6 @@ from dsr1_pruning_wanda import WandaPruner
 from dsr1_sdk.reference import magnitude_mask, wanda_mask
 from dsr1_sdk.testing import PruningConformance
 from dsr1_sdk.testing.pruning import TinyLM
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 class TestWanda(PruningConformance):

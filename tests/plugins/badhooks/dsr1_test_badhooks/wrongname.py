@@ -1,7 +1,7 @@
 """Its entry point is named 'wrongname' but the spec it returns says 'other'."""
 from dsr1.hookspecs import hookimpl
-from dsr1_test_badhooks.oldapi import FutureAttention
 from dsr1.specs import PluginSpec
+from dsr1_test_badhooks.oldapi import FutureAttention
 
 
 @hookimpl
