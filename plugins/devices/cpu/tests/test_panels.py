@@ -112,3 +112,13 @@ def test_pack_linear_where_the_kernel_cannot_run(monkeypatch: pytest.MonkeyPatch
 def test_unknown_linear_kernel_is_one_line() -> None:
     with pytest.raises(Dsr1Error, match="device.options.linear_kernel"):
         _device(linear_kernel="pannels")
+
+
+@needs_panels
+def test_large_panels_start_on_a_huge_page_boundary() -> None:
+    big = panels.pack_linear(_linear(512, 1100, bias=False, kn=True))  # 18 panels x 512 x 64 floats: 2.25 MiB
+    assert big.panels.data_ptr() % (2 << 20) == 0 and big.panels.is_contiguous()
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(big(x), x @ big.dense_weight().t(), atol=1e-5, rtol=1e-5)
+    small = panels.pack_linear(_linear(64, 64, bias=False, kn=False))  # 16 KiB: no slack spent on it
+    assert small.panels.untyped_storage().nbytes() == small.panels.nbytes
