@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dsr1.auto import AutoModel
+from dsr1.errors import Dsr1Error
 from dsr1.models import packing
 from dsr1.models.packing import OnednnLinear
 from dsr1_device_cpu import panels
@@ -113,3 +114,20 @@ def test_wide_layers_pack_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize(("out", "inp", "rows"), [(100, 10, 100), (32000, 768, 5440), (70000, 1, 70000), (5, 10**7, 5)])
 def test_block_rows(out: int, inp: int, rows: int) -> None:
     assert packing.block_rows(out, inp, 4) == rows
+
+
+@pytest.mark.parametrize("config", [None, NO_PANELS])
+def test_quantizing_or_pruning_a_packed_model_is_refused(ckpts: dict[str, Path], config: dict | None) -> None:
+    from dsr1.pruning.metrics import prunable_linears
+    from dsr1.quantization.modules import linear_layers
+
+    model = AutoModel.from_pretrained(ckpts["llama"], config)
+    assert linear_layers(model) and prunable_linears(model)  # freshly loaded: plain nn.Linear layers
+    enc = padded_batch(ckpts["llama"])
+    model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)  # batch 4: packed
+    if not any(isinstance(m, (OnednnLinear, PanelLinear)) for m in model.modules()):
+        pytest.skip("nothing packed on this CPU")
+    with pytest.raises(Dsr1Error, match=r"quantize: \d+ linear layers .* packed for CPU decode.*load the model again"):
+        linear_layers(model)
+    with pytest.raises(Dsr1Error, match=r"prune: \d+ linear layers .* packed for CPU decode"):
+        prunable_linears(model)

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsr1.errors import Dsr1Error
+
 #: the row count oneDNN chooses the blocked layout for (any row count computes correctly).
 PACK_ROWS = 8
 #: a packed weight is split into row blocks of at most this many bytes (see the module docstring).
@@ -97,6 +99,16 @@ class OnednnLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.n_blocks}, oneDNN-packed"
+
+
+def refuse_packed(model: nn.Module, what: str) -> None:
+    """Raise if ``model`` holds linear layers packed for CPU decode: tools that rewrite or read
+    ``nn.Linear`` weights (quantization, pruning) would silently pass them by."""
+    packed = [name for name, m in model.named_modules() if callable(getattr(m, "dense_weight", None))]
+    if packed:
+        raise Dsr1Error(f"{what}: {len(packed)} linear layers (first {packed[0]!r}) are packed for CPU decode, "
+                        f"which a generate call does on the CPU 'auto' layout; load the model again and {what} "
+                        "before generating")
 
 
 def packable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

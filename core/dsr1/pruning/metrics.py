@@ -27,6 +27,9 @@ from torch import nn
 
 def prunable_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
     """The linear layers sparsity is counted over, in module order."""
+    from dsr1.models.packing import refuse_packed
+
+    refuse_packed(model, "prune")
     skip = tuple(skip)
     embedded = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
     return [

@@ -98,6 +98,9 @@ def tied_weights(model: nn.Module) -> set[int]:
 
 def linear_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Linear]]:
     """``(name, module)`` of every ``nn.Linear`` a policy would quantize, in module order."""
+    from dsr1.models.packing import refuse_packed
+
+    refuse_packed(model, "quantize")
     patterns, tied = list(skip), tied_weights(model)
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and id(m.weight) not in tied and not skipped(n, patterns)]
