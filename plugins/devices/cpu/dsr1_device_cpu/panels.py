@@ -29,6 +29,8 @@ ninja. :func:`unavailable` says why it cannot run here, or ``None``.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ def unavailable() -> str | None:
 def _kernels() -> Any:
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise Dsr1Error("building the panel kernel needs ninja (pip install ninja) and a C++ compiler")
     built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
@@ -75,6 +78,20 @@ def _kernels() -> Any:
         last = (str(err).strip().splitlines() or ["unknown error"])[-1]
         raise Dsr1Error(f"building the panel kernel failed ({last}); install a C++ compiler (g++) or set the "
                         "cpu device option linear_kernel: none") from None
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package (a dependency) installs it beside this
+    Python, which is not on PATH when the environment is used without activating it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # the binary's directory, only when PATH lacks it
+
+        where = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        where = str(Path(sys.executable).parent)
+    os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
 
 
 class PanelLinear(nn.Module):

@@ -1,6 +1,9 @@
 """The cpu device's panel kernel for fp32 linear layers, and the ``linear_kernel`` option."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -122,3 +125,14 @@ def test_large_panels_start_on_a_huge_page_boundary() -> None:
     torch.testing.assert_close(big(x), x @ big.dense_weight().t(), atol=1e-5, rtol=1e-5)
     small = panels.pack_linear(_linear(64, 64, bias=False, kn=False))  # 16 KiB: no slack spent on it
     assert small.panels.untyped_storage().nbytes() == small.panels.nbytes
+
+
+def test_ninja_beside_the_interpreter_is_found_without_an_activated_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    panels._put_ninja_on_path()
+    first = os.environ["PATH"].split(os.pathsep)[0]
+    assert first != "/nonexistent" and Path(first).is_dir()
