@@ -22,12 +22,12 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsr1.benchmarks.common import cpu_model
+from dsr1.benchmarks.common import cpu_model, write_report
+from dsr1.models import packing
 from dsr1_device_cpu import panels
 
 #: one decoder layer of tiny-125m, (out, in): fused qkv, o, fused gate/up, down; 12 of them, then the head.
@@ -64,7 +64,7 @@ def main() -> int:
     shapes = LAYER * 12 + [HEAD]
     dense = [torch.randn(o, i) * 0.02 for o, i in shapes]
     kn = [w.t().contiguous().t() for w in dense]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in dense]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, packing.PACK_ROWS) for w in dense]  # one block each
     panel = [panels.pack_linear(_as_linear(w)) for w in dense]
     del dense
     flush = torch.randn(60_000_000)  # 240 MB
@@ -92,8 +92,7 @@ def main() -> int:
         "weight_bytes": sum(o * i * 4 for o, i in shapes),
         "results": results,
     }
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, args.output)
     return 0
 
 

@@ -8,13 +8,13 @@ a CUDA graph and times replays: the device time alone, which is what a captured 
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from dsr1.benchmarks import common
 
 #: Qwen2-7B's linear layers as dsr1 runs them (q/k/v and gate/up fused), ``(out, in)``.
 QWEN2_7B_LINEARS: dict[str, tuple[int, int]] = {
@@ -60,5 +60,10 @@ def write_report(command: str, rows: list[dict[str, Any]], output: str | None, *
     """The script's JSON (command, date, GPU, torch version, ``extra``, results) to ``output`` when given."""
     report = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, **extra, "results": rows}
-    if output:
-        Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    common.write_report(report, output)
+
+
+def error_line(err: BaseException) -> str:
+    """``err`` as one line for a report: its type and the first line of its message."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from cuda_timing import (  # bench/cuda_timing.py, a sibling module
     QWEN2_7B_LINEARS,
     QWEN2_7B_LM_HEAD,
+    error_line,
     graph_ms,
     write_report,
 )
@@ -73,7 +74,6 @@ def main() -> None:
     p.add_argument("--output")
     args = p.parse_args()
     from dsr1_quant_int8 import triton_kernels
-    from dsr1_quant_int8.triton_kernels import weight_only_mm
 
     ao_rows = {int(x) for x in args.torchao_rows.split(",") if x}
     rows = []
@@ -92,12 +92,13 @@ def main() -> None:
                                      "bf16_ms": graph_ms(cycled(lambda w_: F.linear(x, w_), wb_copies)),
                                      "dequant_ms": graph_ms(lambda: F.linear(x, q.to(torch.bfloat16)) * scales)}
             try:
-                entry["triton_max_rel_err"] = rel_err(weight_only_mm(x, q, scales), want)
-                entry["triton_ms"] = graph_ms(cycled(lambda q_: weight_only_mm(x, q_, scales), q_copies))
+                entry["triton_max_rel_err"] = rel_err(triton_kernels.weight_only_mm(x, q, scales), want)
+                entry["triton_ms"] = graph_ms(
+                    cycled(lambda q_: triton_kernels.weight_only_mm(x, q_, scales), q_copies))
                 tuned = triton_kernels._gemv if m == 1 else triton_kernels._dot
                 entry["triton_config"] = str(getattr(tuned, "best_config", None))
             except Exception as err:  # noqa: BLE001 - report the kernel's failure, keep timing the others
-                entry["triton_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                entry["triton_error"] = error_line(err)
             if m <= 12:
                 try:
                     entry["int8pack_max_rel_err"] = rel_err(torch.ops.aten._weight_int8pack_mm(x, q, scales), want)
@@ -110,7 +111,7 @@ def main() -> None:
                     entry["torchao_max_rel_err"] = rel_err(ao(x), want)
                     entry["torchao_ms"] = graph_ms(lambda: ao(x))
                 except Exception as err:  # noqa: BLE001
-                    entry["torchao_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    entry["torchao_error"] = error_line(err)
             int8_bytes, bf16_bytes = n * k + 2 * n + 2 * m * k, 2 * n * k + 2 * m * k
             entry["bf16_gbs"] = round(bf16_bytes / entry["bf16_ms"] / 1e6, 1)
             if "triton_ms" in entry:

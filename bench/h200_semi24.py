@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import QWEN2_7B_LINEARS, graph_ms, median_ms, write_report  # bench/cuda_timing.py, a sibling module
+from cuda_timing import (  # bench/cuda_timing.py, a sibling module
+    QWEN2_7B_LINEARS,
+    error_line,
+    graph_ms,
+    median_ms,
+    write_report,
+)
 
 from dsr1_pruning_semi24 import Semi24Pruner
 
@@ -71,7 +77,7 @@ def main() -> None:
                     try:
                         ms = time_ms(lambda ws=ws: F.linear(x, ws))
                     except Exception as err:  # noqa: BLE001
-                        entry[f"{backend}_{timer}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                        entry[f"{backend}_{timer}_error"] = error_line(err)
                         continue
                     entry[f"{backend}_{timer}_ms"] = round(ms, 4)
                     entry[f"{backend}_{timer}_speedup"] = round(entry[f"dense_{timer}_ms"] / ms, 3)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
+from dsr1.registry import pip_hint
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.interfaces import Device
@@ -21,9 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 #: accelerators first, the CPU last; installed plugins not listed go between them, by name.
 AUTO_ORDER: tuple[str, ...] = ("cuda", "npu", "mlu")
-#: where a missing device plugin comes from.
-PIP_HINTS: dict[str, str] = {"cuda": "dsr1-device-cuda", "npu": "dsr1-device-npu", "mlu": "dsr1-device-mlu",
-                             "cpu": "dsr1-device-cpu"}
 
 
 @dataclass
@@ -56,7 +54,7 @@ def select_device(registry: PluginRegistry, options: dict[str, Any]) -> tuple[De
     rejected: dict[str, str] = {}
     for name in candidates(installed):
         if name not in installed:
-            rejected[name] = f"not installed (pip install {PIP_HINTS.get(name, 'dsr1-device-' + name)})"
+            rejected[name] = f"not installed ({pip_hint('device', name)})"
             continue
         try:
             probe = registry.make("device", PluginChoice(name=name)).probe()

@@ -52,20 +52,10 @@ from dsr1.interfaces import (
     Scheduler,
 )
 from dsr1.specs import API_VERSION, SUPPORTED_API_VERSIONS, NoOptions, PluginSpec
+from dsr1_sdk.options import PluginOptions
 from dsr1_sdk.vendor import VendorDevice, VendorOptions
 
 __version__ = "0.1.0"
-
-
-class PluginOptions(BaseModel):
-    """Base for a plugin's options model: unknown keys are refused, JSON round-trips.
-
-    Subclass it and declare typed fields with defaults; constrain ranges with
-    :func:`Field` (``threads: int | None = Field(None, ge=1)``) so that a bad value in a
-    user's config is a one-line error naming the key.
-    """
-
-    model_config = ConfigDict(extra="forbid")
 
 
 __all__ = [

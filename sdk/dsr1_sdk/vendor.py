@@ -34,10 +34,11 @@ from importlib import import_module
 from importlib.util import find_spec as _find_spec
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from dsr1.errors import Dsr1Error
 from dsr1.interfaces import Device, MemoryInfo, ProbeResult
+from dsr1_sdk.options import PluginOptions
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -45,10 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = ["VendorDevice", "VendorOptions", "find_spec", "import_module", "one_line", "visible"]
 
 
-class VendorOptions(BaseModel):
+class VendorOptions(PluginOptions):
     """Options every vendor device takes (unknown keys are refused)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     device_index: int = Field(0, ge=0, description="the device used when a method is given no index")
     memory_fraction: float | None = Field(

@@ -11,7 +11,7 @@ from torch import nn
 from dsr1.auto import AutoModel
 from dsr1.errors import Dsr1Error
 from dsr1.models import packing
-from dsr1.models.packing import OnednnLinear
+from dsr1.models.packing import OnednnLinear, PackedLinear
 from dsr1_device_cpu import panels
 from dsr1_device_cpu.panels import PanelLinear
 
@@ -22,7 +22,7 @@ needs_panels = pytest.mark.skipif(panels.unavailable() is not None, reason=f"pan
 
 def _linears(model: nn.Module) -> list[nn.Module]:
     """The decoder layers' linear layers and the output head, packed or not."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, OnednnLinear, PanelLinear))]
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
 
 
 #: the cpu device without its panel kernel: the model's own layouts (oneDNN / kn).
@@ -85,7 +85,7 @@ def test_explicit_layouts_never_pack(ckpts: dict[str, Path]) -> None:
     for layout in ("kn", "nk"):
         model = AutoModel.from_pretrained(ckpts["llama"], {"model": {"name": "llama", "options": {"weight_layout": layout}}})
         model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
-        assert not any(isinstance(m, (OnednnLinear, PanelLinear)) for m in model.modules())
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())
         model = AutoModel.from_pretrained(ckpts["llama"], {"model": {"name": "llama", "options": {"weight_layout": layout}}, **NO_PANELS})
         model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
         assert not any(type(m) is OnednnLinear for m in model.modules())
@@ -125,7 +125,7 @@ def test_quantizing_or_pruning_a_packed_model_is_refused(ckpts: dict[str, Path],
     assert linear_layers(model) and prunable_linears(model)  # freshly loaded: plain nn.Linear layers
     enc = padded_batch(ckpts["llama"])
     model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)  # batch 4: packed
-    if not any(isinstance(m, (OnednnLinear, PanelLinear)) for m in model.modules()):
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
         pytest.skip("nothing packed on this CPU")
     with pytest.raises(Dsr1Error, match=r"quantize: \d+ linear layers .* packed for CPU decode.*load the model again"):
         linear_layers(model)

@@ -29,6 +29,7 @@ from dsr1.benchmarks.common import cpu_busy as _cpu_busy
 from dsr1.benchmarks.common import cpu_model as _cpu_model
 from dsr1.benchmarks.common import others_busy as _others_busy
 from dsr1.benchmarks.common import version as _version
+from dsr1.benchmarks.common import write_report
 from dsr1.errors import Dsr1Error
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -191,10 +192,7 @@ def run(args: argparse.Namespace) -> int:
                   "batch1_decode_floor_tok_s": round(bandwidth * 1e9 / streamed, 1)},
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    text = write_report(report, args.output)
     if args.json:
         print(text)
     else:

@@ -32,13 +32,22 @@ class CompileOptions(BaseModel):
     fallback: bool = False
 
 
-def compile_kwargs(options: CompileOptions, device: Device) -> dict[str, Any]:
-    """The ``torch.compile`` arguments for ``device`` (mode and options merged when both are set)."""
+def compile_kwargs(options: CompileOptions, device: Device) -> dict[str, Any] | None:
+    """The ``torch.compile`` arguments for ``device`` (mode and options merged when both are set).
+
+    A device without a compile backend is a one-line error, or, with ``fallback: true``, a warning
+    and ``None``: the caller runs the unfused step.
+    """
     found = device.compile_backend()
     if found is None:
-        raise NoCompileBackend(f"device {type(device).__name__} has no torch.compile backend, so kernel fusion "
-                               "cannot run there; use graph 'eager', or set fallback: true (hardware.optimizer."
-                               "fallback) to run unfused")
+        missing = f"device {type(device).__name__} has no torch.compile backend, so kernel fusion cannot run there"
+        if not options.fallback:
+            raise Dsr1Error(f"{missing}; use graph 'eager', or set fallback: true (hardware.optimizer.fallback) "
+                            "to run unfused")
+        import warnings
+
+        warnings.warn(f"{missing}: running the unfused decode step (fallback: true)", stacklevel=3)
+        return None
     backend, backend_options = found
     tuning = dict(device.autotune_settings(options.tiling_strategy))
     mode = options.mode or tuning.pop("mode", None)
@@ -58,20 +67,6 @@ def compile_kwargs(options: CompileOptions, device: Device) -> dict[str, Any]:
     return kwargs
 
 
-class NoCompileBackend(Dsr1Error):
-    """The device declares no ``torch.compile`` backend."""
-
-
-def unfused_fallback(err: NoCompileBackend, options: CompileOptions, device: Device) -> bool:
-    """Whether to run unfused after ``err`` (the config allows it: warn and say so), else re-raise."""
-    if not options.fallback:
-        raise err
-    import warnings
-
-    warnings.warn(f"{err.args[0].split(';')[0]}: running the unfused decode step (fallback: true)", stacklevel=3)
-    return True
-
-
 class CompileGraph(GraphPass):
     Options = CompileOptions
     options: CompileOptions
@@ -80,10 +75,8 @@ class CompileGraph(GraphPass):
         step = getattr(model, "forward_step", None)
         if step is None:  # encoders have no decode step: nothing to compile
             return model
-        try:
-            kwargs = compile_kwargs(self.options, device)
-        except NoCompileBackend as err:
-            unfused_fallback(err, self.options, device)
+        kwargs = compile_kwargs(self.options, device)
+        if kwargs is None:  # no compile backend, fallback allowed (and warned about)
             return model
         model.compiled_step = torch.compile(step, **kwargs)
         model.compile_kwargs = kwargs

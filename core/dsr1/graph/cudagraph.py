@@ -31,7 +31,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from dsr1.errors import Dsr1Error
-from dsr1.graph.compile import CompileOptions, NoCompileBackend, compile_kwargs, unfused_fallback
+from dsr1.graph.compile import CompileOptions, compile_kwargs
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Device, GraphPass
 from dsr1.specs import PluginSpec
@@ -161,11 +161,7 @@ class CudaGraphPass(GraphPass):
             raise Dsr1Error(f"graph 'cudagraph' captures CUDA graphs and the device is "
                             f"{device.torch_device_type!r}; use graph 'compile' there, or option capture: false")
         plain, compiled = step, None
-        try:
-            kwargs = compile_kwargs(self.options, device) if self.options.compile else {}
-        except NoCompileBackend as err:
-            unfused_fallback(err, self.options, device)  # capture the plain step only
-            kwargs = {}
+        kwargs = compile_kwargs(self.options, device) if self.options.compile else None  # None: plain step only
         if kwargs:
             kwargs["dynamic"] = False
             if capture and kwargs["backend"] == "inductor":  # captured here, not by inductor's cudagraph trees

@@ -28,10 +28,9 @@ of one layer, its new layout and one block are all the switch holds beyond the m
 whole-matrix reorder of the head would add two 98 MB copies: oneDNN copies a ``kn`` view to
 contiguous first).
 
-A packed layer (:class:`OnednnLinear`) is CPU inference only: its blocks are opaque
-``torch._mkldnn`` tensors that other ops refuse loudly. ``state_dict()`` (and so
-``save_pretrained``) gives its plain ``(out, in)`` weight; :meth:`OnednnLinear.dense_weight`
-does too.
+A packed layer (:class:`OnednnLinear`, a :class:`PackedLinear`) is CPU inference only: its blocks
+are opaque ``torch._mkldnn`` tensors that other ops refuse loudly. ``state_dict()`` (and so
+``save_pretrained``) gives its plain ``(out, in)`` weight; :meth:`PackedLinear.dense_weight` does too.
 """
 from __future__ import annotations
 
@@ -58,7 +57,31 @@ def block_rows(out_features: int, in_features: int, element_size: int) -> int:
     return min(max(rows // ROW_ALIGN, 1) * ROW_ALIGN, out_features)
 
 
-class OnednnLinear(nn.Module):
+class PackedLinear(nn.Module):
+    """Base of a linear layer whose ``(out, in)`` weight is held in a kernel's own layout for
+    inference (:class:`OnednnLinear`, the cpu device's ``PanelLinear``).
+
+    Subclasses set ``in_features``, ``out_features`` and ``bias`` (a plain parameter or ``None``)
+    and give :meth:`dense_weight`. The state is that of the ``nn.Linear`` the layer stands for, so
+    ``state_dict()`` and ``save_pretrained`` give plain weights; tools that rewrite ``nn.Linear``
+    layers refuse a model holding one (:func:`refuse_packed`).
+    """
+
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The plain ``(out, in)`` weight (a new contiguous tensor)."""
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+class OnednnLinear(PackedLinear):
     """A linear layer whose ``(out, in)`` weight is held oneDNN-packed, in row blocks.
 
     Made by :func:`pack_linears_` from an ``nn.Linear`` (never built directly); ``block{i}`` are
@@ -88,14 +111,7 @@ class OnednnLinear(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (..., out)
 
     def dense_weight(self) -> torch.Tensor:
-        """The plain ``(out, in)`` weight (a new contiguous tensor)."""
         return torch.cat([b.to_dense() for b in self.blocks()], dim=0)
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # the state of a packed layer is that of the nn.Linear it stands for: plain weight and bias
-        destination[prefix + "weight"] = self.dense_weight()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.n_blocks}, oneDNN-packed"
@@ -104,18 +120,19 @@ class OnednnLinear(nn.Module):
 def refuse_packed(model: nn.Module, what: str) -> None:
     """Raise if ``model`` holds linear layers packed for CPU decode: tools that rewrite or read
     ``nn.Linear`` weights (quantization, pruning) would silently pass them by."""
-    packed = [name for name, m in model.named_modules() if callable(getattr(m, "dense_weight", None))]
+    packed = [name for name, m in model.named_modules() if isinstance(m, PackedLinear)]
     if packed:
         raise Dsr1Error(f"{what}: {len(packed)} linear layers (first {packed[0]!r}) are packed for CPU decode, "
                         f"which a generate call does on the CPU 'auto' layout; load the model again and {what} "
                         "before generating")
 
 
-def packable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """``(parent, name, layer)`` for every plain fp32 CPU ``nn.Linear`` whose weight no embedding shares."""
+def packable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(parent, name)`` of every plain fp32 CPU ``nn.Linear`` whose weight no embedding shares (no
+    reference to the layers themselves: each old weight is freed as soon as its layer is replaced)."""
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [
-        (parent, name, m)
+        (parent, name)
         for parent in model.modules()
         for name, m in parent.named_children()
         if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
@@ -133,9 +150,8 @@ def pack_weight(weight: torch.Tensor) -> list[torch.Tensor]:
 def pack_for_device_(model: nn.Module, device: Any) -> int:
     """Replace each :func:`packable` layer by the module ``device.pack_linear`` makes of it, where it
     makes one (one layer at a time: each old weight is freed before the next is packed)."""
-    places = [(parent, name) for parent, name, _ in packable(model)]
     done = 0
-    for parent, name in places:
+    for parent, name in packable(model):
         packed = device.pack_linear(getattr(parent, name))
         if packed is not None:
             setattr(parent, name, packed)
@@ -147,8 +163,8 @@ def pack_for_device_(model: nn.Module, device: Any) -> int:
 @torch.no_grad()
 def pack_linears_(model: nn.Module) -> int:
     """Replace every :func:`packable` layer of ``model`` by an :class:`OnednnLinear`; returns how many."""
-    places = [(parent, name) for parent, name, _ in packable(model)]  # no reference to the layers: each
-    for parent, name in places:  # old weight is freed as soon as its layer is replaced
+    places = packable(model)
+    for parent, name in places:
         m = getattr(parent, name)
         setattr(parent, name, OnednnLinear(pack_weight(m.weight), m.bias, m.in_features))
         del m

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsr1.models.packing import PackedLinear
 from dsr1_sdk import Dsr1Error
 
 SOURCE = Path(__file__).with_name("panel_gemm.cpp")
@@ -94,11 +95,11 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
 
 
-class PanelLinear(nn.Module):
+class PanelLinear(PackedLinear):
     """A linear layer whose ``(out, in)`` fp32 weight is held as panels (see the module docstring).
 
-    Made by :func:`pack_linear` from an ``nn.Linear``. ``state_dict()`` gives the plain weight and
-    bias, so ``save_pretrained`` writes ordinary checkpoints; :meth:`dense_weight` does too.
+    Made by :func:`pack_linear` from an ``nn.Linear``; like every ``PackedLinear``, its
+    ``state_dict()`` is the plain weight and bias, so ``save_pretrained`` writes ordinary checkpoints.
     """
 
     def __init__(self, panels: torch.Tensor, bias: torch.Tensor | None, in_features: int, out_features: int) -> None:
@@ -117,15 +118,8 @@ class PanelLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)  # (..., N)
 
     def dense_weight(self) -> torch.Tensor:
-        """The plain ``(out, in)`` weight (a new contiguous tensor)."""
         p, k, _ = self.panels.shape
         return self.panels.detach().transpose(1, 2).reshape(p * PANEL, k)[: self.out_features].contiguous()
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # the state of a packed layer is that of the nn.Linear it stands for: plain weight and bias
-        destination[prefix + "weight"] = self.dense_weight()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, panels={self.panels.shape[0]}"
