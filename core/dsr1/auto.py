@@ -15,6 +15,7 @@ import torch
 
 from dsr1.config import EngineConfig, load_config
 from dsr1.errors import Dsr1Error
+from dsr1.input_files import is_regular, read_text
 from dsr1.models.loading import read_hf_config, resolve_model_dir
 
 
@@ -22,7 +23,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = json.loads(read_text(path, "model file")) if is_regular(path, "model file") else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -52,6 +53,7 @@ class AutoModel:
         *,
         dtype: str | torch.dtype | None = None,
         allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
         registry: Any = None,
         **overrides: Any,
     ) -> Any:
@@ -59,6 +61,7 @@ class AutoModel:
 
         :param dtype: compute dtype (``torch.bfloat16`` or ``"bf16"``); default: the checkpoint's.
         :param allow_pickle: allow ``*.bin``/``*.pt`` checkpoints (loaded with ``weights_only=True``).
+        :param allow_nonfinite: load weights that hold NaN/Inf (refused by default, naming the first such tensor).
         :param registry: a :class:`~dsr1.registry.PluginRegistry` (default: ``PluginRegistry.from_env()``).
         """
         from dsr1.registry import PluginRegistry
@@ -74,9 +77,11 @@ class AutoModel:
             cfg, hf = prepare_quantized(cfg, hf, model_dir, registry)
         cfg = native_attention(cfg, hf, model_dir)
         pipeline = registry.resolve(cfg)
+        pipeline.require_device()
         builder = pipeline.model_builder(str(hf["model_type"]))
         fields = type(builder.options).model_fields
-        update = {k: v for k, v in (("dtype", _dtype_name(dtype)), ("allow_pickle", allow_pickle)) if k in fields}
+        asked = (("dtype", _dtype_name(dtype)), ("allow_pickle", allow_pickle), ("allow_nonfinite", allow_nonfinite))
+        update = {k: v for k, v in asked if k in fields and (v or k == "dtype")}  # False leaves a config's True
         if update:
             builder.options = type(builder.options).model_validate({**builder.options.model_dump(), **update})
         elif dtype is not None:
@@ -87,7 +92,8 @@ class AutoModel:
             model = builder.build(model_dir, hf, pipeline)
         model.pipeline = pipeline
         model.source_dir = model_dir
-        model.tokenizer = pipeline.preprocess.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        has_tokenizer = is_regular(model_dir / "tokenizer.json", "tokenizer file")  # a FIFO there is an error
+        model.tokenizer = pipeline.preprocess.load(model_dir) if has_tokenizer else None
         model.generation_defaults = generation_defaults(model_dir, hf, model.tokenizer)
         pipeline.fire_model_loaded(model)
         return model

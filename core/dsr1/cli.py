@@ -3,17 +3,25 @@
 Each sub-command lives in its own module under :mod:`dsr1.commands` with an
 ``add_parser(subparsers)`` function that sets ``func`` on its parser. User errors
 (:class:`~dsr1.errors.Dsr1Error`) print one line and exit 2; ``--debug`` shows the
-traceback instead.
+traceback instead. So do errors of the operating system on the user's paths (``OSError``:
+permission denied, a directory where a file was expected, a symlink loop, a full disk),
+arguments that are not valid UTF-8, and seeds outside 64 bits. Every other exception is a
+bug in dsr1 and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import io
 import sys
 from collections.abc import Sequence
 
 from dsr1 import __version__
-from dsr1.errors import Dsr1Error
+from dsr1.errors import Dsr1Error, quote
+
+#: the seeds torch generators take (``torch.Generator.manual_seed``: an unsigned 64-bit integer).
+SEED_MIN, SEED_MAX = 0, 2**64 - 1
 
 #: Sub-command modules, in the order ``--help`` lists them.
 COMMANDS = ("plugins", "config", "generate", "bench", "prune", "quantize")
@@ -35,14 +43,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_argv(argv: Sequence[str]) -> None:
+    """Refuse arguments that are not valid UTF-8 (Python hands them over with surrogate escapes,
+    which no file name, model name or prompt can use further on)."""
+    for i, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            shown = shown if len(shown) <= 80 else f"{shown[:80]}... ({len(shown)} characters)"
+            raise Dsr1Error(f"argument {i} ('{shown}') is not valid UTF-8; pass text in UTF-8 (check the "
+                            f"terminal's or the script's encoding)") from None
+
+
+def check_seed(args: argparse.Namespace) -> None:
+    """A ``--seed`` of any command must fit the generators: an integer in ``SEED_MIN..SEED_MAX``."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise Dsr1Error(f"--seed {quote(seed, 40)} is out of range; a seed is an integer from {SEED_MIN} to "
+                        f"{SEED_MAX} (2**64 - 1)")
+
+
+def os_error_line(err: OSError) -> str:
+    """An ``OSError`` as one line: the path(s) it names and the cause."""
+    cause = err.strerror or str(err) or type(err).__name__
+    code = errno.errorcode.get(err.errno) if isinstance(err.errno, int) else None
+    cause = f"{cause} ({code})" if code else cause
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    if not paths:
+        return cause
+    shown = " -> ".join(quote(p if isinstance(p, str) else str(p), 500) for p in paths)
+    return f"{shown}: {cause}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_argv(argv)
+    except Dsr1Error as err:
+        print(f"dsr1: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
+        check_seed(args)
         return int(args.func(args) or 0)
     except Dsr1Error as err:
         if args.debug:
@@ -54,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:  # the environment refused (a path, the disk): the user's to fix, not a bug
+        if args.debug or isinstance(err, io.UnsupportedOperation):  # that one is a bug in dsr1
+            raise
+        print(f"dsr1: error: {Dsr1Error(os_error_line(err))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

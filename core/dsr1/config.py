@@ -3,19 +3,37 @@
 Every model forbids unknown keys. Errors become one line that names the full key path
 and the closest valid key. Configs load from Python (dicts / keywords), YAML, TOML and
 ``DSR1_<FAMILY>`` environment variables, and round-trip through JSON.
+
+The hardware section and the family keys may say the same thing twice; when they say
+different things the config is refused, naming both keys (see
+:meth:`EngineConfig._hardware_agrees`). Config files are read defensively: only regular
+UTF-8 text files of at most :data:`MAX_CONFIG_BYTES`, nested at most
+:data:`MAX_CONFIG_DEPTH` deep, with at most :data:`MAX_CONFIG_VALUES` values.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dsr1.errors import Dsr1Error, did_you_mean
+from dsr1.errors import Dsr1Error, did_you_mean, quote
 from dsr1.hookspecs import FAMILIES
+
+#: largest config file read. An engine config is a few hundred bytes; a file this large is
+#: something else (a checkpoint passed by mistake) and would only make a huge error line.
+MAX_CONFIG_BYTES = 1 << 20
+#: deepest nesting of mappings and lists. The schema needs 4 levels (``hardware.optimizer.x``,
+#: ``family.options.key.value``); the limit keeps the parsers and pydantic far from Python's
+#: recursion limit.
+MAX_CONFIG_DEPTH = 32
+#: most values (scalars, lists, mappings) a config may hold once YAML aliases are expanded, so
+#: an alias bomb (``a: &a [*b, *b, ...]``) is refused instead of expanded into gigabytes.
+MAX_CONFIG_VALUES = 100_000
 
 
 class PluginChoice(BaseModel):
@@ -68,7 +86,7 @@ class HardwareConfig(BaseModel):
     @classmethod
     def _known_type(cls, value: str) -> str:
         if value.lower() not in HARDWARE_TYPES:
-            raise ValueError(f"unknown hardware type {value!r}{did_you_mean(value.lower(), HARDWARE_TYPES)}")
+            raise ValueError(f"unknown hardware type {quote(value)}{did_you_mean(value.lower(), HARDWARE_TYPES)}")
         return value.lower()
 
     @property
@@ -86,6 +104,12 @@ def fusion_choice(device: str, tiling_strategy: str, fallback: bool = False) -> 
     if device == "cuda":
         return PluginChoice(name="cudagraph", options={**options, "compile": True})
     return PluginChoice(name="compile", options=options)
+
+
+def fuses_kernels(choice: PluginChoice) -> bool:
+    """Whether the graph pass ``choice`` fuses kernels (what ``kernel_fusion: true`` asks for).
+    Graph passes of other plugins count as not fusing."""
+    return choice.name == "compile" or (choice.name == "cudagraph" and choice.options.get("compile") is True)
 
 
 #: What each family falls back to when the config leaves it unset. ``None``: off.
@@ -125,9 +149,17 @@ class EngineConfig(BaseModel):
     hardware: HardwareConfig | None = None
 
     def choice(self, family: str) -> PluginChoice | None:
-        """The effective choice of ``family``: explicit, else from hardware, else the default."""
+        """The effective choice of ``family``: explicit, else from hardware, else the default.
+
+        An explicit graph pass that fuses kernels takes the ``tiling_strategy`` and ``fallback``
+        written in ``hardware.optimizer`` as options it does not set itself (the validator has
+        already refused the two when they disagree)."""
         chosen: PluginChoice | None = getattr(self, family)
         if chosen is not None:
+            if family == "graph" and self.hardware is not None and fuses_kernels(chosen):
+                written = self.hardware.optimizer.model_fields_set & {"tiling_strategy", "fallback"}
+                tuning = {k: getattr(self.hardware.optimizer, k) for k in sorted(written)}
+                return chosen.model_copy(update={"options": {**tuning, **chosen.options}})
             return chosen
         hw = self.hardware
         if hw is not None:
@@ -142,12 +174,50 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _hardware_agrees(self) -> EngineConfig:
+        """A family key and the hardware key that sets the same thing must agree; otherwise the
+        config is refused, naming both (nothing wins silently, so there is no precedence to
+        remember and ``dsr1 config check`` never shows a setting that is ignored):
+
+        * ``device`` and ``hardware.type`` (through :data:`HARDWARE_TYPES`);
+        * ``quant`` and ``hardware.precision`` (a precision names the quant plugin: ``bf16``,
+          ``int8`` ...), so ``precision: bf16`` with ``quant: int8`` is refused;
+        * ``graph`` and ``hardware.optimizer.kernel_fusion`` when kernel_fusion is written: true
+          needs a pass that fuses kernels (``compile``, or ``cudagraph`` with ``compile: true``),
+          false one that does not;
+        * the graph options ``tiling_strategy`` / ``fallback`` and the same keys of
+          ``hardware.optimizer``, when both are written.
+        """
         hw = self.hardware
-        if hw is not None and self.device is not None and self.device.name != hw.device:
+        if hw is None:
+            return self
+        fix = "remove one of them or make them agree"
+        if self.device is not None and self.device.name != hw.device:
             raise ValueError(
                 f"device {self.device.name!r} contradicts hardware.type {hw.type!r} "
-                f"(which means device {hw.device!r}); set one of them"
+                f"(which means device {hw.device!r}); {fix}"
             )
+        if self.quant is not None and hw.precision is not None and self.quant.name != hw.precision:
+            raise ValueError(
+                f"quant {self.quant.name!r} contradicts hardware.precision {hw.precision!r} "
+                f"(which means quant {hw.precision!r}); {fix}"
+            )
+        opt, graph = hw.optimizer, self.graph
+        if graph is None:
+            return self
+        if "kernel_fusion" in opt.model_fields_set and fuses_kernels(graph) != opt.kernel_fusion:
+            does = "fuses kernels" if fuses_kernels(graph) else "does not fuse kernels"
+            wanted = ("graph 'compile' (or 'cudagraph' with compile: true)" if opt.kernel_fusion
+                      else "graph 'eager' (or 'cudagraph' without compile)")
+            raise ValueError(
+                f"graph {graph.name!r} {does}, which contradicts hardware.optimizer.kernel_fusion "
+                f"{str(opt.kernel_fusion).lower()} (which means {wanted}); {fix}"
+            )
+        for key in ("tiling_strategy", "fallback"):
+            if key in opt.model_fields_set and key in graph.options and graph.options[key] != getattr(opt, key):
+                raise ValueError(
+                    f"graph option {key} {quote(graph.options[key])} contradicts hardware.optimizer.{key} "
+                    f"{getattr(opt, key)!r}; {fix}"
+                )
         return self
 
     def to_json(self) -> str:
@@ -176,15 +246,16 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """The first error of ``err`` as one line with its key path and a hint."""
-    first = err.errors()[0]
+    first = err.errors(include_url=False, include_context=False)[0]
     loc = tuple(p for p in first["loc"] if p not in ("function-before[_from_name(), PluginChoice]",))
-    path = prefix + ".".join(str(p) for p in loc)
+    # a key may be user input of any length: each part of the path is cut, and so is the value
+    path = prefix + ".".join(str(p) if len(str(p)) <= 80 else f"{str(p)[:80]}...({len(str(p))} chars)" for p in loc)
     if first["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _valid_keys(model, loc)) if loc else ""
         return f"unknown config key {path!r}{hint}"
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    shown = f" (got {value!r})" if isinstance(value, (str, int, float, bool)) or value is None else ""
+    shown = f" (got {quote(value)})" if isinstance(value, (str, int, float, bool)) or value is None else ""
     return f"invalid config value at {path or '<root>'!r}: {msg}{shown}"
 
 
@@ -192,50 +263,147 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> EngineConfi
     """Validate a mapping into an :class:`EngineConfig` with one-line errors."""
     if not isinstance(data, Mapping):
         raise Dsr1Error(f"{source}: expected a mapping of family names to plugins, got {type(data).__name__}")
+    check_shape(data, source)
     try:
         return EngineConfig.model_validate(dict(data))
     except ValidationError as err:
         raise Dsr1Error(f"{source}: {format_validation_error(err, EngineConfig)}") from None
 
 
+def check_shape(data: Any, source: str = "config") -> None:
+    """Refuse data nested deeper than :data:`MAX_CONFIG_DEPTH`, holding more than
+    :data:`MAX_CONFIG_VALUES` values or an integer of more than 64 bits, walking without
+    recursion (shared YAML aliases count once per use, as they would once expanded)."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    seen = 0
+    while stack:
+        value, depth, path = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise Dsr1Error(f"{source}: holds more than {MAX_CONFIG_VALUES} values (YAML aliases counted expanded); "
+                            f"an engine config names a plugin per family with a few options")
+        if isinstance(value, int) and value.bit_length() > 64:  # YAML reads 0x... of any length
+            raise Dsr1Error(f"{source}: {quote(path or '<root>')} is an integer of {value.bit_length()} bits; numbers "
+                            f"in a config fit in 64 bits")
+        if isinstance(value, Mapping):
+            children: list[tuple[Any, str]] = [(k, path) for k in value]
+            children += [(v, _child_path(path, k)) for k, v in value.items()]
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            children = [(v, _child_path(path, i)) for i, v in enumerate(value)]
+        else:
+            continue
+        if depth >= MAX_CONFIG_DEPTH and children:
+            raise Dsr1Error(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep; an engine config needs "
+                            f"about 4 (family.options.key.value)")
+        stack.extend((child, depth + 1, where) for child, where in children)
+
+
+def _child_path(path: str, key: Any) -> str:
+    """``path.key`` (or ``path[i]``) for a message, each part and the whole kept short."""
+    if len(path) > 200:
+        return path  # already cut; keys may be megabytes long
+    if isinstance(key, int) and not isinstance(key, bool):
+        part = f"[{key}]" if key.bit_length() <= 64 else "[<integer>]"
+    else:
+        text = key if isinstance(key, str) else type(key).__name__
+        part = ("." if path else "") + (text if len(text) <= 40 else f"{text[:40]}...")
+    return path + part
+
+
+def _show(path: Path) -> str:
+    """A path for a message: quoted, and cut only when absurdly long."""
+    return quote(str(path), 500)
+
+
+def _not_a_config(path: Path) -> Dsr1Error | None:
+    """Why ``path`` cannot be read as a config file (missing, not a regular file, too large,
+    unreadable), or ``None``. ``stat`` follows links, so a symlink loop says so here."""
+    shown = _show(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return Dsr1Error(f"config file {shown} does not exist")
+    except OSError as err:
+        return Dsr1Error(f"cannot read config file {shown}: {err.strerror or type(err).__name__}")
+    if stat.S_ISDIR(st.st_mode):
+        return Dsr1Error(f"config file {shown} is a directory; pass a YAML, TOML or JSON file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        return Dsr1Error(f"config file {shown} is not a regular file; pass a YAML, TOML or JSON file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        return Dsr1Error(f"config file {shown} is {st.st_size} bytes, more than the {MAX_CONFIG_BYTES} a config "
+                         f"may have; is it the right file?")
+    return None
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); binary or non-UTF-8 files are refused."""
+    problem = _not_a_config(path)
+    if problem is not None:
+        raise problem
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise Dsr1Error(f"cannot read config file {_show(path)}: {err.strerror or type(err).__name__}") from None
+    if len(raw) > MAX_CONFIG_BYTES:  # it grew since stat
+        raise Dsr1Error(f"config file {_show(path)} is more than {MAX_CONFIG_BYTES} bytes; is it the right file?")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise Dsr1Error(f"config file {_show(path)} is not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+                        f"{err.start}); save it as UTF-8") from None
+    if "\x00" in text:
+        raise Dsr1Error(f"config file {_show(path)} is binary (it holds NUL bytes), not YAML, TOML or JSON text")
+    return text
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML, TOML or JSON config file into a dict (syntax errors name the line)."""
     path = Path(path)
-    if not path.is_file():
-        raise Dsr1Error(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    shown = _show(path)
+    text = _read_text(path)
     if not text.strip():
-        raise Dsr1Error(f"config file {str(path)!r} is empty; write at least one family, e.g. 'attention: sdpa'")
+        raise Dsr1Error(f"config file {shown} is empty; write at least one family, e.g. 'attention: sdpa'")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise Dsr1Error(f"config file {shown}: unknown format {quote(suffix)}; use .yaml, .yml, .toml or .json")
+    try:
+        data = _parse(text, suffix, shown)
+    except RecursionError:  # the parsers recurse per level; the stack is unwound by now
+        raise Dsr1Error(f"config file {shown} is nested too deeply to parse; an engine config needs about 4 levels "
+                        f"(family.options.key.value)") from None
+    except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits, a bad date ...
+        problem = str(err).split(": value has")[0]  # drop Python's advice to raise the process-wide limit
+        raise Dsr1Error(f"config file {shown} holds a value that cannot be read ({problem})") from None
+    if data is None:
+        raise Dsr1Error(f"config file {shown} is empty; write at least one family, e.g. 'attention: sdpa'")
+    if not isinstance(data, dict):
+        raise Dsr1Error(f"config file {shown}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _parse(text: str, suffix: str, shown: str) -> Any:
+    """``text`` parsed by its format; syntax errors become one line that names the line."""
     if suffix == ".toml":
         import tomllib
 
         try:
-            data: Any = tomllib.loads(text)
+            return tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise Dsr1Error(f"TOML syntax error in {str(path)!r}: {err}") from None
-    elif suffix == ".json":
+            raise Dsr1Error(f"TOML syntax error in {shown}: {err}") from None
+    if suffix == ".json":
         try:
-            data = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as err:
-            raise Dsr1Error(f"JSON syntax error in {str(path)!r} at line {err.lineno}: {err.msg}") from None
-    elif suffix in (".yaml", ".yml"):
-        import yaml
+            raise Dsr1Error(f"JSON syntax error in {shown} at line {err.lineno}: {err.msg}") from None
+    import yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise Dsr1Error(f"YAML syntax error in {str(path)!r}{line}: {problem}") from None
-    else:
-        raise Dsr1Error(f"config file {str(path)!r}: unknown format {suffix!r}; use .yaml, .yml, .toml or .json")
-    if data is None:
-        raise Dsr1Error(f"config file {str(path)!r} is empty; write at least one family, e.g. 'attention: sdpa'")
-    if not isinstance(data, dict):
-        raise Dsr1Error(f"config file {str(path)!r}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise Dsr1Error(f"YAML syntax error in {shown}{line}: {problem}") from None
 
 
 def parse_option_items(items: list[str]) -> dict[str, Any]:
@@ -250,6 +418,10 @@ def parse_option_items(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
+        except (RecursionError, ValueError):  # nested past the stack, or a number of thousands of digits
+            raise Dsr1Error(f"--option {quote(key.strip())}: the value is nested too deeply or holds a number too "
+                            f"long to read") from None
+    check_shape(out, "--option")
     return out
 
 

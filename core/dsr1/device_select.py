@@ -56,6 +56,9 @@ def select_device(registry: PluginRegistry, options: dict[str, Any]) -> tuple[De
         if name not in installed:
             rejected[name] = f"not installed ({pip_hint('device', name)})"
             continue
+        if not any(registry.allows(info) for info in registry.discover("device") if info.name == name):
+            rejected[name] = f"not allowed by DSR1_PLUGINS ({registry.describe_allowlist()})"
+            continue
         try:
             probe = registry.make("device", PluginChoice(name=name)).probe()
         except Exception as err:  # noqa: BLE001 - a broken plugin is a rejected candidate, with the reason

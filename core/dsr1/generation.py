@@ -17,6 +17,7 @@ import torch
 from dsr1.errors import Dsr1Error
 from dsr1.interfaces import Request, SamplingParams
 from dsr1.models.common import CausalLM, build_mask
+from dsr1.scheduler.static import StaticScheduler
 
 
 def _check_params(
@@ -102,8 +103,14 @@ def generate(
     Returns a ``(batch, prompt + new)`` LongTensor, or with ``stream=True`` an iterator of
     text pieces (one prompt only; needs ``model.tokenizer``). ``ignore_eos`` forces the full
     length (benchmarks). ``stop`` strings end a row once its new text contains one.
+
+    Thread-safe by serialisation: calls on one model run one at a time under ``model.run_lock``
+    (a stream holds it from its first piece until it ends or is closed); inputs are checked
+    before waiting for it.
     """
     params = _check_params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise Dsr1Error(f"seed must be an integer in [0, 2**64), got {str(seed)[:40]}")
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     tokenizer = getattr(model, "tokenizer", None)
@@ -123,10 +130,16 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    if not isinstance(model.pipeline.scheduler, StaticScheduler):  # continuous batching: the engine loop
+        from dsr1.engine.generate import generate_on_engine
+
+        return generate_on_engine(model, input_ids, attention_mask, params, max_new_tokens, seed, stops, eos, pad,
+                                  ignore_eos, stream)
     run = _Run(model, params, generator, eos, pad, stops)
     if stream:
         return _stream_text(run, input_ids, attention_mask, max_new_tokens)
-    return run.all(input_ids, attention_mask, max_new_tokens)
+    with model.run_lock.hold():  # the run uses the model's one KV cache, layout, graphs and scheduler
+        return run.all(input_ids, attention_mask, max_new_tokens)
 
 
 class _Run:
@@ -285,23 +298,28 @@ class _Run:
 
 
 def _stream_text(run: _Run, ids: torch.Tensor, mask: torch.Tensor | None, n_new: int) -> Iterator[str]:
-    """Text pieces as tokens arrive (incremental detokenization, holding back partial UTF-8)."""
+    """Text pieces as tokens arrive (incremental detokenization, holding back partial UTF-8).
+
+    Holds the model's run lock from the first piece until the stream ends or is closed (or
+    garbage-collected): other threads' generate calls on the model wait for it meanwhile.
+    """
     tokenizer = run.model.tokenizer
     eos = set(run.eos)
     generated: list[int] = []
     emitted = 0
-    steps = run.steps(ids, mask, n_new)
-    try:
-        for tok in steps:
-            token = int(tok[0])
-            if token in eos:
-                break
-            generated.append(token)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete multi-byte character: wait for the next token
-            if len(text) > emitted:
-                yield text[emitted:]
-                emitted = len(text)
-    finally:
-        steps.close()  # records the step's stats even when the consumer stops early
+    with run.model.run_lock.hold():
+        steps = run.steps(ids, mask, n_new)
+        try:
+            for tok in steps:
+                token = int(tok[0])
+                if token in eos:
+                    break
+                generated.append(token)
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete multi-byte character: wait for the next token
+                if len(text) > emitted:
+                    yield text[emitted:]
+                    emitted = len(text)
+        finally:
+            steps.close()  # records the step's stats even when the consumer stops early

@@ -21,10 +21,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
+from dsr1.decoding.params import SamplingParams
 from dsr1.specs import NoOptions
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
+
+    from dsr1.engine.blocks import BlockManager
+    from dsr1.engine.plan import SchedulerOutput
+    from dsr1.engine.request import Request as EngineRequest
 
 
 class Plugin(ABC):
@@ -97,6 +102,23 @@ class AttentionMechanism(Plugin):
         new tokens into ``state`` in place. ``key_valid`` ``(B, T)`` is False for padding
         tokens, which must leave ``state`` unchanged. Returns ``(B, H, T, D)``."""
         raise NotImplementedError(f"{type(self).__name__} does not declare the 'recurrent' capability")
+
+
+class AttentionContext(ABC):
+    """What a layer attends through when the engine runs rows of different positions together.
+
+    Built once per forward by the engine's runner (block tables, slots, masks), handed to the
+    model in place of a :class:`KVCache`; each attention layer calls :meth:`attend` once.
+    """
+
+    @abstractmethod
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Any, scale: float,
+        windowed: bool,
+    ) -> torch.Tensor:
+        """Store this step's ``k``/``v`` ``(B, Hkv, T, D)`` for ``layer`` and return the attention
+        output ``(B, H, T, D)`` of ``q`` ``(B, H, T, D)`` over each row's context (``attn``: the
+        layer's bound attention call; ``windowed``: the layer uses the model's sliding window)."""
 
 
 # --- device ---------------------------------------------------------------------------------
@@ -302,17 +324,59 @@ class Request:
 
 
 class Scheduler(Plugin):
-    """Groups requests into batches."""
+    """Decides, each engine step, which requests run and how many of their tokens.
+
+    Works on plain data only (:class:`dsr1.engine.request.Request`, block ids from a
+    :class:`dsr1.engine.blocks.BlockManager`), never tensors. The engine loop is
+    ``plan = schedule()`` → the runner executes ``plan`` → ``update(plan, sampled, stopped)``.
+    The scheduler owns every request from :meth:`add` until it finishes or is aborted, and
+    frees its KV blocks then. The SDK's ``SchedulerConformance`` kit checks all of this.
+    """
 
     @abstractmethod
-    def add(self, request: Request) -> None: ...
+    def bind(self, blocks: BlockManager, max_model_len: int) -> None:
+        """Called once by the engine: the KV pool to allocate from and the model's context length.
+        Options that cannot work with them are a one-line :class:`~dsr1.errors.Dsr1Error`."""
 
     @abstractmethod
-    def next_batch(self) -> list[Request]:
-        """The requests to run in the next step (empty when idle)."""
+    def add(self, request: EngineRequest) -> None:
+        """Queue a new request. One-line ``Dsr1Error`` (with the numbers) when it can never run:
+        prompt + ``max_tokens`` longer than ``max_model_len``, more blocks than the whole pool
+        holds, or an id already in use by a live request."""
 
     @abstractmethod
-    def has_pending(self) -> bool: ...
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (allocating the blocks it needs); an empty plan when idle."""
+
+    @abstractmethod
+    def update(
+        self, output: SchedulerOutput, sampled: Mapping[str, int], stopped: Mapping[str, str]
+    ) -> list[EngineRequest]:
+        """Apply an executed plan: advance each scheduled request's computed tokens, append
+        ``sampled[id]`` to the rows that sampled, finish those in ``stopped`` (reason ``"stop"``)
+        or at ``max_tokens`` (``"length"``) and free their blocks. Returns the requests that
+        finished in this update."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> EngineRequest:
+        """Finish a live request now and free its blocks; ``Dsr1Error`` naming the id if it is
+        unknown or already finished."""
+
+    @abstractmethod
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+
+    @abstractmethod
+    def get(self, request_id: str) -> EngineRequest | None:
+        """The live (waiting or running) request with this id, else ``None``."""
+
+    @property
+    @abstractmethod
+    def num_running(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_waiting(self) -> int: ...
 
 
 # --- kv cache -------------------------------------------------------------------------------
@@ -417,18 +481,18 @@ class KVCache(Plugin):
 # --- decoding -------------------------------------------------------------------------------
 
 
-class SamplingParams(BaseModel):
-    """Per-call sampling settings (validated: bad values raise one-line errors)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+# SamplingParams (per-request settings, validated with one-line errors) lives in
+# dsr1.decoding.params so the scheduler, decoders and detokenizer share it; imported above.
 
 
 class Decoder(Plugin):
-    """Chooses the next token from logits, and decides when a sequence stops."""
+    """Chooses next tokens from logits, with each request's own :class:`SamplingParams`.
+
+    A plugin implements :meth:`next_token` (one ``params`` for a whole batch, as ``generate``
+    uses it); the engine calls :meth:`next_tokens` (a different ``params`` per row) and
+    :meth:`logprobs`, whose defaults here build on ``next_token``. Stopping and incremental
+    text live in :mod:`dsr1.decoding.detokenize`.
+    """
 
     @abstractmethod
     def next_token(
@@ -437,8 +501,53 @@ class Decoder(Plugin):
         generated: torch.Tensor,
         params: SamplingParams,
         generator: torch.Generator | None,
+        outputs: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
-        """``logits`` ``(B, V)``, ``generated`` ``(B, L)`` ids so far → next ids ``(B,)``."""
+        """``logits`` ``(B, V)``, ``generated`` ``(B, L)`` prompt + output ids so far → next ids ``(B,)``.
+
+        ``outputs`` holds each row's output ids alone (logits processors and presence/frequency
+        penalties act on those); callers pass it whenever ``params.penalized``. ``logits`` is
+        not modified."""
+
+    def next_tokens(
+        self,
+        logits: torch.Tensor,
+        outputs: Sequence[list[int]],
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """One engine step: row ``i`` of ``logits`` ``(B, V)`` with ``params[i]``, its prompt and
+        output ids and its generator → next ids ``(B,)``; equal to row-by-row ``next_token`` calls.
+
+        Rows that are greedy and unpenalized take one vectorised argmax; the others go row by
+        row (repetition penalty over prompt + output ids, as transformers; presence/frequency
+        and logits processors over output ids). ``logits`` is not modified."""
+        if not len(params) == len(outputs) == len(prompts) == len(generators) == logits.shape[0]:
+            raise ValueError(f"next_tokens: {logits.shape[0]} rows of logits, {len(params)} params, {len(outputs)} "
+                             f"outputs, {len(prompts)} prompts, {len(generators)} generators")
+        tokens = logits.max(dim=-1).indices  # (B,): the first maximum, as argmax
+        for i, p in enumerate(params):
+            if p.greedy and not p.penalized:
+                continue
+            generated = tokens.new_tensor([[*prompts[i], *outputs[i]]])  # (1, L), long on the logits device
+            tokens[i] = self.next_token(logits[i : i + 1], generated, p, generators[i], outputs=[outputs[i]])[0]
+        return tokens
+
+    def logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the distribution ``logits`` ``(B, V)`` stands for: of ``tokens``
+        ``(B,)`` → ``(B,)``, and the ``n`` most likely ids ``(B, n)`` with theirs ``(B, n)``,
+        most likely first (``n = 0``: empty ``(B, 0)``).
+
+        Which distribution is the caller's choice; the engine passes the model's raw logits
+        (vLLM v1's default ``raw_logprobs``): the model's own belief, before processors,
+        penalties, temperature and truncation, the same whatever the request's sampling."""
+        lp = logits.float().log_softmax(dim=-1)  # (B, V)
+        chosen = lp.gather(1, tokens.reshape(-1, 1).to(lp.device)).squeeze(1)  # (B,)
+        top = lp.topk(min(n, lp.shape[-1]), dim=-1)  # (B, n)
+        return chosen, top.indices, top.values
 
     def stopped(self, token_ids: Sequence[int], text: str, stop: Sequence[str], eos_ids: Sequence[int]) -> bool:
         """Whether a sequence is finished after its latest token."""

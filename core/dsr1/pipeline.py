@@ -73,6 +73,23 @@ class Pipeline:
         builder: ModelBuilder = self.registry.make("model", choice)
         return builder
 
+    def require_device(self) -> None:
+        """Refuse a named device that cannot run here, with the probe's reason, before any
+        weight is read (``device: auto`` has already picked one that can). ``dsr1 config check``
+        does not call this: it reports the device as not available and still checks the rest."""
+        if self.device_selection is not None:
+            return
+        probe = self.device.probe()
+        if probe.available:
+            return
+        choice = self.choices.get("device") or self.config.choice("device")
+        name = choice.name if choice is not None else type(self.device).__name__
+        hw = self.config.hardware
+        via = f" (hardware.type {hw.type!r})" if self.config.device is None and hw is not None else ""
+        others = "" if name == "cpu" else "device: cpu, or "
+        raise Dsr1Error(f"{name} device{via} is not available here: {probe.reason}; or use {others}device: auto to "
+                        f"pick what this machine has")
+
     def describe(self) -> dict[str, Any]:
         """What every family resolved to: name, distribution, version, options."""
         out: dict[str, Any] = {}

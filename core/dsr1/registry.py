@@ -8,6 +8,9 @@ module-level registry, so every test can make a fresh one.
 * :meth:`PluginRegistry.load` imports exactly one named plugin through a stevedore
   ``NamedExtensionManager``, registers its module with pluggy, runs ``check_pending()``
   and returns its typed :class:`~dsr1.specs.PluginSpec`.
+* The allow-list (``DSR1_PLUGINS``, see :func:`parse_allowlist`) is a boundary: it is checked
+  against each entry point's distribution and name from metadata, before anything is
+  imported, by ``load`` and by ``dsr1 plugins list``.
 * :meth:`PluginRegistry.resolve` turns an :class:`~dsr1.config.EngineConfig` into a
   :class:`~dsr1.pipeline.Pipeline` of plain objects: pluggy is not involved after that.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,8 +38,29 @@ from dsr1.specs import SUPPORTED_API_VERSIONS, PluginSpec
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.pipeline import Pipeline
 
-#: Distributions that ship the builtin plugins (they need no separate pip install).
+#: The distribution that ships the core's builtins (they need no separate pip install). Its
+#: plugins are always allowed, whatever ``DSR1_PLUGINS`` says: without them nothing runs.
 CORE_DISTRIBUTION = "dsr1"
+
+
+def normalize_distribution(name: str) -> str:
+    """A distribution name compared as pip does (PEP 503): case, ``-``, ``_`` and ``.`` do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse_allowlist(value: str | None) -> list[str] | None:
+    """``DSR1_PLUGINS`` → allow-list entries; the one meaning of each value:
+
+    * unset → ``None``: every installed plugin may load;
+    * set → the entries, separated by commas and/or whitespace; set but empty (or only
+      separators) → no entries: only the core's builtins may load.
+
+    An entry is a plugin name (``sdpa``, any family), ``family:name`` (``attention:sdpa``)
+    or a distribution name (``dsr1-attention-sdpa``, compared as pip compares names).
+    """
+    if value is None:
+        return None
+    return [entry for entry in re.split(r"[,\s]+", value) if entry]
 
 
 @dataclass(frozen=True)
@@ -80,8 +105,9 @@ def _fresh_named_manager() -> type[Any]:
 class PluginRegistry:
     """Discovers, loads and registers dsr1 plugins.
 
-    :param allowlist: entry-point names that may be loaded (``DSR1_PLUGINS``); ``None``
-        allows every installed plugin. Builtins of the core are always allowed.
+    :param allowlist: which plugins may be imported (``DSR1_PLUGINS``, see :func:`parse_allowlist`):
+        plugin names, ``family:name`` pairs or distribution names; ``None`` allows every
+        installed plugin. Builtins of the core are always allowed.
     :param trace: write pluggy's hook-call trace to stderr (``DSR1_DEBUG_PLUGINS``).
     """
 
@@ -89,6 +115,21 @@ class PluginRegistry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.allowlist = frozenset(allowlist) if allowlist is not None else None
+        self._allow_names: set[str] = set()
+        self._allow_pairs: set[tuple[str, str]] = set()
+        self._allow_dists: set[str] = set()
+        for entry in sorted(self.allowlist or ()):
+            family, sep, name = entry.partition(":")
+            if not sep:  # a plugin name or a distribution name: metadata tells which
+                self._allow_names.add(entry)
+                self._allow_dists.add(normalize_distribution(entry))
+                continue
+            if family not in FAMILIES or not name or ":" in name:
+                raise Dsr1Error(
+                    f"DSR1_PLUGINS entry {entry!r} is not a plugin name, family:name or distribution"
+                    f"{did_you_mean(family, FAMILIES) if family not in FAMILIES else ''}"
+                )
+            self._allow_pairs.add((family, name))
         self._loaded: dict[tuple[str, str], PluginSpec] = {}
         self._origin: dict[tuple[str, str], EntryPointInfo] = {}
         if trace:
@@ -98,8 +139,7 @@ class PluginRegistry:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PluginRegistry:
         environ = os.environ if environ is None else environ
-        allow = environ.get("DSR1_PLUGINS")
-        allowlist = [n.strip() for n in allow.split(",") if n.strip()] if allow else None
+        allowlist = parse_allowlist(environ.get("DSR1_PLUGINS"))
         trace = environ.get("DSR1_DEBUG_PLUGINS", "") not in ("", "0", "false")
         return cls(allowlist=allowlist, trace=trace)
 
@@ -127,6 +167,33 @@ class PluginRegistry:
     def names(self, family: str) -> list[str]:
         return sorted({i.name for i in self.discover(family)})
 
+    # --- the allow-list (metadata only) ---------------------------------------------------
+
+    def allowed_by(self, info: EntryPointInfo) -> str:
+        """Why ``info`` may be imported: ``"all"`` (no allow-list), ``"core"``, ``"distribution"``,
+        ``"name"`` (a plugin name or ``family:name`` entry); ``""`` when it may not."""
+        if self.allowlist is None:
+            return "all"
+        dist = normalize_distribution(info.distribution)
+        if dist == CORE_DISTRIBUTION:
+            return "core"
+        if dist in self._allow_dists:
+            return "distribution"
+        if info.name in self._allow_names or (info.family, info.name) in self._allow_pairs:
+            return "name"
+        return ""
+
+    def allows(self, info: EntryPointInfo) -> bool:
+        return bool(self.allowed_by(info))
+
+    def describe_allowlist(self) -> str:
+        """What ``DSR1_PLUGINS`` holds, for messages: ``"sdpa, cpu"``, or what an unset or empty one means."""
+        if self.allowlist is None:
+            return "unset: every installed plugin may load"
+        if not self.allowlist:
+            return "set but empty: only the core's builtins may load"
+        return ", ".join(sorted(self.allowlist))
+
     # --- loading one plugin ---------------------------------------------------------------
 
     def load(self, family: str, name: str) -> PluginSpec:
@@ -143,12 +210,7 @@ class PluginRegistry:
                 f"no {family} plugin named {name!r}{did_you_mean(name, installed)} "
                 f"(installed {family} plugins: {listing}); if it is published, `{pip_hint(family, name)}`"
             )
-        if self.allowlist is not None and name not in self.allowlist:
-            if any(c.distribution != CORE_DISTRIBUTION for c in candidates):
-                raise Dsr1Error(
-                    f"{family} plugin {name!r} is installed but not in DSR1_PLUGINS "
-                    f"({', '.join(sorted(self.allowlist)) or 'empty'}); add it there to use it"
-                )
+        candidates = self._allowed(family, name, candidates)
         modules = self._import(family, name, candidates)
         claims: list[tuple[PluginSpec, EntryPointInfo]] = []
         for info, module in modules:
@@ -157,6 +219,27 @@ class PluginRegistry:
         self._loaded[key] = spec
         self._origin[key] = origin
         return spec
+
+    def _allowed(self, family: str, name: str, candidates: list[EntryPointInfo]) -> list[EntryPointInfo]:
+        """The candidates the allow-list lets ``load`` import, decided from metadata alone."""
+        allowed = [(c, how) for c in candidates if (how := self.allowed_by(c))]
+        if not allowed:
+            dists = ", ".join(sorted({c.distribution for c in candidates}))
+            raise Dsr1Error(
+                f"{family} plugin {name!r} (from {dists}) is installed but not in DSR1_PLUGINS "
+                f"({self.describe_allowlist()}); add {name!r} or its distribution there to use it"
+            )
+        if len(allowed) > 1 and any(how == "name" for _, how in allowed):
+            # a name entry does not say which distribution is trusted: importing both would run
+            # the code of one the user never chose, so the duplicate is refused before any import
+            who = " and ".join(f"{c.distribution} {c.version}" for c, _ in allowed)
+            dists = " or ".join(c.distribution for c, how in allowed if how != "core")
+            core = "; the core's builtin needs no entry" if any(how == "core" for _, how in allowed) else ""
+            raise Dsr1Error(
+                f"two plugins claim {family} {name!r}: {who}; DSR1_PLUGINS allows the name, not a distribution, "
+                f"so neither was imported; put the distribution you trust in DSR1_PLUGINS instead ({dists}){core}"
+            )
+        return [c for c, _ in allowed]
 
     def origin(self, family: str, name: str) -> EntryPointInfo:
         """The distribution a loaded plugin came from."""
@@ -170,8 +253,13 @@ class PluginRegistry:
         def on_failure(_manager: Any, entrypoint: Any, error: BaseException) -> None:
             failures.append((entrypoint, error))
 
+        wanted = {(c.distribution, c.value) for c in candidates}  # only what the allow-list let through
+        entry_points = [
+            ep for ep in importlib_metadata.entry_points(group=f"dsr1.{family}", name=name)
+            if (ep.dist.name if ep.dist is not None else "?", ep.value) in wanted
+        ]
         manager = _fresh_named_manager()(
-            entry_points=list(importlib_metadata.entry_points(group=f"dsr1.{family}", name=name)),
+            entry_points=entry_points,
             namespace=f"dsr1.{family}",
             names=[name],
             invoke_on_load=False,

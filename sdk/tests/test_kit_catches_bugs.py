@@ -11,11 +11,15 @@ import pytest
 import torch
 
 from dsr1.interfaces import AttentionMechanism, MemoryInfo, ProbeResult, Pruner, QuantPolicy
+from dsr1.kvcache.contiguous import ContiguousKVCache
+from dsr1.kvcache.heavy_hitter import HeavyHitterKVCache, HeavyHitterOptions
 from dsr1_sdk.reference import CpuReferenceDevice, fake_quant_per_channel, int_error_bound, softmax_attention
 from dsr1_sdk.reference.device import check_memory_info
 from dsr1_sdk.testing.attention import CASES as ATTENTION_CASES
 from dsr1_sdk.testing.attention import check_attention_case, check_batch_invariance
 from dsr1_sdk.testing.device import check_matmul, check_probe
+from dsr1_sdk.testing.kvcache import BATCH_CASES as KV_BATCH_CASES
+from dsr1_sdk.testing.kvcache import check_kv_batch_invariance
 from dsr1_sdk.testing.pruning import CASES as PRUNE_CASES
 from dsr1_sdk.testing.pruning import check_mask, check_prune_model
 from dsr1_sdk.testing.quant import CASES as QUANT_CASES
@@ -105,6 +109,38 @@ def test_batch_leak_fails_batch_invariance() -> None:
     check_batch_invariance(Reference(), ATTENTION_CASES["padded_batch"])
     with pytest.raises(AssertionError, match="batch row"):
         check_batch_invariance(BatchLeak(), ATTENTION_CASES["padded_batch"])
+
+
+# --- kvcache --------------------------------------------------------------------------------
+
+
+class OneBudgetPerBatch(HeavyHitterKVCache):
+    """Gives every row the budget of the longest row: right alone, keeps too much next to a longer row."""
+
+    def row_budgets(self, written: torch.Tensor) -> torch.Tensor:
+        return super().row_budgets(written.max().expand_as(written))
+
+
+class BatchScaleKV(ContiguousKVCache):
+    """Rounds K/V to one grid for the whole batch (padding included): right alone, not next to other rows."""
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int) -> Any:
+        step = torch.stack([key.abs().amax(), value.abs().amax()]).amax() / 127
+        return super().update(layer, (key / step).round() * step, (value / step).round() * step, start)
+
+
+def fraction_budget() -> HeavyHitterKVCache:
+    return HeavyHitterKVCache(HeavyHitterOptions(budget=0.4, recent=3))
+
+
+def test_batch_dependent_caches_fail_batch_invariance() -> None:
+    case = KV_BATCH_CASES["mixed_lengths"]
+    check_kv_batch_invariance(fraction_budget, case)
+    check_kv_batch_invariance(ContiguousKVCache, case)
+    with pytest.raises(AssertionError, match=r"batch row 1 \(left padding 7\).*keeps positions"):
+        check_kv_batch_invariance(lambda: OneBudgetPerBatch(HeavyHitterOptions(budget=0.4, recent=3)), case)
+    with pytest.raises(AssertionError, match=r"batch row \d .*attention output in the batch vs alone"):
+        check_kv_batch_invariance(BatchScaleKV, case)
 
 
 # --- quant ----------------------------------------------------------------------------------

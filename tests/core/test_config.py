@@ -60,9 +60,13 @@ def test_hardware_types_map_to_devices(hw_type, device):
     assert load_config({"hardware": {"type": hw_type}}).choice("device") == PluginChoice(name=device)
 
 
-def test_explicit_family_beats_hardware():
-    cfg = load_config({"hardware": {"type": "nvidia", "precision": "int8"}, "quant": "bf16"})
-    assert cfg.choice("quant") == PluginChoice(name="bf16")
+def test_explicit_family_contradicting_hardware_is_refused():
+    """Nothing wins silently: a family key that says something else than the hardware key is refused
+    (tests/reliability/test_cli_errors.py has every pair); one that agrees is accepted."""
+    with pytest.raises(Dsr1Error, match="quant 'bf16' contradicts hardware.precision 'int8'"):
+        load_config({"hardware": {"type": "nvidia", "precision": "int8"}, "quant": "bf16"})
+    cfg = load_config({"hardware": {"type": "nvidia", "precision": "int8"}, "quant": "int8"})
+    assert cfg.choice("quant") == PluginChoice(name="int8")
 
 
 def test_device_contradicting_hardware_is_refused():

@@ -49,6 +49,21 @@ def test_graph_is_reused_across_calls(ckpts: dict[str, Path]) -> None:
     assert torch.equal(second[:, : first.shape[1]], first)
 
 
+def test_graphs_follow_reallocated_buffers(ckpts: dict[str, Path]) -> None:
+    """A larger batch reallocates the cache (a longer call regrows the rotary tables): graphs captured
+    against the old buffers are dropped, never replayed, and outputs stay exact."""
+    static = AutoModel.from_pretrained(ckpts["llama"], graph=STATIC)
+    ordinary = AutoModel.from_pretrained(ckpts["llama"])
+    graphs = static.decode_graphs
+    ids = torch.tensor([[1, 40, 41, 42]])
+    static.generate(ids, max_new_tokens=4, ignore_eos=True)
+    first = graphs.buffers
+    long_ids = torch.randint(3, 200, (2, 60), generator=torch.Generator().manual_seed(0))
+    got = static.generate(long_ids, max_new_tokens=6, ignore_eos=True)  # batch 2: a new cache
+    assert graphs.buffers != first and list(graphs.graphs) == [(2, int(static.pipeline.kvcache.capacity))]
+    assert torch.equal(got, ordinary.generate(long_ids, max_new_tokens=6, ignore_eos=True))
+
+
 def test_capture_needs_cuda(ckpts: dict[str, Path]) -> None:
     with pytest.raises(Dsr1Error, match="graph 'cudagraph' captures CUDA graphs.*use graph 'compile'"):
         AutoModel.from_pretrained(ckpts["llama"], graph="cudagraph")
@@ -76,9 +91,10 @@ def test_compiled_step_only_up_to_its_batch_limit(ckpts: dict[str, Path]) -> Non
     ids = torch.tensor([[1, 40, 41, 42], [1, 50, 51, 52]])
     torch._dynamo.reset()
     want = AutoModel.from_pretrained(ckpts["llama"]).generate(ids, max_new_tokens=4, ignore_eos=True)
-    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, ignore_eos=True), want[:1])
-    assert torch.equal(model.generate(ids, max_new_tokens=4, ignore_eos=True), want)
-    steps = {b: g.step for (b, *_), g in graphs.graphs.items()}
+    steps = {}
+    for rows in (ids[:1], ids):  # batch 2 reallocates the cache, so its call drops batch 1's step
+        assert torch.equal(model.generate(rows, max_new_tokens=4, ignore_eos=True), want[: len(rows)])
+        steps.update({b: g.step for (b, _), g in graphs.graphs.items()})
     assert steps[1] is graphs.compiled and steps[2] is graphs.step
 
 
@@ -117,3 +133,36 @@ def test_hardware_fallback_reaches_the_graph_pass() -> None:
 
     cfg = load_config({"hardware": {"type": "cpu", "optimizer": {"kernel_fusion": True, "fallback": True}}})
     assert cfg.choice("graph").options == {"tiling_strategy": "fixed", "fallback": True}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_many_successive_captured_generates_on_cuda() -> None:
+    """Mixed batch sizes and lengths, each call regrowing or reusing the cache and rotary
+    tables (the second call keeps the (batch, capacity) of the first with longer rotary
+    tables: the case that once closed the graph pool and broke every later call): every call
+    matches the eager path, and a failing step leaves the model usable."""
+    ordinary = AutoModel.from_pretrained("dsr1-tiny", device="cuda")
+    captured = AutoModel.from_pretrained("dsr1-tiny", device="cuda", graph="cudagraph")
+    rng = torch.Generator().manual_seed(0)
+    for i, (b, t, n) in enumerate([(4, 300, 8), (4, 320, 8), (2, 100, 6), (4, 60, 8), (8, 400, 4), (8, 410, 4),
+                                   (1, 20, 10), (3, 200, 5), (3, 220, 5), (4, 300, 8)]):
+        ids = torch.randint(3, 200, (b, t), generator=rng).cuda()
+        mask = torch.ones_like(ids)
+        mask[0, : t // 3] = 0  # a left-padded row
+        want = ordinary.generate(ids, mask, max_new_tokens=n, ignore_eos=True)
+        assert torch.equal(captured.generate(ids, mask, max_new_tokens=n, ignore_eos=True), want), f"call {i}"
+    graphs = captured.decode_graphs
+    real_step = graphs.step
+
+    def failing(*args: object) -> torch.Tensor:
+        raise RuntimeError("injected failure")
+
+    graphs.step = failing
+    graphs.graphs.clear()
+    ids = torch.randint(3, 200, (2, 30), generator=rng).cuda()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        captured.generate(ids, max_new_tokens=4, ignore_eos=True)
+    graphs.step = real_step
+    graphs.graphs.clear()
+    assert torch.equal(captured.generate(ids, max_new_tokens=4, ignore_eos=True),
+                       ordinary.generate(ids, max_new_tokens=4, ignore_eos=True))

@@ -45,8 +45,8 @@ def test_save_pretrained_round_trip(ckpts: dict[str, Path], tmp_path: Path) -> N
     for kind in ("qwen2-tied", "mistral"):
         model = AutoModel.from_pretrained(ckpts[kind])
         out = model.save_pretrained(tmp_path / kind)
-        assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                          "tokenizer.json", "tokenizer_config.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".dsr1-output.json", "config.json", "generation_config.json",
+                                                          "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
         again = AutoModel.from_pretrained(out)
         with torch.inference_mode():
             assert torch.equal(model(_ids()).logits, again(_ids()).logits)
@@ -67,8 +67,8 @@ def test_save_pretrained_round_trip(ckpts: dict[str, Path], tmp_path: Path) -> N
 def test_save_is_atomic_and_replaces(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = AutoModel.from_pretrained(ckpts["llama"])
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    model.save_pretrained(target)
+    (target / "config.json").write_text("old")  # a previous save_pretrained output (its marker lists config.json)
     import dsr1.models.loading as loading
 
     def boom(*args: object, **kwargs: object) -> None:
@@ -77,11 +77,15 @@ def test_save_is_atomic_and_replaces(ckpts: dict[str, Path], tmp_path: Path, mon
     monkeypatch.setattr(loading, "write_safetensors", boom)
     with pytest.raises(OSError):
         model.save_pretrained(target)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old.txt").exists()  # no temp dir left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "config.json").read_text() == "old"
     monkeypatch.undo()
     model.save_pretrained(target)
-    assert not (target / "old.txt").exists() and (target / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (target / "config.json").read_text() != "old" and (target / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old dir left
+    (target / "notes.txt").write_text("mine")  # a file dsr1 did not write: never replaced
+    with pytest.raises(Dsr1Error, match="holds files dsr1 save_pretrained did not write"):
+        model.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
 
 
 def test_sharded_safetensors_load(ckpts: dict[str, Path], tmp_path: Path) -> None:

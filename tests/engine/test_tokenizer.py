@@ -37,10 +37,8 @@ def test_chat_template_renders_in_a_sandbox(ckpts: dict[str, Path]) -> None:
     assert text == "<|user|>hi</s><|assistant|>"
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     assert enc["input_ids"].shape[0] == 1 and tok.decode(enc["input_ids"][0]) == text
-    from jinja2.exceptions import SecurityError
-
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(SecurityError):
+    with pytest.raises(Dsr1Error, match="sandbox forbids: access to attribute '__class__'"):
         tok.apply_chat_template(messages, chat_template=evil, tokenize=False)
     with pytest.raises(Exception, match="immutable|unsafe|not safely"):
         tok.apply_chat_template(messages, chat_template="{{ messages.append(1) }}", tokenize=False)

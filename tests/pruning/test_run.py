@@ -25,7 +25,7 @@ def report(out: Path) -> dict[str, Any]:
 
 
 def no_partials(out: Path) -> bool:
-    return not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    return not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".dsr1-output.json"]
 
 
 def ids(vocab: int = 4096) -> torch.Tensor:
@@ -41,8 +41,8 @@ def test_progressive_run_writes_loadable_stages(prune: Prune, tiny_llama: Path, 
     assert code == 0, err
     r = report(out)
     assert [s["name"] for s in r["stages"]] == ["stage-0.20", "stage-0.40", "stage-0.50"]
-    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "report.json", "stage-0.20",
-                                                      "stage-0.40", "stage-0.50"]
+    assert sorted(p.name for p in out.iterdir()) == [".dsr1-output.json", "curve.csv", "curve.png", "report.json",
+                                                      "stage-0.20", "stage-0.40", "stage-0.50"]
     assert r["command"].startswith("dsr1 prune --model ") and "--stages 0.2,0.4" in r["command"]
     assert r["evaluation"]["tokens"] == 384 and r["evaluation"]["window"] == 128
     assert r["dense"]["realized_sparsity"] == 0.0 and not r["interrupted"]
@@ -88,8 +88,8 @@ def test_ctrl_c_between_stages_keeps_completed_stages(prune: Prune, tiny_llama: 
     code, err = prune("--model", tiny_llama, "--target-sparsity", "0.5", "--output-dir", out,
                       "--schedule", "progressive", "--stages", "0.1,0.2,0.3")
     assert code == 130 and "dsr1: interrupted" in err
-    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "report.json", "stage-0.10",
-                                                      "stage-0.20"]
+    assert sorted(p.name for p in out.iterdir()) == [".dsr1-output.json", "curve.csv", "curve.png", "report.json",
+                                                      "stage-0.10", "stage-0.20"]
     r = report(out)
     assert r["interrupted"] and [s["name"] for s in r["stages"]] == ["stage-0.10", "stage-0.20"]
     for name in ("stage-0.10", "stage-0.20"):

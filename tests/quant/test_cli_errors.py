@@ -63,7 +63,8 @@ def test_dynamic_cannot_be_written_ahead_of_time(capsys: pytest.CaptureFixture[s
 def test_output_dir_rules(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    assert "is not empty; pass --overwrite" in error_line(capsys, *quantize(tmp_path, "--quant", "int8"))
+    assert "holds files dsr1 quantize did not write (keep.txt)" in error_line(capsys, *quantize(tmp_path, "--quant",
+                                                                                               "int8"))
     assert "--option takes KEY=VALUE" in error_line(capsys, "quantize", "--model", "dsr1-tiny", "--quant", "int8",
                                                      "--output-dir", str(tmp_path / "new"), "--option", "x")
     tiny = str(resolve_model_dir("dsr1-tiny"))

@@ -221,3 +221,28 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
+
+
+def random_model(shape: str, config: Any, overrides: dict[str, Any]) -> Any:
+    """A model of a built-in ``shape`` (``dsr1 bench --shape``) with random weights, built
+    through the plugin pipeline that ``config`` + ``overrides`` select."""
+    from dsr1.commands.bench import SHAPES, RandomWeights
+    from dsr1.config import load_config
+    from dsr1.registry import PluginRegistry
+
+    if shape not in SHAPES:
+        raise Dsr1Error(f"unknown shape {shape!r}" + did_you_mean(shape, SHAPES))
+    import torch
+
+    hf = dict(SHAPES[shape])
+    pipeline = PluginRegistry.from_env().resolve(load_config(config, **overrides))
+    builder = pipeline.model_builder(hf["model_type"])
+    device = pipeline.device.torch_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from dsr1.models.llama import LlamaArgs
+
+    reader = RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), dtype, device)
+    model = builder.build_from(hf, reader, pipeline)
+    model.generation_defaults = {}
+    pipeline.fire_model_loaded(model)
+    return model

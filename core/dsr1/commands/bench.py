@@ -62,10 +62,11 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     forms = p.add_subparsers(dest="bench_form", metavar="FORM",
                              title="other forms (dsr1 bench FORM --help)")
-    from dsr1.benchmarks import attention, kvcache
+    from dsr1.benchmarks import attention, kvcache, serve
 
     attention.add_parser(forms)
     kvcache.add_parser(forms)
+    serve.add_parser(forms)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="model name or HF-format directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="a built-in model shape (use with --random-weights)")

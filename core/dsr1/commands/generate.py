@@ -30,8 +30,12 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise Dsr1Error("empty prompt; pass the text to continue, e.g. dsr1 generate 'The Python interpreter'")
-    from dsr1.auto import AutoModel
+    from dsr1.auto import AutoModel, AutoTokenizer
 
+    chat = None
+    if args.chat:  # the checkpoint's template is rendered before its weights load: a bad one fails at once
+        chat = AutoTokenizer.from_pretrained(args.model, args.config).apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt")
     started = time.perf_counter()
     model = AutoModel.from_pretrained(args.model, args.config)
     load_s = time.perf_counter() - started
@@ -40,11 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise Dsr1Error(f"model {args.model!r} has no tokenizer.json; dsr1 generate needs one")
     if not hasattr(model, "generate"):
         raise Dsr1Error(f"model {args.model!r} ({model.config.get('model_type')}) is an encoder; it cannot generate")
-    if args.chat:
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                            return_tensors="pt")
-    else:
-        enc = tokenizer(args.prompt, return_tensors="pt")
+    enc = chat if chat is not None else tokenizer(args.prompt, return_tensors="pt")
     sampling = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,

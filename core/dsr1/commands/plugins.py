@@ -2,7 +2,8 @@
 
 ``list`` is a diagnostic: it imports each installed plugin in isolation (a fresh
 registry per plugin) to learn its status, and a plugin that raises is reported, never
-fatal. ``--no-load`` lists from metadata alone.
+fatal. ``--no-load`` lists from metadata alone. Under an allow-list (``DSR1_PLUGINS``) a
+plugin it does not allow is listed as "not allowed" from metadata and never imported.
 """
 from __future__ import annotations
 
@@ -34,16 +35,15 @@ def add_parser(sub: Any) -> None:
     new.set_defaults(func=run_new)
 
 
-def plugin_status(info: EntryPointInfo) -> dict[str, Any]:
-    """Load one plugin with a fresh registry; report ok / broken / unavailable."""
-    row: dict[str, Any] = {
-        "family": info.family,
-        "name": info.name,
-        "distribution": info.distribution,
-        "version": info.version,
-        "entry_point": info.value,
-    }
-    registry = PluginRegistry()
+def _row(info: EntryPointInfo) -> dict[str, Any]:
+    return {"family": info.family, "name": info.name, "distribution": info.distribution, "version": info.version,
+            "entry_point": info.value}
+
+
+def plugin_status(info: EntryPointInfo, allowlist: frozenset[str] | None = None) -> dict[str, Any]:
+    """Load one plugin with a fresh registry (under ``allowlist``); report ok / broken / unavailable."""
+    row = _row(info)
+    registry = PluginRegistry(allowlist=allowlist)
     try:
         spec = registry.load(info.family, info.name)
     except Dsr1Error as err:
@@ -68,14 +68,17 @@ def plugin_status(info: EntryPointInfo) -> dict[str, Any]:
 
 
 def collect(no_load: bool, family: str | None = None) -> list[dict[str, Any]]:
-    infos = PluginRegistry().discover(family)
-    if no_load:
-        return [
-            {"family": i.family, "name": i.name, "distribution": i.distribution, "version": i.version,
-             "entry_point": i.value, "status": "not loaded", "reason": ""}
-            for i in infos
-        ]
-    return [plugin_status(i) for i in infos]
+    registry = PluginRegistry.from_env()
+    rows: list[dict[str, Any]] = []
+    for info in registry.discover(family):
+        if not registry.allows(info):  # decided from metadata: its code is never run
+            rows.append({**_row(info), "status": "not allowed",
+                         "reason": f"not in DSR1_PLUGINS ({registry.describe_allowlist()}); not imported"})
+        elif no_load:
+            rows.append({**_row(info), "status": "not loaded", "reason": ""})
+        else:
+            rows.append(plugin_status(info, registry.allowlist))
+    return rows
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -10,6 +10,10 @@ without the plugin refuse it instead of reading integers as plain weights.
 
 The float casts (``fp32``, ``fp16``, ``bf16``) write plain weights of that dtype. ``dynamic``
 decides per layer at run time and is refused.
+
+--output-dir must be new, empty, or a previous dsr1 quantize output (replaced with --overwrite);
+it is never the model dir or a dir that contains it, and --overwrite never deletes a file dsr1
+did not write. It is checked before the model is loaded and written atomically (dsr1.outputs).
 """
 from __future__ import annotations
 
@@ -31,24 +35,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quant", required=True, help="a dsr1.quant plugin: int8, w8a8, int4, fp8 (or fp32/fp16/bf16)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the policy (repeatable; VALUE is JSON or a string), e.g. group_size=64")
-    p.add_argument("--output-dir", required=True, help="the directory to write (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    p.add_argument("--output-dir", required=True,
+                   help="the directory to write: new, empty, or a previous dsr1 quantize output (with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous dsr1 quantize output in --output-dir (never files dsr1 did not write)")
     p.add_argument("--config", help="engine config file (YAML/TOML/JSON) for the other families")
     p.add_argument("--device", help="device plugin to quantize on (default from config: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
-
-
-
-
-def check_output_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
-    """Refuse to write into the model itself, or over a non-empty dir without ``--overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise Dsr1Error(f"--output-dir {str(out)!r} is a file")
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise Dsr1Error(f"--output-dir {str(out)!r} is the model dir itself; write the quantized copy elsewhere")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise Dsr1Error(f"--output-dir {str(out)!r} is not empty; pass --overwrite to replace it")
 
 
 def check_policy(name: str, registry: Any) -> None:
@@ -65,21 +59,26 @@ def check_policy(name: str, registry: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsr1.auto import AutoModel
-    from dsr1.models.loading import resolve_model_dir
+    from dsr1.models.loading import resolve_model_dir, write_model_dir
+    from dsr1.outputs import plan_output
     from dsr1.registry import PluginRegistry
 
-    model_dir = resolve_model_dir(args.model)
     out = Path(args.output_dir).expanduser()
-    check_output_dir(out, model_dir, args.overwrite)
+    # where the output goes is settled before a model is looked up, downloaded or loaded
+    plan = plan_output(out, "quantize", overwrite=args.overwrite, inputs=[args.model] if args.model.strip() else [])
+    model_dir = resolve_model_dir(args.model)
+    plan.check_inputs([model_dir])
     registry = PluginRegistry.from_env()
     check_policy(args.quant, registry)
     options = parse_option_items(args.option)
     overrides: dict[str, Any] = {"quant": {"name": args.quant, "options": options}}
     if args.device:
         overrides["device"] = args.device
+    bytes_before = _weight_bytes(model_dir)  # before anything is written
     started = time.perf_counter()
     model = AutoModel.from_pretrained(model_dir, args.config, registry=registry, **overrides)
-    model.save_pretrained(out)
+    with plan.writing() as tmp:
+        write_model_dir(model, tmp)
     precision_map = getattr(model.pipeline.quant, "precision_map", None)
     layers = precision_map(model) if callable(precision_map) else {}
     report = {
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "quant": model.pipeline.describe()["quant"],
         "quantized_layers": sum(1 for p in layers.values() if p not in ("fp32", "fp16", "bf16")),
         "linear_layers": len(layers),
-        "bytes_before": _weight_bytes(model_dir),
+        "bytes_before": bytes_before,
         "bytes_after": _weight_bytes(out),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -103,4 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _weight_bytes(directory: Path) -> int:
-    return sum(os.path.getsize(p) for p in directory.glob("*.safetensors"))
+    """Bytes of the weight files (safetensors, or the pickle files of an older checkpoint)."""
+    files = list(directory.glob("*.safetensors")) or list(directory.glob("pytorch_model*.bin"))
+    return sum(os.path.getsize(p) for p in files)

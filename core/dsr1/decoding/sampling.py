@@ -1,17 +1,47 @@
-"""Builtin decoding plugin ``sampling``: greedy, temperature, top-k, top-p, repetition penalty.
+"""Builtin decoding plugin ``sampling``: greedy, temperature, top-k, top-p, min-p, penalties.
 
 The order and the edge cases are those of transformers' logits processors: repetition
-penalty, then (when sampling) temperature → top-k → top-p, then a multinomial draw from
-the softmax with the caller's seeded ``torch.Generator``. Ties at the top-k threshold are
-kept; top-p always keeps at least the most likely token.
+penalty, then (when sampling) temperature → top-k → top-p → min-p, then a multinomial draw
+from the softmax with the caller's seeded ``torch.Generator``. Ties at the top-k threshold
+are kept; top-p and min-p always keep the most likely token.
+
+Two steps come from elsewhere and run first: a request's logits processors (vLLM's
+``(output_ids, logits (V,)) -> logits (V,)`` hook for constrained output, applied before
+everything else, per row) and OpenAI's presence/frequency penalties over the output ids
+(after the repetition penalty, as vLLM orders them).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Decoder, SamplingParams
 from dsr1.specs import PluginSpec
+
+
+def apply_logits_processors(
+    logits: torch.Tensor, outputs: Sequence[Sequence[int]], params: SamplingParams
+) -> torch.Tensor:
+    """Each row through ``params.logits_processors`` in order, on that row's output ids.
+
+    The rows are copies: a processor that edits in place (as many do) never touches the
+    caller's logits, which the engine still reads for logprobs."""
+    rows = []
+    for row, out in zip(logits, outputs):  # row: (V,)
+        row = row.clone()
+        ids = list(out)
+        for proc in params.logits_processors:
+            got = proc(ids, row)
+            if not isinstance(got, torch.Tensor) or got.shape != row.shape:
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise Dsr1Error(f"logits processor {getattr(proc, '__name__', type(proc).__name__)!r} returned "
+                                f"{shape}; it must return the logits tensor of shape {tuple(row.shape)}")
+            row = got
+        rows.append(row)
+    return torch.stack(rows)  # (B, V)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -19,6 +49,18 @@ def apply_repetition_penalty(logits: torch.Tensor, generated: torch.Tensor, pena
     score = torch.gather(logits, 1, generated)  # (B, L)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return logits.scatter(1, generated, score)
+
+
+def apply_openai_penalties(
+    logits: torch.Tensor, outputs: Sequence[Sequence[int]], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: ``logits[t] -= presence * (count[t] > 0) + frequency * count[t]``,
+    ``count`` over each row's output ids (not the prompt)."""
+    vocab = logits.shape[-1]
+    counts = torch.stack([
+        torch.bincount(torch.as_tensor(list(out), dtype=torch.long), minlength=vocab)[:vocab] for out in outputs
+    ]).to(device=logits.device, dtype=logits.dtype)  # (B, V)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,19 +80,49 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the row's top probability
+    (transformers' ``MinPLogitsWarper``; the top token always passes since ``min_p <= 1``)."""
+    probs = logits.softmax(dim=-1)  # (B, V)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The sampling distribution's logits: temperature, then top-k, then top-p."""
+    """The sampling distribution's logits: temperature, then top-k, top-p and min-p."""
     if params.temperature != 1.0:
         logits = logits / params.temperature
     if params.top_k > 0:
         logits = top_k_filter(logits, params.top_k)
     if params.top_p < 1.0:
         logits = top_p_filter(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = min_p_filter(logits, params.min_p)
+    return logits
+
+
+def process(
+    logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams,
+    outputs: Sequence[Sequence[int]] | None,
+) -> torch.Tensor:
+    """Logits processors, repetition penalty, presence/frequency penalties: the logits greedy
+    decoding takes the maximum of, and sampling warps."""
+    needs_outputs = bool(params.logits_processors) or params.presence_penalty != 0.0 or (
+        params.frequency_penalty != 0.0)
+    if needs_outputs and (outputs is None or len(outputs) != logits.shape[0]):
+        raise Dsr1Error("logits_processors, presence_penalty and frequency_penalty act on each row's output ids: "
+                        "pass outputs=[ids of row 0, ...] to next_token, or call next_tokens")
+    if params.logits_processors:
+        logits = apply_logits_processors(logits, outputs or [], params)
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, generated, params.repetition_penalty)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        logits = apply_openai_penalties(logits, outputs or [], params.presence_penalty, params.frequency_penalty)
     return logits
 
 
 class SamplingDecoder(Decoder):
-    """Greedy (``do_sample=False``) or sampled next tokens with transformers semantics."""
+    """Greedy (``do_sample=False`` or ``temperature=0``) or sampled next tokens with transformers semantics."""
 
     def next_token(
         self,
@@ -58,13 +130,35 @@ class SamplingDecoder(Decoder):
         generated: torch.Tensor,
         params: SamplingParams,
         generator: torch.Generator | None,
+        outputs: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
-        if params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, generated, params.repetition_penalty)
-        if not params.do_sample:
+        logits = process(logits, generated, params, outputs)
+        if params.greedy:
             return logits.max(dim=-1).indices  # (B,): the first maximum, as argmax, in a faster CPU kernel
         probs = warp(logits, params).softmax(dim=-1)  # (B, V)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+    def next_tokens(
+        self,
+        logits: torch.Tensor,
+        outputs: Sequence[list[int]],
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        # as the base class, but the prompt + output tensor is built only for a repetition penalty:
+        # a sampled row of a 2k-token prompt must not copy its prompt every step for nothing
+        if not len(params) == len(outputs) == len(prompts) == len(generators) == logits.shape[0]:
+            raise ValueError(f"next_tokens: {logits.shape[0]} rows of logits, {len(params)} params, {len(outputs)} "
+                             f"outputs, {len(prompts)} prompts, {len(generators)} generators")
+        tokens = logits.max(dim=-1).indices  # (B,)
+        empty = tokens.new_zeros((1, 0))  # (1, 0): nothing seen, for rows without a repetition penalty
+        for i, p in enumerate(params):
+            if p.greedy and not p.penalized:
+                continue
+            generated = tokens.new_tensor([[*prompts[i], *outputs[i]]]) if p.repetition_penalty != 1.0 else empty
+            tokens[i] = self.next_token(logits[i : i + 1], generated, p, generators[i], outputs=[outputs[i]])[0]
+        return tokens
 
 
 @hookimpl
@@ -73,6 +167,10 @@ def dsr1_decoding() -> PluginSpec:
         name="sampling",
         family="decoding",
         impl=SamplingDecoder,
-        capabilities=frozenset({"greedy", "temperature", "top_k", "top_p", "repetition_penalty", "seeded"}),
-        description="greedy, temperature, top-k, top-p and repetition penalty (transformers semantics)",
+        capabilities=frozenset({
+            "greedy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "logits_processors", "logprobs", "per_row_params", "seeded",
+        }),
+        description="greedy, temperature, top-k, top-p, min-p, repetition/presence/frequency penalties and "
+                    "logits processors (transformers and OpenAI semantics), per request",
     )

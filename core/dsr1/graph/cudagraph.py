@@ -18,7 +18,12 @@ way gpt-fast and vLLM do:
 
 Prefill runs eagerly. One graph is captured per (batch size, cache capacity) and reused;
 the contiguous cache rounds its capacity up to 256 slots, so generate calls of similar
-lengths share a graph. :class:`DecodeGraph` with ``capture=False`` runs the same static step
+lengths share a graph. A graph holds raw pointers to the cache and rotary tables, so when
+either is reallocated every graph captured against the old buffers is dropped. All graphs
+capture into one memory pool that :class:`DecodeGraphs` keeps open with a
+``torch.cuda.MemPool`` for its whole life: with a bare ``graph_pool_handle()`` the pool's
+use count fell to zero when the last graph in it was dropped, and the next capture into that
+id failed inside the caching allocator (``use_count > 0`` assert) and kept failing. :class:`DecodeGraph` with ``capture=False`` runs the same static step
 without a graph; the CPU tests use it to check that the static step decodes exactly what
 the ordinary one does.
 """
@@ -91,9 +96,15 @@ class DecodeGraph:
                 self.step(self.ids, self.positions, self.slot, self.key_valid, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits = self.step(self.ids, self.positions, self.slot, self.key_valid, self.cache)
-        self.graph = graph
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.step(self.ids, self.positions, self.slot, self.key_valid, self.cache)
+        except BaseException:
+            # leave nothing half-captured behind: the next call captures again from scratch
+            del graph
+            torch.cuda.synchronize()
+            raise
+        self.graph, self.logits = graph, logits
 
 
 class DecodeGraphs:
@@ -108,8 +119,13 @@ class DecodeGraphs:
     ) -> None:
         self.step, self.capture = step, capture
         self.compiled, self.compiled_max_batch = compiled, compiled_max_batch
-        self.graphs: dict[tuple[Any, ...], DecodeGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        #: pointers of the buffers the graphs in ``graphs`` were captured against
+        self.buffers: tuple[int, ...] = ()
+        # The MemPool object holds a reference on the pool for as long as this object lives, so
+        # dropping graphs never closes it under the ones captured later.
+        self.mempool = torch.cuda.MemPool() if capture else None
+        self.pool = self.mempool.id if self.mempool is not None else None
 
     def runner(self, model: Any, cache: Any, key_valid: torch.Tensor) -> DecodeGraph:
         """The step for this call's batch and the cache's capacity, prepared with ``key_valid``."""
@@ -122,15 +138,18 @@ class DecodeGraphs:
                             "none: use graph 'eager' or 'compile'")
         b = key_valid.shape[0]
         cap = int(cache.capacity)
-        # a graph holds raw pointers: the cache buffers and rotary tables must be the captured ones
-        key = (b, cap, cache.k[0].data_ptr(), model.rope.cos.data_ptr(), model.rope.cos.shape[0])
-        graph = self.graphs.get(key)
+        rope = model.rope
+        # a graph holds raw pointers: every cache buffer and rotary table must be the captured one
+        buffers = (*(t.data_ptr() for t in (*cache.k, *cache.v)), rope.cos.data_ptr(), rope.sin.data_ptr(),
+                   rope.sin_signed.data_ptr(), rope.cos.shape[0])
+        if buffers != self.buffers:
+            self.graphs.clear()  # captured against buffers that are gone
+            self.buffers = buffers
+        graph = self.graphs.get((b, cap))
         if graph is None:
-            for old in [k for k in self.graphs if k[:2] == (b, cap)]:
-                del self.graphs[old]  # the buffers it captured are gone
             step = self.compiled if self.compiled is not None and b <= self.compiled_max_batch else self.step
             graph = DecodeGraph(step, cache, (b, cap), key_valid.device, self.capture, self.pool)
-            self.graphs[key] = graph
+            self.graphs[(b, cap)] = graph
         graph.prepare(key_valid)
         return graph
 

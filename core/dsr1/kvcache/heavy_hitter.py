@@ -10,9 +10,11 @@ row keeps its last ``recent`` tokens and, in the rest of the budget, the real to
 the largest accumulated score (ties: the more recent). A prefill attends all of itself and
 is cut afterwards, using the prompt's own attention as the first scores.
 
-``budget`` is a fraction of the tokens written so far (a float in (0, 1]: ``0.33`` keeps a
-third of any context) or a fixed number of tokens (an int). Positions are kept as written
-(keys are cached after RoPE); see :mod:`dsr1.kvcache.evicting`.
+``budget`` is a fraction of the tokens a sequence has written so far (a float in (0, 1]:
+``0.33`` keeps a third of any context; left padding is not counted) or a fixed number of
+tokens (an int). Scores are summed in the same order whatever the batch (queries in chunks
+sized by one row), so a row's selection does not depend on its neighbours. Positions are kept
+as written (keys are cached after RoPE); see :mod:`dsr1.kvcache.evicting`.
 """
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ class HeavyHitterKVCache(EvictingKVCache):
         b = self.options.budget
         return max(math.ceil(b * written), 1) if isinstance(b, float) else b
 
+    def row_budgets(self, written: torch.Tensor) -> torch.Tensor:
+        b = self.options.budget
+        if isinstance(b, float):  # the same float64 product and ceiling as budget()
+            return (written.double() * b).ceil().long().clamp_min(1)
+        return torch.full_like(written, b)
+
     def priority(self, pos: torch.Tensor, valid: torch.Tensor, score: torch.Tensor, end: int) -> torch.Tensor:
         recent = pos >= end - self.options.recent  # (B, S)
         prio = torch.where(recent, PROTECTED + pos.double(), score.double())
@@ -75,17 +83,22 @@ class HeavyHitterKVCache(EvictingKVCache):
         q = query.float().reshape(b, hkv, g, t, d)  # (B, Hkv, G, T, D)
         kt = key.float().transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, S)
         acc = torch.zeros((b, s), dtype=torch.float32, device=query.device)
-        step = max(CHUNK_BYTES // max(b * h * s * 4, 1), 1)
-        for i in range(0, t, step):
-            j = min(i + step, t)
-            w = (q[:, :, :, i:j] @ kt) * scale  # (B, Hkv, G, tc, S)
-            if mask is not None:
-                allowed = mask[:, :, None, i:j].expand(b, 1, 1, j - i, s)  # (B, 1, 1, tc, S)
-            else:  # causal, queries aligned to the last T keys
-                qi = torch.arange(i, j, device=query.device)[:, None] + (s - t)  # (tc, 1)
-                allowed = torch.arange(s, device=query.device)[None, :] <= qi  # (tc, S)
-            w = w.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num_(0.0)
-            acc += w.sum(dim=(1, 2, 3))  # (B, S)
+        # query chunks sized for one row, so each row's sums run in the same order at any batch size;
+        # rows in blocks that keep one chunk of weights within CHUNK_BYTES
+        step = max(CHUNK_BYTES // max(h * s * 4, 1), 1)
+        rows = max(CHUNK_BYTES // max(step * h * s * 4, 1), 1)
+        for r in range(0, b, rows):
+            e = min(r + rows, b)
+            for i in range(0, t, step):
+                j = min(i + step, t)
+                w = (q[r:e, :, :, i:j] @ kt[r:e]) * scale  # (Br, Hkv, G, tc, S)
+                if mask is not None:
+                    allowed = mask.expand(b, -1, -1, -1)[r:e, :, None, i:j]  # (Br, 1, 1, tc, S)
+                else:  # causal, queries aligned to the last T keys
+                    qi = torch.arange(i, j, device=query.device)[:, None] + (s - t)  # (tc, 1)
+                    allowed = torch.arange(s, device=query.device)[None, :] <= qi  # (tc, S)
+                w = w.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num_(0.0)
+                acc[r:e] += w.sum(dim=(1, 2, 3))  # (Br, S)
         p.score[:, p.score.shape[1] - s :] += acc  # the model may have cut the keys to its own window
         self._commit()
 

@@ -2,7 +2,7 @@
 Xiao et al. 2023).
 
 After each forward a row keeps its first ``sinks`` real tokens (padding is never a sink)
-and the last ``window`` slots; a decode step's query also sees its own new token, so it
+and its last ``window`` tokens; a decode step's query also sees its own new token, so it
 attends ``sinks + window + 1`` keys. A prefill attends all of itself and is cut to the
 budget afterwards. With ``sinks: 0`` this is the ring buffer of the last ``window`` tokens
 that a sliding-window model (Mistral) needs: set ``window`` to the model's
@@ -38,6 +38,9 @@ class StreamingKVCache(EvictingKVCache):
 
     def budget(self, written: int) -> int:
         return self.options.sinks + self.options.window
+
+    def row_budgets(self, written: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(written, self.options.sinks + self.options.window)
 
     def priority(self, pos: torch.Tensor, valid: torch.Tensor, score: torch.Tensor, end: int) -> torch.Tensor:
         rank = valid.long().cumsum(dim=1)  # (B, S) slots are sorted by position

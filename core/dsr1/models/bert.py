@@ -244,7 +244,8 @@ class BertBuilder(ModelBuilder):
     options: LoadOptions
 
     def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
-        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle)
+        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle,
+                                  allow_nonfinite=self.options.allow_nonfinite)
         try:
             model = self.build_from(hf_config, reader, pipeline)
         finally:

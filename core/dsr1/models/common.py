@@ -5,11 +5,14 @@ Shapes: ``B`` batch, ``T`` new tokens this forward, ``S`` keys attended, ``H`` q
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -115,40 +118,56 @@ class RotaryEmbedding:
     """cos/sin tables, grown on demand, gathered by position ids.
 
     Not an ``nn.Module``: it holds no weights and is rebuilt on the model's device at load.
+    The three tables are swapped in as one tuple, so a forward in another thread sees either the
+    old set or the new one, never a grown ``cos`` with the old, shorter ``sin``.
     """
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
         self.inv_freq = inv_freq  # (D/2,) fp32
         self.scaling = scaling
-        self.cos = torch.empty(0, device=inv_freq.device)
-        self.sin = torch.empty(0, device=inv_freq.device)
-        self.sin_signed = torch.empty(0, device=inv_freq.device)
+        empty = torch.empty(0, device=inv_freq.device)
+        self.tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = (empty, empty, empty)  # cos, sin, sin_signed
+
+    @property
+    def cos(self) -> torch.Tensor:
+        return self.tables[0]
+
+    @property
+    def sin(self) -> torch.Tensor:
+        return self.tables[1]
+
+    @property
+    def sin_signed(self) -> torch.Tensor:
+        return self.tables[2]
 
     def to(self, device: torch.device) -> RotaryEmbedding:
         self.inv_freq = self.inv_freq.to(device)
-        self.cos = self.sin = self.sin_signed = torch.empty(0, device=device)
+        empty = torch.empty(0, device=device)
+        self.tables = (empty, empty, empty)
         return self
 
     def ensure(self, n: int, dtype: torch.dtype) -> None:
         """Make the tables cover positions ``[0, n)`` in ``dtype`` (call before a forward)."""
-        if self.cos.shape[0] >= n and self.cos.dtype == dtype:
+        cos = self.tables[0]
+        if cos.shape[0] >= n and cos.dtype == dtype:
             return
-        n = max(n, 2 * self.cos.shape[0], 256)
+        n = max(n, 2 * cos.shape[0], 256)
         t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
         freqs = t[:, None] * self.inv_freq[None, :]  # (n, D/2), the same fp32 products as transformers
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
-        self.cos = (emb.cos() * self.scaling).to(dtype)
-        self.sin = (emb.sin() * self.scaling).to(dtype)
-        half = self.sin.shape[-1] // 2
-        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)  # rotate_half's sign folded in
+        cos = (emb.cos() * self.scaling).to(dtype)
+        sin = (emb.sin() * self.scaling).to(dtype)
+        half = sin.shape[-1] // 2
+        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign folded in
+        self.tables = (cos, sin, sin_signed)
 
     def __call__(self, positions: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` ``(B, T)`` → cos, sin ``(B, T, 1, D)`` (broadcast over heads).
 
         ``signed``: the sine table with rotate_half's minus sign folded in (for :func:`apply_rope_fast`).
         """
-        sin = self.sin_signed if signed else self.sin
-        return self.cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+        cos, sin, sin_signed = self.tables
+        return cos[positions].unsqueeze(2), (sin_signed if signed else sin)[positions].unsqueeze(2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -259,13 +278,77 @@ def bind_attention(
 # --- model base --------------------------------------------------------------------------------
 
 
+class RunLock:
+    """Serialises the runs of one model that use its runtime state: the KV cache, the captured
+    graphs, the batch layout of packed weights, the scheduler's queue and the monitor.
+
+    :func:`dsr1.generation.generate` holds it for the whole call (with ``stream=True``, while the
+    stream is read); a causal LM's ``forward`` holds it too (a generate may be repacking its linear
+    layers). Not re-entrant for ``generate``: a second generate from the thread that runs one (a
+    ``dsr1_step_finished`` hook, or a ``stream=True`` iterator not read to the end) would overwrite
+    the state the first still uses, so it is a one-line error rather than a deadlock or wrong text.
+    A copy of the model (``copy.deepcopy``, pickle) gets a lock of its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # plain, not RLock: a stream dropped in another thread may release it
+        self._owner: int | None = None  # thread id of the holder
+
+    @contextmanager
+    def hold(self, what: str = "generate", nested_ok: bool = False) -> Iterator[None]:
+        """Hold the lock for ``what``; with ``nested_ok`` a call from the holding thread runs inside its hold."""
+        me = threading.get_ident()
+        if self._owner == me:  # only this thread ever sets its own id, so reading it unlocked is safe
+            if not nested_ok:
+                raise Dsr1Error(f"model.{what} was called while this thread is still running a generate on the same "
+                                "model (from a step hook, or a stream=True iterator not read to the end); finish or "
+                                "close that one first")
+            yield
+            return
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RunLock:
+        return RunLock()
+
+    def __reduce__(self) -> tuple[type[RunLock], tuple[()]]:
+        return (RunLock, ())
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def holds_run_lock(forward: _Fn) -> _Fn:
+    """Decorate a model's ``forward`` to run under its :class:`RunLock` (also from inside a generate's
+    own thread, e.g. a step hook: a plain forward touches no cache)."""
+
+    @functools.wraps(forward)
+    def run(self: Dsr1Model, *args: Any, **kwargs: Any) -> Any:
+        with self.run_lock.hold("forward", nested_ok=True):
+            return forward(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]  # same signature as forward
+
+
 class Dsr1Model(nn.Module):
-    """Base of dsr1 models: ``config`` (the HF config dict), ``pipeline`` and ``save_pretrained``."""
+    """Base of dsr1 models: ``config`` (the HF config dict), ``pipeline`` and ``save_pretrained``.
+
+    ``run_lock`` (:class:`RunLock`) makes a model safe to share between threads by serialising
+    its generate calls.
+    """
 
     config: dict[str, Any]
     pipeline: Any
     tokenizer: Any
     source_dir: Path | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run_lock = RunLock()
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors under their transformers names (fused weights split again)."""

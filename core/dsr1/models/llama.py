@@ -21,7 +21,7 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import CacheShape, KVCache, ModelBuilder
+from dsr1.interfaces import AttentionContext, CacheShape, KVCache, ModelBuilder
 from dsr1.models.common import (
     AttentionCall,
     CausalLM,
@@ -32,6 +32,7 @@ from dsr1.models.common import (
     apply_rope_fast,
     bind_attention,
     build_mask,
+    holds_run_lock,
     rope_inv_freq,
     rope_parameters,
 )
@@ -168,7 +169,7 @@ class LlamaAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | AttentionContext | None,
         start: int | torch.Tensor,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -183,6 +184,9 @@ class LlamaAttention(nn.Module):
             q = apply_rope(self.q_proj(x).view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, T, D)
             k = apply_rope(self.k_proj(x).view(b, t, kv, d), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
             v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if isinstance(cache, AttentionContext):  # the engine's rows at their own positions (paged pool)
+            o = cache.attend(self.layer, q, k, v, self.attn, self.scale, self.window is not None)  # (B, H, T, D)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, T, C)
         if isinstance(start, torch.Tensor):  # static decode (CUDA graphs): whole buffers, mask covers them
             k, v = cache.update_static(self.layer, k, v, start)  # (B, Hkv, Tcap, D)
             o = self.attn(q, k, v, mask, self.scale)  # (B, H, 1, D)
@@ -241,7 +245,7 @@ class LlamaBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         masks: tuple[torch.Tensor | None, torch.Tensor | None],
-        cache: KVCache | None,
+        cache: KVCache | AttentionContext | None,
         start: int | torch.Tensor,
     ) -> torch.Tensor:
         mask = masks[1] if self.windowed else masks[0]
@@ -305,7 +309,7 @@ class LlamaForCausalLM(CausalLM):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         start: int | torch.Tensor,
-        cache: KVCache | None,
+        cache: KVCache | AttentionContext | None,
         mask: torch.Tensor | None,
         window_mask: torch.Tensor | None,
         last_only: bool,
@@ -336,6 +340,7 @@ class LlamaForCausalLM(CausalLM):
             window_mask = (seen & (slots > slot - self.min_window))[:, None, None, :]  # (B, 1, 1, Tcap)
         return self.forward_step(input_ids, positions, slot, cache, seen[:, None, None, :], window_mask, True)  # type: ignore[arg-type]
 
+    @holds_run_lock  # a generate in another thread may be repacking the linear layers
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -478,7 +483,8 @@ class LlamaBuilder(ModelBuilder):
     options: LlamaOptions
 
     def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
-        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle)
+        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle,
+                                  allow_nonfinite=self.options.allow_nonfinite)
         try:
             model = build_llama(hf_config, reader, pipeline, self.options)
         finally:

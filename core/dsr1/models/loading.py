@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -23,6 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from dsr1.errors import Dsr1Error
+from dsr1.input_files import is_regular, kind, list_dir, open_regular, probe, read_text
+from dsr1.outputs import plan_output
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.models.common import Dsr1Model
@@ -76,6 +78,9 @@ class LoadOptions(BaseModel):
     dtype: str | None = None
     #: allow ``*.bin`` / ``*.pt`` pickle checkpoints (loaded with ``weights_only=True``).
     allow_pickle: bool = False
+    #: load a checkpoint whose floating-point tensors hold NaN/Inf (refused by default: such a
+    #: model generates garbage without any other sign; this is for inspecting a broken one).
+    allow_nonfinite: bool = False
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -116,14 +121,20 @@ def _hub_snapshot(cache: Path, name: str) -> Path | None:
     """``models--org--name/snapshots/<rev>`` of the hub cache layout (``refs/main`` first)."""
     repo = cache / ("models--" + name.replace("/", "--"))
     snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
+    what = "Hugging Face hub cache entry"
+    st = probe(snapshots, what)
+    if st is None or not stat.S_ISDIR(st.st_mode):
         return None
     ref = repo / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if (candidate / "config.json").is_file():
+    if is_regular(ref, what):
+        try:
+            candidate = snapshots / read_text(ref, what).strip()
+        except UnicodeDecodeError:
+            raise Dsr1Error(f"{what} {str(ref)!r} is not a text file (it should hold a revision hash)") from None
+        if probe(candidate / "config.json", what) is not None:
             return candidate
-    found = sorted((p for p in snapshots.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+    found = [snapshots / n for n in list_dir(snapshots, what)]
+    found = sorted((p for p in found if probe(p / "config.json", what) is not None), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
@@ -143,10 +154,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], download: bool = Tru
     if not name.strip():
         raise Dsr1Error("empty model name; pass a model directory or a name such as 'dsr1-tiny'")
     path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise Dsr1Error(f"model path {name!r} is a file; pass the directory that holds config.json")
-        if not (path / "config.json").is_file():
+    # probe, not exists(): a symlink loop, a dangling link or no permission is named, not "not found"
+    st = probe(path, "model path")
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            raise Dsr1Error(f"model path {name!r} is a {kind(st.st_mode)}; pass the directory that holds config.json")
+        if probe(path / "config.json", "model file") is None:
             raise Dsr1Error(f"model directory {name!r} has no config.json (not a Hugging Face-format model dir)")
         return path
     if _looks_like_path(name):
@@ -154,7 +167,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], download: bool = Tru
     looked: list[str] = [f"path {str(path)!r}"]
     home = dsr1_home() / "models" / name
     looked.append(str(home))
-    if (home / "config.json").is_file():
+    if probe(home / "config.json", "DSR1_HOME path") is not None:
         return home
     cache = hf_hub_cache()
     looked.append(f"{cache}/models--{name.replace('/', '--')}/snapshots/*")
@@ -192,10 +205,10 @@ def _try_download(name: str) -> Path | str:
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
     cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
+    if probe(cfg_path, "model file") is None:
         raise Dsr1Error(f"model directory {str(model_dir)!r} has no config.json (not a Hugging Face-format model dir)")
     try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(cfg_path, "model file"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise Dsr1Error(f"{cfg_path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
@@ -216,8 +229,8 @@ class _Entry:
 
 
 def _read_safetensors_header(file: Path) -> dict[str, _Entry]:
-    size = file.stat().st_size
-    with file.open("rb") as f:
+    with open_regular(file, "weights file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise Dsr1Error(f"safetensors file {str(file)!r} is truncated or corrupt ({size} bytes, no header)")
@@ -255,27 +268,43 @@ def _read_safetensors_header(file: Path) -> dict[str, _Entry]:
     return entries
 
 
+def _nonfinite(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(NaN count, Inf count)`` of a floating-point tensor that holds any, else ``None``."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.to(torch.float16)  # exact; torch has no isfinite for float8
+    if bool(torch.isfinite(t).all()):
+        return None
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
 class CheckpointReader:
     """The tensors of one model directory, indexed without reading their data."""
 
-    def __init__(self, model_dir: Path, allow_pickle: bool = False) -> None:
+    def __init__(self, model_dir: Path, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
         self.model_dir = model_dir
+        self.allow_nonfinite = allow_nonfinite
         self.entries: dict[str, _Entry] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._files: dict[Path, BinaryIO] = {}
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
-        if index.is_file():
+        # is_regular raises for a FIFO/directory/loop in place of a weights file instead of skipping it
+        if is_regular(index, "weights index"):
             files = self._index_files(index)
-        elif single.is_file():
+        elif is_regular(single, "weights file"):
             files = [single]
         else:
-            files = sorted(model_dir.glob("*.safetensors"))
+            listing = [n for n in list_dir(model_dir, "model directory") if not n.startswith(".")]
+            files = [model_dir / n for n in listing if n.endswith(".safetensors")]
         if files:
             for file in files:
                 self.entries.update(_read_safetensors_header(file))
             return
-        pickles = sorted([*model_dir.glob("*.bin"), *model_dir.glob("*.pt"), *model_dir.glob("*.pth")])
+        pickles = [model_dir / n for n in listing if n.endswith((".bin", ".pt", ".pth"))]
+        for file in pickles:
+            is_regular(file, "pickle checkpoint")  # torch.load would block on a FIFO
         if not pickles:
             raise Dsr1Error(f"model directory {str(model_dir)!r} has no model.safetensors (nor sharded *.safetensors)")
         if not allow_pickle:
@@ -294,11 +323,17 @@ class CheckpointReader:
 
     def _index_files(self, index: Path) -> list[Path]:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = json.loads(read_text(index, "weights index"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise Dsr1Error(f"{str(index)!r} is corrupt (no weight_map)") from None
-        files = sorted({self.model_dir / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        # a shard is a file of this directory: an index must not point the reader elsewhere
+        odd = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")]
+        if odd or not shards:
+            raise Dsr1Error(f"{str(index)!r} is corrupt (weight_map must name shard files of its directory, "
+                            f"got {odd[0] if odd else 'none'!r})")
+        files = [self.model_dir / s for s in shards]
+        missing = [f.name for f in files if not is_regular(f, "weights file")]
         if missing:
             raise Dsr1Error(f"{index.name} names shard(s) that are missing: {', '.join(missing)}")
         return files
@@ -331,16 +366,36 @@ class CheckpointReader:
             t = torch.empty(e.shape, dtype=e.dtype)
             f = self._files.get(e.file)
             if f is None:
-                f = self._files[e.file] = e.file.open("rb")
+                f = self._files[e.file] = open_regular(e.file, "weights file")
             f.seek(e.begin)
             if e.end > e.begin:
                 buf = t.reshape(-1).view(torch.uint8).numpy()
                 got = f.readinto(buf)  # type: ignore[attr-defined]  # straight into the tensor's memory
                 if got != e.end - e.begin:
                     raise Dsr1Error(f"safetensors file {str(e.file)!r} is truncated while reading {name!r}")
+        stored = t
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
-        return t.to(device) if t.device != device else t
+        t = t.to(device) if t.device != device else t
+        # checked as placed: one pass, on the accelerator when there is one; it also catches a cast that overflows
+        if not self.allow_nonfinite and _nonfinite(t) is not None:
+            self._refuse_nonfinite(name, stored, t)
+        return t
+
+    def _refuse_nonfinite(self, name: str, stored: torch.Tensor, placed: torch.Tensor) -> None:
+        """NaN/Inf weights make a model generate garbage with no other sign: refuse them, naming the tensor."""
+        counts = _nonfinite(stored)
+        if counts is None:  # finite as stored: the cast to the compute dtype overflowed
+            raise Dsr1Error(
+                f"tensor {name!r} of the checkpoint in {str(self.model_dir)!r} has values beyond the range of "
+                f"{str(placed.dtype).removeprefix('torch.')} (they would become Inf); load it in bfloat16 or float32"
+            )
+        where = self.entries[name].file.name if name in self.entries else "pickle checkpoint"
+        raise Dsr1Error(
+            f"checkpoint in {str(self.model_dir)!r} holds NaN/Inf: tensor {name!r} ({where}) has {counts[0]} NaN "
+            f"and {counts[1]} Inf of {stored.numel()} values; the weights are corrupt (re-download or re-export "
+            f"them), or load with allow_nonfinite=True to inspect them anyway"
+        )
 
     def close(self) -> None:
         for f in self._files.values():
@@ -438,35 +493,34 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
         os.fsync(f.fileno())
 
 
-def save_pretrained(model: Dsr1Model, out: Path) -> Path:
-    """Write ``model`` in Hugging Face format into ``out``, atomically."""
-    out = out.expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        config = dict(model.config)
-        config["dtype"] = str(model.dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-        if getattr(model, "quantization_config", None):  # integer weights: config.json must say so
-            from dsr1.quantization.checkpoint import quantized_hf_config
+def write_model_dir(model: Dsr1Model, directory: Path) -> None:
+    """``config.json``, ``model.safetensors`` and the tokenizer files of ``model``, into ``directory``."""
+    config = dict(model.config)
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    if getattr(model, "quantization_config", None):  # integer weights: config.json must say so
+        from dsr1.quantization.checkpoint import quantized_hf_config
 
-            config = quantized_hf_config(config, model.quantization_config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        write_safetensors(tmp / "model.safetensors", model.hf_state_dict(), {"format": "pt"})
-        source = getattr(model, "source_dir", None)
-        if source is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copyfile(Path(source) / name, tmp / name)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        config = quantized_hf_config(config, model.quantization_config)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_safetensors(directory / "model.safetensors", model.hf_state_dict(), {"format": "pt"})
+    source = getattr(model, "source_dir", None)
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, directory / name)
+
+
+def save_pretrained(model: Dsr1Model, out: Path, overwrite: bool = True) -> Path:
+    """Write ``model`` in Hugging Face format into ``out``, atomically (see :mod:`dsr1.outputs`).
+
+    ``out`` may be new, empty, or a previous ``save_pretrained`` output (replaced unless
+    ``overwrite`` is False); a dir holding anything else, or the model's own source dir or one
+    containing it, is refused with a one-line error before anything is written.
+    """
+    source = getattr(model, "source_dir", None)
+    plan = plan_output(out, "save_pretrained", overwrite=overwrite, inputs=[source] if source is not None else [],
+                       label="save_pretrained dir", flag="overwrite=True")
+    with plan.writing() as tmp:
+        write_model_dir(model, tmp)
+    return plan.given

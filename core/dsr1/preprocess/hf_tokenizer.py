@@ -9,17 +9,18 @@ sandbox). Causal LMs are padded on the left by default, encoders on the right.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
+from dsr1.input_files import is_regular, read_text
 from dsr1.interfaces import Preprocessor
+from dsr1.preprocess.chat_template import TEMPLATE_MAX_CHARS, TEMPLATE_TIME_LIMIT_S, ChatTemplate, TemplateLimits
 from dsr1.specs import PluginSpec
 
 #: model types that are encoders (padded on the right, with token type ids).
@@ -42,12 +43,13 @@ class BatchEncoding(dict):  # type: ignore[type-arg]  # dict[str, Any], like tra
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not is_regular(path, "tokenizer file"):  # a FIFO or directory in its place is an error, not "absent"
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise Dsr1Error(f"{path} is not valid JSON: {err}") from None
+        data = json.loads(read_text(path, "tokenizer file"))
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit number, nesting past the stack
+        raise Dsr1Error(f"{path} is not valid JSON: {str(err).splitlines()[0] if str(err) else type(err).__name__}") \
+            from None
     return data if isinstance(data, dict) else {}
 
 
@@ -55,27 +57,6 @@ def _content(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _compile_template(source: str) -> Callable[..., str]:
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise Dsr1Error(f"chat template error: {message}")
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source).render
-    except jinja2.TemplateSyntaxError as err:
-        raise Dsr1Error(f"chat template syntax error at line {err.lineno}: {err.message}") from None
 
 
 class Tokenizer:
@@ -89,6 +70,8 @@ class Tokenizer:
         model_max_length: int | None = None,
         chat_template: str | None = None,
         token_type_ids: bool = False,
+        chat_template_origin: str = "this tokenizer",
+        template_limits: TemplateLimits | None = None,
     ) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.backend.no_padding()
@@ -101,14 +84,18 @@ class Tokenizer:
         self.eos_token = special.get("eos_token")
         self.unk_token = special.get("unk_token")
         self.pad_token = special.get("pad_token") or self.eos_token
-        self._render: Callable[..., str] | None = None
+        #: where the chat template came from, for errors (``'<model dir>'/tokenizer_config.json``).
+        self.chat_template_origin = chat_template_origin
+        self.template_limits = template_limits or TemplateLimits()
+        self._template: ChatTemplate | None = None
 
     @classmethod
-    def from_dir(cls, model_dir: Path, padding_side: str = "auto") -> Tokenizer:
+    def from_dir(cls, model_dir: Path, padding_side: str = "auto",
+                 template_limits: TemplateLimits | None = None) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         path = Path(model_dir) / "tokenizer.json"
-        if not path.is_file():
+        if not is_regular(path, "tokenizer file"):
             raise Dsr1Error(f"no tokenizer.json in {str(model_dir)!r}; dsr1 reads tokenizers in the tokenizers-library "
                             f"format (save one with transformers' tokenizer.save_pretrained)")
         try:
@@ -137,9 +124,11 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = Path(model_dir) / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
-        return cls(backend, special, padding_side, min(limits) if limits else None, template, is_encoder)
+        if template is None and is_regular(jinja_file, "tokenizer file"):
+            template = read_text(jinja_file, "tokenizer file")
+        origin = str(Path(model_dir) / ("tokenizer_config.json" if cfg.get("chat_template") else "chat_template.jinja"))
+        return cls(backend, special, padding_side, min(limits) if limits else None, template, is_encoder,
+                   chat_template_origin=repr(origin), template_limits=template_limits)
 
     # --- special tokens --------------------------------------------------------------------
 
@@ -260,14 +249,17 @@ class Tokenizer:
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Render ``messages`` with the checkpoint's chat template in a sandboxed jinja2 environment."""
-        source = chat_template or self.chat_template
-        if source is None:
+        """Render ``messages`` with the checkpoint's chat template in jinja2's immutable sandbox,
+        within :attr:`template_limits` (see :mod:`dsr1.preprocess.chat_template`)."""
+        if chat_template is not None:
+            template = ChatTemplate(chat_template, "the chat_template argument", self.template_limits)
+        elif self.chat_template is None:
             raise Dsr1Error("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)")
-        render = _compile_template(source) if chat_template else self._render or _compile_template(source)
-        if chat_template is None:
-            self._render = render
-        text = render(
+        else:
+            template = self._template or ChatTemplate(self.chat_template, self.chat_template_origin,
+                                                      self.template_limits)
+            self._template = template  # compiled once; rendering is thread-safe (each render has its own budget)
+        text = template.render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
         )
@@ -282,6 +274,10 @@ class TokenizersOptions(BaseModel):
 
     #: ``auto``: left for causal LMs, right for encoders.
     padding_side: Literal["auto", "left", "right"] = "auto"
+    #: seconds a chat template may take to render (:data:`~dsr1.preprocess.chat_template.TEMPLATE_TIME_LIMIT_S`).
+    template_time_limit_s: float = Field(TEMPLATE_TIME_LIMIT_S, gt=0, le=3600)
+    #: most characters a chat template may output or build (:data:`~dsr1.preprocess.chat_template.TEMPLATE_MAX_CHARS`).
+    template_max_chars: int = Field(TEMPLATE_MAX_CHARS, ge=1, le=2**31)
 
 
 class TokenizersPreprocessor(Preprocessor):
@@ -289,7 +285,8 @@ class TokenizersPreprocessor(Preprocessor):
     options: TokenizersOptions
 
     def load(self, model_dir: Path) -> Tokenizer:
-        return Tokenizer.from_dir(Path(model_dir), padding_side=self.options.padding_side)
+        limits = TemplateLimits(self.options.template_time_limit_s, self.options.template_max_chars)
+        return Tokenizer.from_dir(Path(model_dir), padding_side=self.options.padding_side, template_limits=limits)
 
 
 @hookimpl

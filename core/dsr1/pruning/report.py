@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dsr1.outputs import umask
+
 #: Columns of ``curve.csv``.
 CSV_COLUMNS = (
     "point", "target_sparsity", "realized_sparsity", "params_fraction", "prunable_nonzero", "file_mb",
@@ -30,17 +32,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def curve_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

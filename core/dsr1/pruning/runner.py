@@ -7,6 +7,11 @@ as ``D/stage-<sparsity>/`` and benchmarked from the saved dir. A stage dir is fi
 leaves the completed stages intact and no half-written stage; the report is rewritten after
 every stage and once more on interrupt, so it always describes what is on disk.
 
+The output dir follows the rule of :mod:`dsr1.outputs` (new, empty, or a previous ``dsr1
+prune`` output with ``--overwrite``; never the model or a dir that contains it), checked before
+the model is loaded. It is claimed just before the first stage: a new dir holding only the
+marker is swapped in for the previous output, which is then deleted.
+
 Sparsity targets are fractions of the dense model's prunable weights. A pruner sees the model
 as it is now, so each call is given ``1 - (1 - target) · P_dense / P_now`` where ``P`` counts
 prunable weight elements (equal to the target unless earlier stages removed rows physically).
@@ -28,6 +33,7 @@ import torch
 
 from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
+from dsr1.outputs import OutputPlan, plan_output
 from dsr1.pruning import data as textdata
 from dsr1.pruning.metrics import (
     census,
@@ -39,7 +45,7 @@ from dsr1.pruning.metrics import (
     sentence_embeddings,
 )
 from dsr1.pruning.recover import recover_
-from dsr1.pruning.report import _umask, write_all
+from dsr1.pruning.report import write_all
 from dsr1.pruning.schedule import PruneSettings, check_settings, is_own_output, plan_stages, stage_name
 from dsr1.pruning.speed import HEADLINE, causal_speed, encoder_speed
 
@@ -49,39 +55,31 @@ ENCODER_TYPES = ("bert",)
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
 
-def check_output_dir(out: Path, overwrite: bool) -> list[Path]:
-    """The entries ``--overwrite`` will remove from ``out`` (one-line error if it may not)."""
-    out = out.expanduser()
-    if out.exists() and not out.is_dir():
-        raise Dsr1Error(f"output dir {str(out)!r} is a file")
-    entries = sorted(out.iterdir()) if out.exists() else []
-    if entries and not overwrite:
-        raise Dsr1Error(f"output dir {str(out)!r} is not empty ({len(entries)} entries); pass --overwrite to replace "
-                        f"its stages and report, or choose another dir")
-    foreign = [e.name for e in entries if not is_own_output(e)]
-    if foreign:
-        raise Dsr1Error(f"output dir {str(out)!r} holds files dsr1 prune did not write ({', '.join(foreign[:3])}); "
-                        f"--overwrite only replaces stage-*/ dirs, report.json and curve.*; choose another dir")
-    return entries
+def plan_output_dir(s: PruneSettings) -> OutputPlan:
+    """Check ``s.output_dir`` under the rule of :mod:`dsr1.outputs` (before anything is loaded).
 
-
-def prepare_output_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``, or empty it of a previous run's outputs (``overwrite``)."""
-    out = out.expanduser()
-    for e in check_output_dir(out, overwrite):
-        shutil.rmtree(e) if e.is_dir() else e.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    The dir is new, empty or a previous ``dsr1 prune`` output (marker at its top; replaced with
+    ``--overwrite``), and never the model dir, a dir that contains it, or the calibration or
+    evaluation text.
+    """
+    inputs = [p for p in (s.model, s.calibration, s.eval_text) if p and p.strip()]
+    return plan_output(Path(s.output_dir), "prune", overwrite=s.overwrite, inputs=inputs, label="output dir",
+                       owns=is_own_output)
 
 
 def write_stage(model: Any, out: Path, name: str, files: dict[str, bytes]) -> Path:
-    """Save ``model`` (+ ``files``) as ``out/name`` atomically: a hidden partial dir, then a rename."""
-    from dsr1.models.loading import save_pretrained
+    """Save ``model`` (+ ``files``) as ``out/name`` atomically: a hidden partial dir, then a rename.
+
+    ``out`` is this run's own output dir (claimed through :mod:`dsr1.outputs`), so the stage
+    needs no marker of its own.
+    """
+    from dsr1.models.loading import write_model_dir
 
     final, partial = out / name, out / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        save_pretrained(model, partial)
+        partial.mkdir()
+        write_model_dir(model, partial)
         source: Path | None = getattr(model, "source_dir", None)
         for item in ST_FILES if source is not None else ():
             src = Path(str(source)) / item
@@ -93,8 +91,6 @@ def write_stage(model: Any, out: Path, name: str, files: dict[str, bytes]) -> Pa
             (partial / fname).write_bytes(blob)
         if final.exists():
             shutil.rmtree(final)
-        for d in (partial, *(p for p in partial.rglob("*") if p.is_dir())):
-            d.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; give the dirs the usual mode
         partial.rename(final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -186,13 +182,13 @@ class PruneRun:
 
         s = self.s
         self.model_dir = resolve_model_dir(s.model)
+        self.output.check_inputs([self.model_dir])  # a model found by name: not the output either
         hf = read_hf_config(self.model_dir)
         mt = str(hf["model_type"])
         if mt not in CAUSAL_TYPES + ENCODER_TYPES:
             raise Dsr1Error(f"dsr1 prune works on llama-family ({', '.join(CAUSAL_TYPES)}) and bert models; "
                             f"{str(self.model_dir)!r} has model_type {mt!r}")
         self.kind = "causal" if mt in CAUSAL_TYPES else "encoder"
-        check_output_dir(Path(s.output_dir), s.overwrite)
         self.dtype = s.dtype or ("bfloat16" if s.device == "cuda" else "float32")
         load_cfg: dict[str, Any] = {"device": s.device}
         if self.kind == "causal":  # modules as transformers names them: masks and reports per q/k/v/gate/up
@@ -332,11 +328,13 @@ class PruneRun:
         if s.threads:
             torch.set_num_threads(s.threads)
         torch.manual_seed(s.seed)
+        self.output = plan_output_dir(s)
         self._strategy()
         self._load()
-        out = prepare_output_dir(Path(s.output_dir), s.overwrite)
-        self.out = out
         self._data()
+        # the previous output (if any) is swapped away only now, when the stages are about to be written
+        out = self.output.claim()
+        self.out = out
         self._header()
         original = original_shapes(self.model)
         p_dense = sum(layer.numel for layer in original)

@@ -141,7 +141,11 @@ def stage_name(sparsity: float) -> str:
 OWN_OUTPUTS = ("report.json", "curve.csv", "curve.png")
 
 
-def is_own_output(path: Path) -> bool:
-    """Whether ``path`` is something ``dsr1 prune`` writes into its output dir."""
-    name = path.name
+def is_own_output(path: str | Path) -> bool:
+    """Whether ``path`` (or a bare name) is something ``dsr1 prune`` writes into its output dir.
+
+    Only consulted for a dir that carries the marker of a previous ``dsr1 prune`` output
+    (:mod:`dsr1.outputs`): a name that merely looks like ours in a dir without it is not replaced.
+    """
+    name = Path(path).name
     return name in OWN_OUTPUTS or name.startswith(("stage-", ".stage-", ".report.json.", ".curve."))

@@ -226,13 +226,16 @@ def load_quantized_state_(model: nn.Module, reader: DequantizedReader) -> None:
 
 def build_quantized(builder: Any, model_dir: Path, hf: dict[str, Any], pipeline: Any) -> Any:
     """Build the model of a ``dsr1 quantize`` dir with its policy (``pipeline.quant``)."""
-    from dsr1.models.loading import CheckpointReader
+    from dsr1.models.loading import CheckpointReader, LoadOptions
 
     build_from = getattr(builder, "build_from", None)
     if build_from is None:
         raise Dsr1Error(f"model builder {type(builder).__name__} cannot load quantized checkpoints (it has no "
                         f"build_from(hf_config, reader, pipeline))")
-    reader = DequantizedReader(CheckpointReader(model_dir), hf["quantization_config"])
+    options = builder.options
+    allow_nonfinite = isinstance(options, LoadOptions) and options.allow_nonfinite
+    # the stored tensors (float scales included) are checked for NaN/Inf as read; integer ones cannot hold them
+    reader = DequantizedReader(CheckpointReader(model_dir, allow_nonfinite=allow_nonfinite), hf["quantization_config"])
     try:
         model = build_from(hf, reader, pipeline)
         load_quantized_state_(model, reader)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
         check_round_trip,
         check_sqnr,
     )
+    from dsr1_sdk.testing.scheduler import SchedulerCase, SchedulerConformance, check_scheduler_trace
 
 # Lazy: the pytest plugin lives in this package and must not import torch on every run.
 _LAZY: dict[str, str] = {
@@ -55,6 +56,9 @@ _LAZY: dict[str, str] = {
     "check_quantize_model": "quant",
     "check_round_trip": "quant",
     "check_sqnr": "quant",
+    "SchedulerCase": "scheduler",
+    "SchedulerConformance": "scheduler",
+    "check_scheduler_trace": "scheduler",
 }
 
 #: Family → the name of its kit class (``KITS["attention"] == "AttentionConformance"``).
@@ -63,6 +67,7 @@ KITS: dict[str, str] = {
     "device": "DeviceConformance",
     "quant": "QuantConformance",
     "pruning": "PruningConformance",
+    "scheduler": "SchedulerConformance",
 }
 
 
@@ -84,6 +89,8 @@ __all__ = [
     "PruningConformance",
     "QuantCase",
     "QuantConformance",
+    "SchedulerCase",
+    "SchedulerConformance",
     "VendorDeviceConformance",
     "check_attention_case",
     "check_mask",
@@ -94,5 +101,6 @@ __all__ = [
     "check_prune_model",
     "check_quantize_model",
     "check_round_trip",
+    "check_scheduler_trace",
     "check_sqnr",
 ]

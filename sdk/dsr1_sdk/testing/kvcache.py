@@ -9,18 +9,23 @@ attends with the float64 reference and, for caches that observe queries, calls `
 * Caches with a :class:`dsr1.kvcache.paged.BlockAllocator` (found among their attributes):
   the attention output does not change under any permutation of the physical blocks
   (hypothesis), and the allocator keeps its invariants under a hypothesis state machine.
-* Compressing caches (``compresses = True``) must expose ``kept_positions(layer) -> (B, n)``;
-  a prefill returns all of itself, a decode step returns exactly the kept tokens + the new
-  one, and what is kept after every step equals a slow reference selection for the policy
-  their capabilities name (``policy:streaming``, ``policy:heavy-hitter``; override
-  :meth:`KVCacheConformance.reference_keep` for another policy).
+* Compressing caches (``compresses = True``) must expose ``kept_positions(layer) -> (B, n)``
+  (``-1`` at slots that hold no token of their row: padding, or a token the row evicted while
+  a longer row kept more); a prefill returns all of itself, a decode step returns exactly the
+  kept tokens + the new one, and what each row keeps after every step equals a slow per-row
+  reference selection for the policy their capabilities name (``policy:streaming``,
+  ``policy:heavy-hitter``; override :meth:`KVCacheConformance.reference_keep` for another
+  policy). Budgets count a row's real tokens, never its padding.
+* Every cache is batch-invariant (as the attention kit checks for attention): each row of a
+  left-padded batch of different lengths, run alone, gets the same attention output (and, for
+  compressing caches, keeps the same tokens) as inside the batch (:data:`BATCH_CASES`).
 * ``nbytes()`` equals the bytes of the tensors the cache holds (found by walking it).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import pytest
@@ -34,6 +39,7 @@ from dsr1.interfaces import CacheShape, KVCache
 from dsr1.kvcache.paged import BlockAllocator
 from dsr1.registry import PluginRegistry
 from dsr1_sdk.testing.base import PluginConformance
+from dsr1_sdk.testing.tolerances import close_problem
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class KVCase:
     decode: int = 6
     padded: bool = False
     seed: int = 0
+    #: left padding of each row (with ``padded``); empty: drawn at random, row 0 unpadded.
+    pads: tuple[int, ...] = ()
 
     @property
     def total(self) -> int:
@@ -63,6 +71,18 @@ CASES: dict[str, KVCase] = {
     "long_prompt": KVCase(batch=2, heads=2, kv_heads=2, head_dim=16, prompt=40, decode=8, padded=True),
     "head_dim_64": KVCase(batch=1, heads=2, kv_heads=2, head_dim=64, prompt=9, decode=4),
 }
+
+#: Batches of rows of different real lengths (left padding), each row also run alone.
+BATCH_CASES: dict[str, KVCase] = {
+    "mixed_lengths": KVCase(batch=3, prompt=12, decode=8, padded=True, pads=(0, 7, 4)),
+    "long_next_to_short_gqa": KVCase(batch=3, heads=6, kv_heads=2, head_dim=16, prompt=30, decode=10, padded=True,
+                                     pads=(22, 0, 11), seed=1),
+    "one_token_prompt": KVCase(batch=2, prompt=9, decode=6, padded=True, pads=(8, 0), seed=2),
+}
+
+#: (atol, rtol) of a row's attention output alone against the same row in a batch: K/V are
+#: exact copies (float64 reference attention), quantized caches within their kit tolerance.
+BATCH_TOLERANCES: dict[str, tuple[float, float]] = {"exact": (1e-10, 1e-10), "quantized": (5e-2, 5e-2)}
 
 
 @dataclass
@@ -81,11 +101,23 @@ def make_inputs(case: KVCase) -> Inputs:
     v = torch.randn(l_, b, case.kv_heads, n, case.head_dim, generator=gen)
     q = torch.randn(l_, b, case.heads, n, case.head_dim, generator=gen)
     valid = torch.ones(b, n, dtype=torch.bool)
-    if case.padded and b > 1:
+    if case.pads:
+        assert case.padded and len(case.pads) == b and all(0 <= p < case.prompt for p in case.pads), case
+        valid[:, : case.prompt] = torch.arange(case.prompt)[None] >= torch.tensor(case.pads)[:, None]
+    elif case.padded and b > 1:
         pad = torch.randint(0, max(case.prompt - 1, 1), (b,), generator=gen)
         pad[0] = 0
         valid[:, : case.prompt] = torch.arange(case.prompt)[None] >= pad[:, None]
     return Inputs(k, v, q, valid, case)
+
+
+def row_alone(inp: Inputs, row: int) -> tuple[Inputs, int]:
+    """Row ``row`` of a left-padded batch as a batch of its own, without its padding; and the padding."""
+    c = inp.case
+    pad = int((~inp.valid[row, : c.prompt]).sum())
+    case = replace(c, batch=1, prompt=c.prompt - pad, padded=False, pads=())
+    k, v, q = (x[:, row : row + 1, :, pad:] for x in (inp.k, inp.v, inp.q))  # (L, 1, h, N - pad, D)
+    return Inputs(k, v, q, torch.ones(1, c.total - pad, dtype=torch.bool), case), pad
 
 
 def model_mask(inp: Inputs, start: int, t: int) -> torch.Tensor | None:
@@ -203,12 +235,14 @@ class ReferencePolicy:
         """Update scores from the queries of this step (default: none)."""
 
     def step(self, s: Step) -> list[list[list[int]]]:
-        """The kept positions per layer and row after step ``s``; also the returned ones before it."""
+        """The real positions each layer and row keeps after step ``s``: the best ``budget`` of the
+        row's kept + new real tokens, its budget counting its real tokens written so far."""
         end = s.start + s.t
+        valid = self.inp.valid
         for (layer, row), kept in self.kept.items():
-            ret = kept + list(range(s.start, end))
+            ret = kept + [p for p in range(s.start, end) if bool(valid[row, p])]
             self.observe(layer, row, ret, s.start, s.t)
-            keep = min(self.budget(end), len(ret))
+            keep = min(self.budget(int(valid[row, :end].sum())), len(ret))
             order = sorted(ret, key=lambda p, ly=layer, r=row: self.rank(ly, r, ret, end)[ret.index(p)], reverse=True)
             self.kept[(layer, row)] = sorted(order[:keep])
         c = self.inp.case
@@ -246,7 +280,9 @@ class HeavyHitterReference(ReferencePolicy):
         scale, g = c.head_dim**-0.5, c.heads // c.kv_heads
         for i in range(t):
             qp = start + i
-            seen = [p for p in ret if p <= qp and (not c.padded or bool(inp.valid[row, p]) or p == qp)]
+            if not bool(inp.valid[row, qp]):
+                continue  # a padding query: attends only its own (padding) key
+            seen = [p for p in ret if p <= qp]
             for h in range(c.heads):
                 q = inp.q[layer, row, h, qp].double()  # (D,)
                 k = inp.k[layer, row, h // g, seen].double()  # (S, D)
@@ -264,7 +300,7 @@ REFERENCES: dict[str, type[ReferencePolicy]] = {
 def check_policy(impl: Any, reference: ReferencePolicy, inp: Inputs, tol: float = 1e-4) -> None:
     """Drive ``impl``; after every step its kept positions equal the reference's (scores within ``tol`` may swap)."""
     c = inp.case
-    before: list[list[list[int]]] = [[[] for _ in range(c.batch)] for _ in range(c.layers)]
+    before: list[list[list[int]]] = [[[] for _ in range(c.batch)] for _ in range(c.layers)]  # with -1: dead slots
 
     def on_step(s: Step) -> None:
         want = reference.step(s)
@@ -273,12 +309,16 @@ def check_policy(impl: Any, reference: ReferencePolicy, inp: Inputs, tol: float 
             assert got_kept is not None
             for row in range(c.batch):
                 ret = before[layer][row] + list(range(s.start, s.start + s.t))
-                k_want = inp.k[layer, row, :, ret]  # (Hkv, S, D)
-                assert torch.equal(s.k[layer][row], k_want), (
+                live = [i for i, p in enumerate(ret) if p >= 0]
+                returned = s.k[layer][row]  # (Hkv, S, D)
+                assert returned.shape[1] == len(ret) and torch.equal(
+                    returned[:, live], inp.k[layer, row][:, [ret[i] for i in live]]
+                ), (
                     f"step at {s.start}, layer {layer}, row {row}: update did not return the kept keys "
                     f"{before[layer][row]} + the new ones"
                 )
-                got = got_kept[row].tolist()
+                full = got_kept[row].tolist()
+                got = [p for p in full if p >= 0]
                 if got != want[layer][row]:
                     differ = set(got) ^ set(want[layer][row])
                     scores = [reference.score.get((layer, row, p)) for p in differ]
@@ -288,9 +328,34 @@ def check_policy(impl: Any, reference: ReferencePolicy, inp: Inputs, tol: float 
                         f"{want[layer][row]}"
                     )
                     reference.kept[(layer, row)] = got  # a near tie: follow the cache from here
-                before[layer][row] = got
+                before[layer][row] = full
 
     drive(impl, inp, on_step)
+
+
+def check_kv_batch_invariance(
+    make: Callable[[], KVCache], case: KVCase, tolerance: tuple[float, float] = BATCH_TOLERANCES["exact"]
+) -> None:
+    """Each row of ``case`` (left-padded rows of different lengths) driven alone through a fresh cache
+    gives the attention output of its real queries, and keeps the same tokens, as inside the batch."""
+    inp = make_inputs(case)
+    batch = drive(make(), inp)
+    atol, rtol = tolerance
+    for row in range(case.batch):
+        alone_inp, pad = row_alone(inp, row)
+        alone = drive(make(), alone_inp)
+        for s_b, s_a in zip(batch, alone, strict=True):
+            for layer in range(case.layers):
+                where = f"batch row {row} (left padding {pad}), step at {s_b.start}, layer {layer}"
+                kept_b, kept_a = s_b.kept[layer], s_a.kept[layer]
+                if kept_b is not None and kept_a is not None:
+                    got = [p - pad for p in kept_b[row].tolist() if p >= 0]
+                    want = [p for p in kept_a[0].tolist() if p >= 0]
+                    assert got == want, f"{where}: keeps positions {got} in the batch but {want} alone"
+                n = s_a.t  # the row's real queries: the last n of the batch step's
+                problem = close_problem(s_b.out[layer][row : row + 1, :, -n:], s_a.out[layer], atol, rtol,
+                                        f"{where}: attention output in the batch vs alone")
+                assert problem is None, problem
 
 
 # --- allocator state machine ---------------------------------------------------------------------
@@ -359,10 +424,13 @@ class KVCacheConformance(PluginConformance):
 
     family: ClassVar[str] = "kvcache"
     CASES: ClassVar[dict[str, KVCase]] = CASES
+    BATCH_CASES: ClassVar[dict[str, KVCase]] = BATCH_CASES
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "case_name" in metafunc.fixturenames:
             metafunc.parametrize("case_name", list(type(self).CASES))
+        if "batch_case" in metafunc.fixturenames:
+            metafunc.parametrize("batch_case", list(type(self).BATCH_CASES))
 
     def contiguous(self) -> KVCache:
         spec = PluginRegistry().load("kvcache", "contiguous")
@@ -403,6 +471,24 @@ class KVCacheConformance(PluginConformance):
             pytest.skip(f"{self.plugin} compresses: checked against its policy instead")
         inp = make_inputs(type(self).CASES[case_name])
         self.compare_steps(drive(impl, inp), drive(self.contiguous(), inp), f"case {case_name}")
+
+    def test_batch_invariance(self, batch_case: str) -> None:
+        tolerance = BATCH_TOLERANCES["quantized" if self.quantized() else "exact"]
+        check_kv_batch_invariance(self.make_impl, type(self).BATCH_CASES[batch_case], tolerance)
+
+    def test_batch_invariance_hypothesis(self) -> None:
+        tolerance = BATCH_TOLERANCES["quantized" if self.quantized() else "exact"]
+
+        @settings(max_examples=self.max_examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(data=st.data(), prompt=st.integers(2, 16), decode=st.integers(0, 6), seed=st.integers(0, 2**16))
+        def run(data: st.DataObject, prompt: int, decode: int, seed: int) -> None:
+            pads = data.draw(st.lists(st.integers(0, prompt - 1), min_size=2, max_size=3), label="pads")
+            case = KVCase(layers=1, batch=len(pads), prompt=prompt, decode=decode, padded=True, pads=tuple(pads),
+                          seed=seed)
+            check_kv_batch_invariance(self.make_impl, case, tolerance)
+
+        run()
 
     def test_reset_replays(self) -> None:
         impl = self.make_impl()

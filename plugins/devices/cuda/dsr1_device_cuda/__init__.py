@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from dsr1_sdk import Device, Field, MemoryInfo, PluginOptions, PluginSpec, ProbeResult, hookimpl
+from dsr1_sdk import Device, Dsr1Error, Field, MemoryInfo, PluginOptions, PluginSpec, ProbeResult, hookimpl
 
 __all__ = ["CudaDevice", "CudaOptions", "dsr1_device"]
 
@@ -78,6 +78,14 @@ class CudaDevice(Device):
         return {"mode": "max-autotune" if self.options.cudagraphs else "max-autotune-no-cudagraphs"}
 
     # --- needing a device ---------------------------------------------------------------
+
+    def torch_device(self, index: int = 0) -> torch.device:
+        # the engine refuses an unavailable device when it resolves the config; this catches
+        # callers that build the device by hand, before torch's assertion deep in a tensor copy
+        if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]  # untyped in torch
+            raise Dsr1Error(f"cuda device is not available here: torch {torch.__version__} is built without CUDA; "
+                            f"install a CUDA build of torch, or use device: cpu")
+        return super().torch_device(index)
 
     def device_count(self) -> int:
         return torch.cuda.device_count()

@@ -1,0 +1,290 @@
+"""``dsr1 bench serve``: replay a request trace through the engine, in process.
+
+A trace is a fixed list of (arrival s, prompt tokens, output tokens), drawn from ``--seed``
+(Poisson arrivals at ``--rate`` requests/s, or all at once; lengths uniform in the
+``--lengths`` ranges) or read from a JSONL file, and saved beside the result, so two
+schedulers replay exactly the same work. Prompts are random token ids; ``--shared-prefix N``
+gives every prompt the same first N tokens (what the prefix cache shares). Every request
+generates exactly its output length (no eos), greedily.
+
+Reported per scheduler: request throughput, output tok/s, TTFT (arrival → first token) and
+TPOT (mean time between a request's later tokens) at p50/p99, peak KV blocks in use and
+preemptions. ``--compare static`` replays the same trace through the ``static`` scheduler on
+the same weights, one after the other in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dsr1.benchmarks.common import write_report
+from dsr1.errors import Dsr1Error
+
+
+@dataclass(frozen=True)
+class TraceItem:
+    arrival: float
+    prompt_len: int
+    output_len: int
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="replay a request trace through the engine (continuous batching)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dsr1-tiny", help="model name or directory")
+    p.add_argument("--shape", help="a built-in shape with random weights instead of --model (see dsr1 bench)")
+    p.add_argument("--config", help="engine config file (YAML/TOML/JSON) for the other families")
+    p.add_argument("--device", help="device plugin (default from config)")
+    p.add_argument("--requests", type=int, default=64, help="requests in a drawn trace (default 64)")
+    p.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals per second (default: all at once)")
+    p.add_argument("--lengths", default="uniform:16-128,8-64",
+                   help="prompt and output lengths: uniform:PMIN-PMAX,OMIN-OMAX (default uniform:16-128,8-64)")
+    p.add_argument("--trace", help="a JSONL trace (arrival, prompt_len, output_len per line) instead of drawing one")
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares at its start")
+    p.add_argument("--max-num-seqs", type=int, help="continuous scheduler: most running requests")
+    p.add_argument("--max-num-batched-tokens", type=int, help="continuous scheduler: token budget per step")
+    p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from free memory)")
+    p.add_argument("--compare", choices=["static"], help="also replay the trace through this scheduler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--output", help="write the JSON report here (the trace goes beside it as .trace.jsonl)")
+    p.add_argument("--plot", help="write TTFT/TPOT and throughput per scheduler to this PNG")
+    p.set_defaults(func=run)
+
+
+def parse_lengths(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``uniform:64-1024,32-512`` → ((64, 1024), (32, 512)); one-line error otherwise."""
+    try:
+        kind, ranges = text.split(":", 1)
+        (p_lo, p_hi), (o_lo, o_hi) = (tuple(int(x) for x in r.split("-")) for r in ranges.split(","))
+    except ValueError:
+        raise Dsr1Error(f"--lengths must look like uniform:64-1024,32-512, got {text!r}") from None
+    if kind != "uniform" or not (1 <= p_lo <= p_hi and 1 <= o_lo <= o_hi):
+        raise Dsr1Error(f"--lengths must be uniform:PMIN-PMAX,OMIN-OMAX with 1 <= MIN <= MAX, got {text!r}")
+    return (p_lo, p_hi), (o_lo, o_hi)
+
+
+def draw_trace(n: int, rate: float, lengths: str, seed: int) -> list[TraceItem]:
+    (p_lo, p_hi), (o_lo, o_hi) = parse_lengths(lengths)
+    if n < 1:
+        raise Dsr1Error(f"--requests must be >= 1, got {n}")
+    if not rate > 0:
+        raise Dsr1Error(f"--rate must be > 0 requests/s (inf: all at once), got {rate}")
+    rng = random.Random(seed)
+    t, items = 0.0, []
+    for _ in range(n):
+        items.append(TraceItem(round(t, 6), rng.randint(p_lo, p_hi), rng.randint(o_lo, o_hi)))
+        if rate != float("inf"):
+            t += rng.expovariate(rate)
+    return items
+
+
+def read_trace(path: str) -> list[TraceItem]:
+    items = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise Dsr1Error(f"--trace {path!r} cannot be read: {err}") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            item = TraceItem(float(d["arrival"]), int(d["prompt_len"]), int(d["output_len"]))
+        except (ValueError, KeyError, TypeError):
+            raise Dsr1Error(f"--trace {path}:{no}: each line must be a JSON object with arrival, prompt_len, "
+                            f"output_len") from None
+        if item.arrival < 0 or item.prompt_len < 1 or item.output_len < 1:
+            raise Dsr1Error(f"--trace {path}:{no}: arrival must be >= 0 and lengths >= 1")
+        items.append(item)
+    if not items:
+        raise Dsr1Error(f"--trace {path!r} holds no requests")
+    return sorted(items, key=lambda i: i.arrival)
+
+
+def prompts_for(trace: list[TraceItem], vocab: int, shared_prefix: int, seed: int) -> list[list[int]]:
+    """Random token ids per request (ids from 100 up: clear of the usual special tokens)."""
+    rng = random.Random(seed + 1)
+    hi = max(vocab - 1, 101)
+    prefix = [rng.randrange(100, hi) for _ in range(shared_prefix)]
+    return [(prefix + [rng.randrange(100, hi) for _ in range(max(0, it.prompt_len - shared_prefix))])[: it.prompt_len]
+            if it.prompt_len > shared_prefix else prefix[: it.prompt_len] + [rng.randrange(100, hi)]
+            for it in trace]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def replay(engine: Any, trace: list[TraceItem], prompts: list[list[int]], time_limit: float = 3600.0) -> dict[str, Any]:
+    """Feed the trace to ``engine`` at its arrival times; per-request latencies and totals."""
+    from dsr1.interfaces import SamplingParams
+
+    # warm-up outside the clock: first calls pay one-time kernel selection and allocation
+    engine.generate([prompts[0][:8]], [SamplingParams(max_tokens=2, ignore_eos=True)])
+    start = time.monotonic()
+    added: dict[str, float] = {}
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    order = list(range(len(trace)))
+    nxt, peak_blocks, steps = 0, 0, 0
+    while nxt < len(order) or engine.has_unfinished():
+        now = time.monotonic() - start
+        if now > time_limit:
+            raise Dsr1Error(f"bench serve: the trace did not finish within {time_limit:.0f} s")
+        while nxt < len(order) and trace[order[nxt]].arrival <= now:
+            i = order[nxt]
+            params = SamplingParams(max_tokens=trace[i].output_len, ignore_eos=True)
+            rid = engine.add_request(prompts[i], params, request_id=f"r{i}")
+            added[rid] = time.monotonic() - start
+            nxt += 1
+        if not engine.has_unfinished():
+            time.sleep(min(0.01, max(0.0, trace[order[nxt]].arrival - now)))
+            continue
+        outs = engine.step()
+        steps += 1
+        t = time.monotonic() - start
+        peak_blocks = max(peak_blocks, engine.stats()["blocks_used"])
+        for out in outs:
+            first.setdefault(out.request_id, t)
+            if out.finished:
+                done[out.request_id] = (t, len(out.output_ids))
+    total = time.monotonic() - start
+    ttft = [first[r] - added[r] for r in done]
+    tpot = [(done[r][0] - first[r]) / (done[r][1] - 1) for r in done if done[r][1] > 1]
+    out_tokens = sum(n for _, n in done.values())
+    stats = engine.stats()
+    return {
+        "requests": len(done), "seconds": round(total, 3), "steps": steps,
+        "request_throughput": round(len(done) / total, 3), "output_tok_s": round(out_tokens / total, 2),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
+        "peak_blocks": peak_blocks, "blocks_total": stats["blocks_total"],
+        "prefix_hit_rate": stats.get("prefix_hit_rate"),
+    }
+
+
+def _engine(args: argparse.Namespace, scheduler: str, model: Any | None) -> Any:
+    from dsr1.engine import Engine
+
+    options: dict[str, Any] = {}
+    if scheduler == "continuous":
+        if args.max_num_seqs is not None:
+            options["max_num_seqs"] = args.max_num_seqs
+        if args.max_num_batched_tokens is not None:
+            options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    elif args.max_num_seqs is not None:
+        options["max_batch_size"] = args.max_num_seqs
+    overrides: dict[str, Any] = {"scheduler": {"name": scheduler, "options": options}, "kvcache": "paged"}
+    if args.device:
+        overrides["device"] = args.device
+    if model is not None:
+        return Engine.with_scheduler(model, overrides["scheduler"], num_blocks=args.num_blocks)
+    if args.shape:
+        from dsr1.benchmarks.common import random_model
+
+        model = random_model(args.shape, args.config, overrides)
+        return Engine(model, num_blocks=args.num_blocks)
+    from dsr1.auto import AutoModel
+
+    return Engine(AutoModel.from_pretrained(args.model, args.config, **overrides), num_blocks=args.num_blocks)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsr1.benchmarks.common import environment
+
+    trace = read_trace(args.trace) if args.trace else draw_trace(args.requests, args.rate, args.lengths, args.seed)
+    if args.shared_prefix < 0:
+        raise Dsr1Error(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
+    engine = _engine(args, "continuous", None)
+    prompts = prompts_for(trace, int(engine.model.args.vocab_size), args.shared_prefix, args.seed)
+    longest = max(it.prompt_len + it.output_len for it in trace)
+    if longest > engine.max_model_len:
+        raise Dsr1Error(f"the trace's longest request needs {longest} tokens, the model's context is "
+                        f"{engine.max_model_len}; lower --lengths")
+    results = {"continuous": replay(engine, trace, prompts)}
+    if args.compare:
+        model = engine.model
+        del engine
+        gc.collect()
+        engine = _engine(args, args.compare, model)
+        results[args.compare] = replay(engine, trace, prompts)
+    report: dict[str, Any] = {
+        "command": "dsr1 bench serve " + " ".join(_argv(args)), **environment(engine.model.device.type),
+        "model": args.shape or args.model, "trace": {"requests": len(trace), "rate": args.rate,
+                                                     "lengths": None if args.trace else args.lengths,
+                                                     "shared_prefix": args.shared_prefix, "seed": args.seed},
+        "results": results,
+    }
+    if args.compare:
+        a, b = results["continuous"]["output_tok_s"], results[args.compare]["output_tok_s"]
+        report[f"continuous_vs_{args.compare}"] = round(a / b, 3) if b else None
+    if args.output:
+        trace_file = Path(args.output).with_suffix(".trace.jsonl")
+        trace_file.parent.mkdir(parents=True, exist_ok=True)
+        trace_file.write_text("".join(json.dumps(asdict(it)) + "\n" for it in trace), encoding="utf-8")
+        report["trace_file"] = trace_file.name
+    text = write_report(report, args.output)
+    if args.plot:
+        _plot(results, args.plot)
+    if args.json:
+        print(text)
+    else:
+        for name, r in results.items():
+            print(f"{name:>10}: {r['requests']} requests in {r['seconds']:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
+                  f"TTFT p50 {_ms(r['ttft_p50_s'])} p99 {_ms(r['ttft_p99_s'])}, TPOT p50 {_ms(r['tpot_p50_s'])} "
+                  f"p99 {_ms(r['tpot_p99_s'])}, peak KV blocks {r['peak_blocks']}/{r['blocks_total']}")
+    return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    parts = []
+    for key in ("model", "shape", "config", "device", "requests", "rate", "lengths", "trace", "shared_prefix",
+                "max_num_seqs", "max_num_batched_tokens", "num_blocks", "compare", "seed", "output", "plot"):
+        value = getattr(args, key)
+        if value is not None and not (key == "shared_prefix" and value == 0):
+            parts += ["--" + key.replace("_", "-"), str(value)]
+    return parts
+
+
+def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("dsr1: note: --plot needs matplotlib (pip install 'dsr1[plot]'); no plot written")
+        return
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].bar(names, [results[n]["output_tok_s"] for n in names])
+    axes[0].set_title("output tok/s")
+    for ax, key in ((axes[1], "ttft"), (axes[2], "tpot")):
+        for q, shift in (("p50", -0.2), ("p99", 0.2)):
+            values = [(results[n][f"{key}_{q}_s"] or 0) * 1000 for n in names]
+            ax.bar([i + shift for i in range(len(names))], values, width=0.4, label=q)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(f"{key.upper()} (ms)")
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["TraceItem", "draw_trace", "read_trace", "replay"]

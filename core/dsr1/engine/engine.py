@@ -1,0 +1,274 @@
+"""The engine loop: ``step()`` = ``scheduler.schedule()`` → ``runner.execute(plan)`` →
+``scheduler.update(...)`` (the shape of vLLM v1's ``EngineCore.step``).
+
+Requests are plain data owned by the scheduler; the runner owns every tensor; the decoding
+family samples (in the runner), detokenizes incrementally and decides stops (here, between
+execute and update). One engine serves any number of requests that arrive at any time::
+
+    engine = Engine.from_pretrained("dsr1-tiny")
+    rid = engine.add_request("The Python interpreter", SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.delta, end="")
+
+An engine is driven by one thread at a time (:class:`~dsr1.engine.async_engine.AsyncEngine`
+runs it in a background thread and is safe to call from any number of coroutines).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsr1.decoding.detokenize import IncrementalDetokenizer, StopChecker
+from dsr1.engine.blocks import BlockManager
+from dsr1.engine.request import Request, RequestStatus
+from dsr1.engine.runner import PagedRunner, Sampled
+from dsr1.errors import Dsr1Error
+from dsr1.interfaces import SamplingParams
+from dsr1.models.common import plugin_capabilities
+
+#: what ``Engine.from_pretrained`` selects when the config leaves a family unset.
+ENGINE_DEFAULTS = {"scheduler": "continuous", "kvcache": "paged"}
+#: default share of the memory the device reports free that the KV pool may take.
+KV_MEMORY_FRACTION = 0.8
+#: a CPU pool's default ceiling: the machine's memory is shared with the weights and the OS.
+CPU_KV_BYTES = 2 << 30
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced up to this step (plain data)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    new_ids: list[int]
+    text: str
+    delta: str
+    finished: bool = False
+    finish_reason: str | None = None
+    #: per new token: (sampled token's logprob, [(top id, logprob), ...]); None unless asked for
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    arrival: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class _Tracked:
+    """The engine's side of a request: decoding state that is not the scheduler's business."""
+
+    params: SamplingParams
+    detok: IncrementalDetokenizer | None
+    stop: StopChecker
+    text: str = ""
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    first_token_time: float | None = None
+
+
+class Engine:
+    """Continuous batching over one model: add requests at any time, step until done."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, num_blocks: int | None = None,
+                 scheduler: Any = None, eos_ids: Sequence[int] | None = None) -> None:
+        pipeline = model.pipeline
+        self.model, self.pipeline = model, pipeline
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if getattr(model, "recurrent", False):
+            raise Dsr1Error("the engine's paged KV cache holds per-token keys and values; recurrent (linear) "
+                            "attention keeps fixed-size states instead: use model.generate with kvcache "
+                            "'contiguous', or another attention plugin")
+        kv_name = pipeline.config.choice("kvcache").name
+        if "paged" not in plugin_capabilities(pipeline, "kvcache"):
+            raise Dsr1Error(f"the engine loop keeps K/V in a paged pool: kvcache {kv_name!r} has no 'paged' "
+                            f"capability; use kvcache 'paged' (or scheduler 'static' for model.generate)")
+        kv_opts = pipeline.kvcache.options
+        block_size = int(getattr(kv_opts, "block_size", 16))
+        self.max_model_len = int(model.context_length)
+        self.block_size = block_size
+        self.num_blocks = num_blocks or getattr(kv_opts, "num_blocks", None) or self._default_blocks(block_size)
+        self.blocks = BlockManager(self.num_blocks, block_size, prefix_caching=bool(getattr(kv_opts, "prefix_caching",
+                                                                                                True)))
+        self.scheduler = scheduler if scheduler is not None else pipeline.scheduler
+        self.scheduler.bind(self.blocks, self.max_model_len)
+        self.runner = PagedRunner(model, pipeline.decoding, self.num_blocks, block_size, self.max_model_len)
+        self.monitor = pipeline.monitor
+        defaults = getattr(model, "generation_defaults", {}) or {}
+        eos = defaults.get("eos_token_id") if eos_ids is None else list(eos_ids)
+        self.eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        self.default_params = SamplingParams.from_generation_config(defaults)
+        self.tracked: dict[str, _Tracked] = {}
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._finished_since: list[str] = []
+        #: how often each request was preempted (recomputed later): plain counts for tests and metrics
+        self.requests_preempted: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, config: Any = None, num_blocks: int | None = None,
+                        **overrides: Any) -> Engine:
+        """Load a model with the engine's defaults (scheduler ``continuous``, kvcache ``paged``)
+        for the families that neither ``config`` nor ``overrides`` set."""
+        from dsr1.auto import AutoModel
+        from dsr1.config import load_config
+
+        chosen = load_config(config, **overrides)
+        for family, name_ in ENGINE_DEFAULTS.items():
+            if getattr(chosen, family) is None:
+                overrides[family] = name_
+        return cls(AutoModel.from_pretrained(name, config, **overrides), num_blocks=num_blocks)
+
+    @classmethod
+    def with_scheduler(cls, model: Any, choice: str | Mapping[str, Any], num_blocks: int | None = None,
+                       eos_ids: Sequence[int] | None = None) -> Engine:
+        """An engine on an already loaded ``model`` with another scheduler plugin (``"static"`` or
+        ``{"name": ..., "options": {...}}``): two schedulers compared on the same weights."""
+        from dsr1.config import PluginChoice
+
+        scheduler = model.pipeline.registry.make("scheduler", PluginChoice.model_validate(choice))
+        return cls(model, num_blocks=num_blocks, scheduler=scheduler, eos_ids=eos_ids)
+
+    def _default_blocks(self, block_size: int) -> int:
+        a = self.model.args
+        per_block = 2 * a.n_layers * block_size * a.n_kv_heads * a.head_dim * self.model.dtype.itemsize
+        device = self.pipeline.device
+        if self.model.device.type == "cpu":
+            budget = CPU_KV_BYTES
+        else:
+            budget = int(device.memory_info().free * KV_MEMORY_FRACTION)
+        return max(1, budget // per_block)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (text, or token ids); returns its id. Refused at once (one-line
+        error) when it can never run: longer than the context, or larger than the KV pool."""
+        params = params if params is not None else self.default_params
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise Dsr1Error("a text prompt needs a tokenizer: load the model from a dir with tokenizer.json, "
+                                "or pass token ids")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise Dsr1Error("empty prompt: a request needs at least one token")
+        vocab = int(self.model.args.vocab_size)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise Dsr1Error(f"prompt holds a token id outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise Dsr1Error("stop strings need a tokenizer to read the text: load the model from a dir with "
+                            "tokenizer.json, or use stop_token_ids")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        if max_tokens < 1:
+            raise Dsr1Error(f"prompt has {len(ids)} tokens, the model's context is {self.max_model_len}: no room to "
+                            f"generate")
+        request = Request(request_id=rid, prompt_ids=ids, max_tokens=max_tokens, arrival=time.monotonic())
+        self.scheduler.add(request)  # refuses what can never fit, and ids in use
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
+        self.tracked[rid] = _Tracked(params, detok, StopChecker(params, self.eos_ids))
+        self.requests[rid] = request
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a request now; its blocks return to the pool. Unknown ids are a one-line error."""
+        if request_id not in self.tracked:
+            raise Dsr1Error(f"abort: no running or waiting request {request_id!r}")
+        request = self.scheduler.abort(request_id)
+        self._finished_since.append(request_id)
+        return self._output(request, [], "", finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule → execute → update; the outputs of every request that moved."""
+        plan = self.scheduler.schedule()
+        if self._finished_since:
+            self.runner.forget(self._finished_since)
+            self._finished_since = []
+        if not plan.scheduled:
+            return []
+        started = time.perf_counter()
+        params = {s.request_id: self.tracked[s.request_id].params for s in plan.scheduled}
+        self.requests_preempted.update(plan.preempted)
+        with self.model.run_lock.hold("engine step", nested_ok=True):  # a generate elsewhere may be repacking weights
+            sampled = self.runner.execute(plan, self.requests, params)
+        stopped: dict[str, str] = {}
+        deltas: dict[str, str] = {}
+        now = time.monotonic()
+        for rid, s in sampled.items():
+            deltas[rid], reason = self._decode(rid, s, now)
+            if reason is not None:
+                stopped[rid] = reason
+        finished = self.scheduler.update(plan, {rid: s.token for rid, s in sampled.items()}, stopped)
+        prefill = sum(len(s.token_ids) for s in plan.scheduled if len(s.token_ids) > 1)
+        self.monitor.record("engine.step", seconds=time.perf_counter() - started, requests=len(plan.scheduled),
+                            tokens=plan.num_tokens, prefill_tokens=prefill, sampled=len(sampled),
+                            preempted=len(plan.preempted), blocks_used=self.num_blocks - self.blocks.num_free())
+        done = {r.request_id for r in finished}
+        outs = [self._output(self.requests[rid], [s.token], deltas[rid], rid in done) for rid, s in sampled.items()]
+        for rid in done:
+            self._finished_since.append(rid)
+        return outs
+
+    def _decode(self, rid: str, s: Sampled, now: float) -> tuple[str, str | None]:
+        t = self.tracked[rid]
+        request = self.requests[rid]
+        if t.first_token_time is None:
+            t.first_token_time = now
+        if s.logprob is not None:
+            t.logprobs.append((s.logprob, s.top or []))
+        reason, visible = t.stop.check([*request.output_ids, s.token], t.detok)  # feeds the detokenizer
+        delta, t.text = visible[len(t.text):], visible  # the visible text only grows
+        return delta, reason
+
+    def _output(self, request: Request, new_ids: list[int], delta: str, finished: bool) -> RequestOutput:
+        t = self.tracked[request.request_id]
+        status = request.status
+        reason = status.value if status.finished else None
+        out = RequestOutput(
+            request_id=request.request_id, prompt_ids=request.prompt_ids, output_ids=list(request.output_ids),
+            new_ids=new_ids, text=t.text, delta=delta, finished=finished, finish_reason=reason,
+            logprobs=list(t.logprobs) if t.params.logprobs is not None else None, arrival=request.arrival,
+            first_token_time=t.first_token_time, finished_time=time.monotonic() if finished else None,
+        )
+        if finished:
+            del self.tracked[request.request_id]
+            del self.requests[request.request_id]
+        return out
+
+    def run(self) -> dict[str, RequestOutput]:
+        """Step until every request is finished; the final output of each, by id."""
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return final
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Add every prompt, run them together, return their final outputs in order."""
+        many = params if isinstance(params, Sequence) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, many)]
+        final = self.run()
+        return [final[i] for i in ids]
+
+    def stats(self) -> Mapping[str, Any]:
+        """Plain numbers for metrics: running/waiting requests, KV blocks, prefix-cache hits."""
+        return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                "blocks_total": self.num_blocks, "blocks_used": self.num_blocks - self.blocks.num_free(),
+                **self.blocks.stats}
+
+
+__all__ = ["Engine", "RequestOutput", "RequestStatus", "SamplingParams"]

@@ -1,0 +1,128 @@
+"""The runner: where the engine's tensors live. It executes a scheduler's plan and never
+decides what to run.
+
+:class:`PagedRunner` runs any mix of prefill chunks and decodes over the paged KV pool. A step's
+decodes (one token each) go through one forward, its prefill chunks through another (rows
+left-padded to the longest chunk), so a decode never pays for a long prompt's padding. Each
+forward builds one :class:`~dsr1.engine.paged.PagedStep` (slots, masks, block tables) that
+every layer attends through; on CUDA decodes read the pool in place with the Triton kernel.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsr1.engine.paged import DecodeKernel, PagedKV, PagedStep
+from dsr1.engine.plan import ScheduledRequest, SchedulerOutput
+from dsr1.engine.request import Request
+from dsr1.interfaces import SamplingParams
+
+
+@dataclass
+class Sampled:
+    """One sampled token of one request, with its logprobs when the request asked for them."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def cuda_decode_kernel(device: torch.device, head_dim: int, block_size: int) -> DecodeKernel | None:
+    """The Triton paged decode kernel where it can run here, else ``None`` (gathering reference)."""
+    if device.type != "cuda" or head_dim & (head_dim - 1) or block_size < 16:
+        return None
+    try:
+        import triton  # noqa: F401 - only whether it is there
+    except ImportError:
+        return None
+    from dsr1.engine.paged_triton import paged_decode
+
+    return paged_decode
+
+
+class PagedRunner:
+    """Executes :class:`SchedulerOutput` plans on ``model`` over a :class:`PagedKV` pool."""
+
+    def __init__(
+        self, model: Any, decoder: Any, num_blocks: int, block_size: int, max_model_len: int,
+        decode_kernel: DecodeKernel | None | str = "auto",
+    ) -> None:
+        a = model.args
+        self.model, self.decoder = model, decoder
+        self.device = model.device
+        self.kv = PagedKV(a.n_layers, num_blocks, block_size, a.n_kv_heads, a.head_dim, model.dtype, self.device)
+        model.rope.ensure(max_model_len, model.dtype)
+        if decode_kernel == "auto":
+            decode_kernel = cuda_decode_kernel(self.device, a.head_dim, block_size)
+        self.decode_kernel: DecodeKernel | None = decode_kernel  # type: ignore[assignment]
+        self.window = model.min_window
+        self.generators: dict[str, torch.Generator] = {}
+        self.shared_generator = torch.Generator(device=self.device)
+
+    def forget(self, request_ids: Sequence[str]) -> None:
+        """Drop per-request state (seeded generators) of finished or aborted requests."""
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    def execute(self, plan: SchedulerOutput, requests: Mapping[str, Request],
+                params: Mapping[str, SamplingParams]) -> dict[str, Sampled]:
+        """Run the plan's forwards and sample the rows that end their known tokens."""
+        self.forget(plan.finished)
+        decodes = [s for s in plan.scheduled if len(s.token_ids) == 1]
+        prefills = [s for s in plan.scheduled if len(s.token_ids) > 1]
+        out: dict[str, Sampled] = {}
+        with torch.inference_mode():
+            for group in (decodes, prefills):
+                if group:
+                    logits = self._forward(group)  # (B, V)
+                    rows = [i for i, s in enumerate(group) if s.sample]
+                    if rows:
+                        out.update(self._sample(logits, [group[i] for i in rows], rows, requests, params))
+        return out
+
+    def _forward(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
+        t = max(len(s.token_ids) for s in group)
+        ids = torch.zeros((len(group), t), dtype=torch.long)  # (B, T), left-padded
+        for i, s in enumerate(group):
+            ids[i, t - len(s.token_ids) :] = torch.tensor(s.token_ids, dtype=torch.long)
+        step = PagedStep(self.kv, [s.block_ids for s in group], [s.start for s in group],
+                         [len(s.token_ids) for s in group], t, self.window, self.device, self.decode_kernel)
+        ids = ids.to(self.device)
+        return self.model.forward_step(ids, step.positions, 0, step, None, None, True)  # (B, V)
+
+    def _generator(self, rid: str, p: SamplingParams) -> torch.Generator | None:
+        if p.greedy:
+            return None
+        if p.seed is None:
+            return self.shared_generator
+        gen = self.generators.get(rid)
+        if gen is None:
+            gen = self.generators[rid] = torch.Generator(device=self.device).manual_seed(int(p.seed))
+        return gen
+
+    def _sample(
+        self, logits: torch.Tensor, group: Sequence[ScheduledRequest], rows: list[int],
+        requests: Mapping[str, Request], params: Mapping[str, SamplingParams],
+    ) -> dict[str, Sampled]:
+        logits = logits[rows].float()  # (R, V)
+        reqs = [requests[s.request_id] for s in group]
+        ps = [params[s.request_id] for s in group]
+        outputs = [r.output_ids for r in reqs]
+        prompts = [r.prompt_ids for r in reqs]
+        gens = [self._generator(r.request_id, p) for r, p in zip(reqs, ps)]
+        tokens = self.decoder.next_tokens(logits, outputs, prompts, ps, gens)  # (R,)
+        picked = tokens.tolist()
+        result = {r.request_id: Sampled(tok) for r, tok in zip(reqs, picked)}
+        want = [i for i, p in enumerate(ps) if p.logprobs is not None]
+        if want:
+            n = max(int(ps[i].logprobs or 0) for i in want)
+            chosen, top_ids, top_lp = self.decoder.logprobs(logits[want], tokens[want], n)
+            for j, i in enumerate(want):
+                k = int(ps[i].logprobs or 0)
+                s = result[reqs[i].request_id]
+                s.logprob = float(chosen[j])
+                s.top = list(zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist()))
+        return result
