@@ -217,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
         model = engine.model
         del engine
         gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the first pool's memory back to the device, so both pools size alike
         engine = _engine(args, args.compare, model)
         results[args.compare] = replay(engine, trace, prompts)
     report: dict[str, Any] = {
@@ -256,6 +260,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     for key in ("model", "shape", "config", "device", "requests", "rate", "lengths", "trace", "shared_prefix",
                 "max_num_seqs", "max_num_batched_tokens", "num_blocks", "compare", "seed", "output", "plot"):
         value = getattr(args, key)
+        if key == "model" and args.shape:
+            continue  # --shape's random weights replace the default model
         if value is not None and not (key == "shared_prefix" and value == 0):
             parts += ["--" + key.replace("_", "-"), str(value)]
     return parts
