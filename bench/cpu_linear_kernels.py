@@ -10,7 +10,9 @@ bound and timed back to back. Each repetition runs the three in turn; medians, i
 """
 from __future__ import annotations
 
-import dsr1  # noqa: F401 - first: torch's huge-page allocations on, as in the engine (dsr1.HUGE_PAGES_BY_DSR1)
+from dsr1.cli import enable_huge_pages
+
+enable_huge_pages()  # before torch is imported: huge-page allocations on, as the CLI runs the engine
 
 # isort: split
 

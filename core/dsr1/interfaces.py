@@ -530,9 +530,17 @@ class Decoder(Plugin):
         for i, p in enumerate(params):
             if p.greedy and not p.penalized:
                 continue
-            generated = tokens.new_tensor([[*prompts[i], *outputs[i]]])  # (1, L), long on the logits device
+            generated = self.generated_ids(tokens, prompts[i], outputs[i], p)  # (1, L)
             tokens[i] = self.next_token(logits[i : i + 1], generated, p, generators[i], outputs=[outputs[i]])[0]
         return tokens
+
+    def generated_ids(
+        self, like: torch.Tensor, prompt: Sequence[int], output: Sequence[int], params: SamplingParams
+    ) -> torch.Tensor:
+        """The ``generated`` ``(1, L)`` that :meth:`next_tokens` hands :meth:`next_token` for one row:
+        prompt + output ids, long on ``like``'s device. A decoder that reads them only for some
+        params may return less (building it copies the whole prompt every step)."""
+        return like.new_tensor([[*prompt, *output]])
 
     def logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, n: int

@@ -131,7 +131,7 @@ def test_bench_keeps_dsr1s_huge_page_default_out_of_the_transformers_worker(
         monkeypatch: pytest.MonkeyPatch, by_dsr1: bool) -> None:
     import subprocess
 
-    import dsr1
+    import dsr1.cli
     from dsr1.commands import bench
 
     seen: dict[str, str | None] = {}
@@ -141,8 +141,19 @@ def test_bench_keeps_dsr1s_huge_page_default_out_of_the_transformers_worker(
         return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    monkeypatch.setattr(dsr1, "HUGE_PAGES_BY_DSR1", by_dsr1)
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # set by dsr1's import, or by the user
+    monkeypatch.setattr(dsr1.cli, "HUGE_PAGES_BY_DSR1", by_dsr1)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # set by the CLI, or by the user
     for engine in ("dsr1", "hf"):
         bench._spawn({"engine": engine, "threads": 1, "batch_size": 1})
     assert seen == {"dsr1": "1", "hf": "0" if by_dsr1 else "1"}  # a user's own setting reaches both
+
+
+def test_importing_dsr1_leaves_the_environment_alone() -> None:
+    """Huge pages are the CLI's choice (dsr1.cli.enable_huge_pages), not a side effect of ``import dsr1``."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('THP_MEM_ALLOC_ENABLE', None); import dsr1, dsr1.errors, dsr1_sdk; "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None"

@@ -114,7 +114,6 @@ def prompts_for(trace: list[TraceItem], vocab: int, shared_prefix: int, seed: in
     hi = max(vocab - 1, 101)
     prefix = [rng.randrange(100, hi) for _ in range(shared_prefix)]
     return [(prefix + [rng.randrange(100, hi) for _ in range(max(0, it.prompt_len - shared_prefix))])[: it.prompt_len]
-            if it.prompt_len > shared_prefix else prefix[: it.prompt_len] + [rng.randrange(100, hi)]
             for it in trace]
 
 

@@ -244,10 +244,10 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    import dsr1
+    from dsr1 import cli
 
-    if spec["engine"] == "hf" and dsr1.HUGE_PAGES_BY_DSR1:
-        env["THP_MEM_ALLOC_ENABLE"] = "0"  # dsr1's default (see dsr1.HUGE_PAGES_BY_DSR1), not transformers'
+    if spec["engine"] == "hf" and cli.HUGE_PAGES_BY_DSR1:
+        env["THP_MEM_ALLOC_ENABLE"] = "0"  # the CLI's default (dsr1.cli.enable_huge_pages), not transformers'
     cmd = [sys.executable, "-m", "dsr1.cli", "bench", "--shape", "tiny-125m", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:

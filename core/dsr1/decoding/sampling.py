@@ -138,27 +138,14 @@ class SamplingDecoder(Decoder):
         probs = warp(logits, params).softmax(dim=-1)  # (B, V)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
-    def next_tokens(
-        self,
-        logits: torch.Tensor,
-        outputs: Sequence[list[int]],
-        prompts: Sequence[list[int]],
-        params: Sequence[SamplingParams],
-        generators: Sequence[torch.Generator | None],
+    def generated_ids(
+        self, like: torch.Tensor, prompt: Sequence[int], output: Sequence[int], params: SamplingParams
     ) -> torch.Tensor:
-        # as the base class, but the prompt + output tensor is built only for a repetition penalty:
-        # a sampled row of a 2k-token prompt must not copy its prompt every step for nothing
-        if not len(params) == len(outputs) == len(prompts) == len(generators) == logits.shape[0]:
-            raise ValueError(f"next_tokens: {logits.shape[0]} rows of logits, {len(params)} params, {len(outputs)} "
-                             f"outputs, {len(prompts)} prompts, {len(generators)} generators")
-        tokens = logits.max(dim=-1).indices  # (B,)
-        empty = tokens.new_zeros((1, 0))  # (1, 0): nothing seen, for rows without a repetition penalty
-        for i, p in enumerate(params):
-            if p.greedy and not p.penalized:
-                continue
-            generated = tokens.new_tensor([[*prompts[i], *outputs[i]]]) if p.repetition_penalty != 1.0 else empty
-            tokens[i] = self.next_token(logits[i : i + 1], generated, p, generators[i], outputs=[outputs[i]])[0]
-        return tokens
+        # only the repetition penalty reads prompt + output: a sampled row of a 2k-token prompt must
+        # not copy its prompt every step for nothing
+        if params.repetition_penalty != 1.0:
+            return like.new_tensor([[*prompt, *output]])  # (1, L)
+        return like.new_zeros((1, 0))  # (1, 0): nothing seen
 
 
 @hookimpl

@@ -26,6 +26,7 @@ from typing import Any
 
 from dsr1.decoding.detokenize import IncrementalDetokenizer, StopChecker
 from dsr1.engine.blocks import BlockManager
+from dsr1.engine.paged import PagedKV
 from dsr1.engine.request import Request, RequestStatus
 from dsr1.engine.runner import PagedRunner, Sampled
 from dsr1.errors import Dsr1Error
@@ -135,7 +136,7 @@ class Engine:
 
     def _default_blocks(self, block_size: int) -> int:
         a = self.model.args
-        per_block = 2 * a.n_layers * block_size * a.n_kv_heads * a.head_dim * self.model.dtype.itemsize
+        per_block = PagedKV.bytes_per_block(a.n_layers, block_size, a.n_kv_heads, a.head_dim, self.model.dtype)
         device = self.pipeline.device
         if self.model.device.type == "cpu":
             budget = CPU_KV_BYTES

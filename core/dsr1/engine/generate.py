@@ -28,9 +28,8 @@ def _engine(model: Any, prompts: list[list[int]], n_new: int, eos: list[int]) ->
     block = int(getattr(model.pipeline.kvcache.options, "block_size", 16))
     blocks = sum(-(-(len(p) + n_new) // block) for p in prompts) + 1
     choice = model.pipeline.config.choice("scheduler")
-    engine = Engine.with_scheduler(model, {"name": choice.name, "options": choice.options}, num_blocks=blocks,
-                                   eos_ids=eos)
-    return engine
+    return Engine.with_scheduler(model, {"name": choice.name, "options": choice.options}, num_blocks=blocks,
+                                 eos_ids=eos)
 
 
 def generate_on_engine(

