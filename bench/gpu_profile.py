@@ -16,7 +16,6 @@ builder = pipeline.model_builder("llama")
 builder.options = type(builder.options).model_validate({**builder.options.model_dump(), "dtype": "bfloat16"})
 dev = torch.device("cuda")
 model = builder.build_from(hf, RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), torch.bfloat16, dev), pipeline)
-model.generation_defaults = {}
 ids = torch.randint(100, 30000, (1, 128), device=dev)
 pos = torch.arange(128, device=dev)[None]
 for _ in range(3):

@@ -24,6 +24,7 @@ import torch
 from dsr1.commands.bench import SHAPES, RandomWeights, _bandwidth_gbs
 from dsr1.config import load_config
 from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
+from dsr1.interfaces import GraphSteps
 from dsr1.models.llama import LlamaArgs
 from dsr1.registry import PluginRegistry
 
@@ -47,7 +48,6 @@ def build(shape: str, quant: str | None, model_name: str | None = None) -> Any:
     reader = RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), torch.bfloat16, torch.device("cuda"))
     pipeline = PluginRegistry.from_env().resolve(load_config(None, **overrides))
     model = pipeline.model_builder(hf["model_type"]).build_from(hf, reader, pipeline)
-    model.generation_defaults = {}
     return model, pipeline
 
 
@@ -82,9 +82,9 @@ def main() -> None:
         row: dict[str, Any] = {"batch_size": b}
         reference = None
         for mode in args.modes.split(","):
-            model.__dict__.pop("decode_graphs", None)
+            model.runtime.steps = GraphSteps()  # eager: the model's own forward_step
             if MODES[mode] is not None:
-                CudaGraphPass(CudaGraphOptions(**MODES[mode])).apply(model, pipeline.device)
+                model.runtime.steps = CudaGraphPass(CudaGraphOptions(**MODES[mode])).apply(model, pipeline.device)
             started = time.perf_counter()
             _, out = timed(model, ids, args.new_tokens)  # warm-up: capture and compile happen here
             warmup_s = time.perf_counter() - started

@@ -57,7 +57,7 @@ def main() -> None:
     model, pipeline = build("qwen2-7b", None)
     from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
 
-    CudaGraphPass(CudaGraphOptions()).apply(model, pipeline.device)
+    model.runtime.steps = CudaGraphPass(CudaGraphOptions()).apply(model, pipeline.device)
     rng = random.Random(0)
     rows = []
     for i in range(args.calls):

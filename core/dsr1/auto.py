@@ -78,6 +78,10 @@ class AutoModel:
         cfg = native_attention(cfg, hf, model_dir)
         pipeline = registry.resolve(cfg)
         pipeline.require_device()
+        pipeline.model_dir = model_dir
+        if quantized and pipeline.pruning is not None:  # its stored integer weights would overwrite the pruned ones
+            raise Dsr1Error(f"{str(model_dir)!r} is a quantized checkpoint; pruning at load needs the unquantized "
+                            f"weights: load those with 'pruning', or prune before `dsr1 quantize`")
         builder = pipeline.model_builder(str(hf["model_type"]))
         fields = type(builder.options).model_fields
         asked = (("dtype", _dtype_name(dtype)), ("allow_pickle", allow_pickle), ("allow_nonfinite", allow_nonfinite))
@@ -90,11 +94,11 @@ class AutoModel:
             model = build_quantized(builder, model_dir, hf, pipeline)
         else:
             model = builder.build(model_dir, hf, pipeline)
-        model.pipeline = pipeline
-        model.source_dir = model_dir
+        runtime = model.runtime  # bound by the builder (pipeline, graph steps); the checkpoint dir's parts:
+        runtime.source_dir = model_dir
         has_tokenizer = is_regular(model_dir / "tokenizer.json", "tokenizer file")  # a FIFO there is an error
-        model.tokenizer = pipeline.preprocess.load(model_dir) if has_tokenizer else None
-        model.generation_defaults = generation_defaults(model_dir, hf, model.tokenizer)
+        runtime.tokenizer = pipeline.preprocess.load(model_dir) if has_tokenizer else None
+        runtime.generation_defaults = generation_defaults(model_dir, hf, runtime.tokenizer)
         pipeline.fire_model_loaded(model)
         return model
 

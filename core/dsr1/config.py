@@ -185,7 +185,9 @@ class EngineConfig(BaseModel):
           needs a pass that fuses kernels (``compile``, or ``cudagraph`` with ``compile: true``),
           false one that does not;
         * the graph options ``tiling_strategy`` / ``fallback`` and the same keys of
-          ``hardware.optimizer``, when both are written.
+          ``hardware.optimizer``, when both are written;
+        * ``hardware.optimizer.tiling_strategy: auto`` or ``fallback: true`` and a graph that does
+          not fuse kernels (they tune fusion: without it they would be ignored).
         """
         hw = self.hardware
         if hw is None:
@@ -202,6 +204,14 @@ class EngineConfig(BaseModel):
                 f"(which means quant {hw.precision!r}); {fix}"
             )
         opt, graph = hw.optimizer, self.graph
+        # tiling and fallback tune kernel fusion: asked for without fusion they would do nothing
+        fusing = fuses_kernels(graph) if graph is not None else opt.kernel_fusion
+        tuning = [f"tiling_strategy {quote(opt.tiling_strategy)}"] if opt.tiling_strategy != "fixed" else []
+        tuning += ["fallback true"] if opt.fallback else []
+        if tuning and not fusing:
+            by = (f"graph {graph.name!r} does not fuse kernels" if graph is not None
+                  else "kernel fusion is off (hardware.optimizer.kernel_fusion: true turns it on)")
+            raise ValueError(f"hardware.optimizer.{tuning[0]} tunes kernel fusion, but {by}; {fix}")
         if graph is None:
             return self
         if "kernel_fusion" in opt.model_fields_set and fuses_kernels(graph) != opt.kernel_fusion:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -250,6 +250,12 @@ class Pruner(Plugin):
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean keep-mask of ``weight``'s shape with ``sparsity`` of it False."""
 
+    def needs_calibration(self) -> bool:
+        """Whether :meth:`prune_` with these options needs calibration batches (activation-aware
+        scores). The engine refuses ``pruning:`` at load without the ``calibration`` option then,
+        before any weight is read. Default: no."""
+        return False
+
     def prune_(
         self,
         model: torch.nn.Module,
@@ -293,16 +299,46 @@ class ModelBuilder(Plugin):
 # --- graph / pool ---------------------------------------------------------------------------
 
 
+@dataclass
+class GraphSteps:
+    """What a graph pass hands the engine: the step functions it runs instead of the model's
+    eager ones. The model's runtime (``dsr1.models.common.ModelRuntime``) holds them; nothing is
+    attached to the model. All fields empty: the model's own ``forward_step``, eagerly.
+    """
+
+    #: replaces ``model.forward_step`` (same signature) for decode steps, e.g. its ``torch.compile``'d version.
+    decode_step: Callable[..., Any] | None = None
+    #: static-shape decode steps per (batch, cache capacity), optionally captured as CUDA graphs
+    #: (``dsr1.graph.cudagraph.DecodeGraphs``: ``runner(model, cache, key_valid)`` gives the step).
+    decode_graphs: Any = None
+    #: the ``torch.compile`` arguments the pass used (for reports), or None.
+    compile_kwargs: dict[str, Any] | None = None
+
+
 class GraphPass(Plugin):
-    """A graph-level rewrite applied once, after weights are placed."""
+    """Builds the step functions of a model once, after its weights are placed."""
 
     @abstractmethod
     def apply(self, model: Any, device: Device) -> Any:
-        """Return the rewritten model (may be the same object)."""
+        """Return the :class:`GraphSteps` for ``model``, leaving the model as it is.
+
+        The older form, returning the model itself (rewritten in place), still loads and
+        means "no step functions" (an empty :class:`GraphSteps`)."""
 
 
 class Pool(Plugin):
-    """Placement of a model's modules over devices and memory tiers."""
+    """Placement of a model's weights over devices and memory tiers.
+
+    The pool decides where weights live; model builders never pick a device themselves. At
+    build the builder reads every checkpoint tensor straight onto :meth:`weight_device` (one
+    copy, no detour through host memory); after the quant plugin has run, :meth:`place` puts
+    the finished model (or parts of it) where it should run.
+    """
+
+    @abstractmethod
+    def weight_device(self, device: Device) -> torch.device:
+        """The torch device the builder reads the checkpoint's tensors onto, for the selected
+        ``device`` plugin (the device the model computes on)."""
 
     @abstractmethod
     def place(self, model: torch.nn.Module, device: Device) -> torch.nn.Module:
@@ -565,8 +601,37 @@ class Decoder(Plugin):
 # --- monitor --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GenerationStats:
+    """What a monitor knows about the generation it watched, in the engine's own terms.
+
+    ``None``: the monitor did not keep it (callers print it as unknown, never as 0). Read by
+    ``dsr1 generate --json`` through :meth:`Monitor.generation_stats`, so any monitor works there.
+    """
+
+    #: seconds spent in prefill / in the decode loop, summed over the recorded generate calls.
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    #: tokens the decode loop produced, and ``decode_tokens / decode_s``.
+    decode_tokens: int | None = None
+    decode_tok_s: float | None = None
+    #: bytes the KV cache (and recurrent states) held at the last recorded generate.
+    kvcache_bytes: int | None = None
+
+
 class Monitor(Plugin):
-    """Receives telemetry: spans, counters and byte gauges. Must be cheap."""
+    """Receives telemetry: spans, counters and byte gauges. Must be cheap.
+
+    The engine records these events (once per ``generate`` call or engine step, never per token):
+
+    * ``"prefill"``: ``seconds``, ``tokens``, ``batch_size``;
+    * ``"decode"``: ``seconds``, ``tokens``, ``steps``, ``batch_size``;
+    * ``"kvcache.bytes"``: ``bytes`` (a gauge: the last value counts);
+    * ``"engine.step"`` (the engine loop) and ``"quant.switch"`` (dynamic precision) with their own values.
+
+    Callers read a monitor only through :meth:`generation_stats` (typed, the same for every
+    monitor) and :meth:`stream`; the layout of :meth:`summary` is each plugin's own.
+    """
 
     @abstractmethod
     def record(self, event: str, **values: Any) -> None:
@@ -574,11 +639,40 @@ class Monitor(Plugin):
 
     @abstractmethod
     def summary(self) -> dict[str, Any]:
-        """Plain-data summary of what was recorded."""
+        """Plain-data summary of what was recorded, in the plugin's own layout (for people)."""
 
     def stream(self) -> Iterator[dict[str, Any]]:
-        """Recorded events, oldest first."""
+        """Recorded events, oldest first, each ``{"event": name, **values}``."""
         return iter(())
+
+    def generation_stats(self) -> GenerationStats:
+        """The figures of :class:`GenerationStats` from the recorded events.
+
+        The reference implementation folds :meth:`stream` (sums of the ``prefill`` and
+        ``decode`` spans, the last ``kvcache.bytes``); a monitor that keeps no event list
+        overrides it with what it keeps, or leaves fields ``None``."""
+        sums: dict[tuple[str, str], float] = {}
+        seen: set[str] = set()
+        kv: int | None = None
+        for e in self.stream():
+            name = e.get("event")
+            if name in ("prefill", "decode"):
+                seen.add(name)
+                for key in ("seconds", "tokens"):
+                    value = e.get(key)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        sums[(name, key)] = sums.get((name, key), 0) + value
+            elif name == "kvcache.bytes" and isinstance(e.get("bytes"), int):
+                kv = int(e["bytes"])
+        decode_s = sums.get(("decode", "seconds")) if "decode" in seen else None
+        tokens = sums.get(("decode", "tokens")) if "decode" in seen else None
+        return GenerationStats(
+            prefill_s=sums.get(("prefill", "seconds")) if "prefill" in seen else None,
+            decode_s=decode_s,
+            decode_tokens=int(tokens) if tokens is not None else None,
+            decode_tok_s=tokens / decode_s if tokens is not None and decode_s else None,
+            kvcache_bytes=kv,
+        )
 
 
 #: Base class of each family, by family name.

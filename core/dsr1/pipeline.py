@@ -7,6 +7,7 @@ events (``fire_model_loaded``, ``fire_step_finished``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsr1.config import EngineConfig, PluginChoice
@@ -29,14 +30,43 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     )
     from dsr1.registry import PluginRegistry
 
-#: ``config.json`` ``model_type`` → builtin architecture builder. Types not listed are
-#: looked up as a ``dsr1.model`` plugin of the same name.
-MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "bert": "bert",
-}
+#: prefix of the capabilities a model plugin declares for each ``config.json`` ``model_type`` it builds.
+MODEL_TYPE_CAPABILITY = "model_type:"
+
+
+def declared_model_types(capabilities: frozenset[str]) -> list[str]:
+    """The ``model_type`` values a model plugin's capabilities declare (``model_type:llama`` → llama)."""
+    return sorted(c[len(MODEL_TYPE_CAPABILITY):] for c in capabilities if c.startswith(MODEL_TYPE_CAPABILITY))
+
+
+def builder_for(registry: PluginRegistry, model_type: str) -> str:
+    """The model plugin whose spec declares ``model_type:<model_type>``.
+
+    Every installed (and allowed) model plugin is loaded to read its spec; one that fails to
+    load is skipped, as an unselected broken plugin affects nothing, and named in the error if
+    no other builds the type. Two plugins declaring the same type is an error: nothing wins silently.
+    """
+    claims: list[str] = []
+    known: set[str] = set()
+    unchecked: list[str] = []
+    for name in registry.names("model"):
+        try:
+            spec = registry.load("model", name)
+        except Dsr1Error as err:
+            unchecked.append(f"{name} ({str(err)[:120]})")
+            continue
+        types = declared_model_types(spec.capabilities)
+        known.update(types)
+        if model_type in types:
+            claims.append(name)
+    if len(claims) > 1:
+        raise Dsr1Error(f"model_type {model_type!r} is declared by the model plugins {' and '.join(claims)}; pick one "
+                        f"in the config, e.g. model: {claims[0]}")
+    if not claims:
+        skipped = f"; model plugins that could not be checked: {', '.join(unchecked)}" if unchecked else ""
+        raise Dsr1Error(f"unknown model_type {model_type!r} in config.json; the installed model plugins build: "
+                        f"{', '.join(sorted(known)) or 'nothing'}{skipped}")
+    return claims[0]
 
 
 @dataclass
@@ -58,20 +88,36 @@ class Pipeline:
     device_selection: Any = None
     #: the effective choice of each family, as resolved (defaults, hardware section and auto applied).
     choices: dict[str, PluginChoice] = field(default_factory=dict)
+    #: the checkpoint dir being built (set by ``AutoModel``; ``None`` for in-memory weights). The
+    #: pruning step reads the tokenizer there to tokenize its calibration text.
+    model_dir: Path | None = None
 
     def model_builder(self, model_type: str) -> ModelBuilder:
-        """The builder for a checkpoint's ``model_type`` (explicit config wins)."""
+        """The builder for a checkpoint's ``model_type``: the model plugin whose spec declares
+        ``model_type:<type>`` (:func:`builder_for`), or the config's ``model`` if it declares it."""
         choice = self.config.model
         if choice is None:
-            name = MODEL_TYPES.get(model_type, model_type)
-            known = set(MODEL_TYPES) | set(self.registry.names("model"))
-            if name not in self.registry.names("model"):
-                raise Dsr1Error(
-                    f"unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(known))}"
-                )
-            choice = PluginChoice(name=name)
+            choice = PluginChoice(name=builder_for(self.registry, model_type))
+        else:
+            types = declared_model_types(self.registry.load("model", choice.name).capabilities)
+            if model_type not in types:
+                raise Dsr1Error(f"model {choice.name!r} builds model_type {', '.join(types) or 'nothing'}, not "
+                                f"{model_type!r} (config.json); remove 'model' from the config to pick the builder "
+                                f"by model_type")
         builder: ModelBuilder = self.registry.make("model", choice)
         return builder
+
+    def prune_(self, model: Any) -> None:
+        """Prune ``model`` in place with the ``pruning`` plugin, if one is configured
+        (:func:`dsr1.pruning.at_load.prune_at_load`). Builders call it once the weights are
+        assigned, before the quant plugin and the pool's placement."""
+        if self.pruning is None:
+            return
+        from dsr1.pruning.at_load import prune_at_load
+
+        choice = self.choices.get("pruning") or self.config.choice("pruning")
+        name = choice.name if choice is not None else type(self.pruning).__name__
+        prune_at_load(self.pruning, name, model, self.model_dir, self.preprocess)
 
     def require_device(self) -> None:
         """Refuse a named device that cannot run here, with the probe's reason, before any

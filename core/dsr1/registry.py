@@ -378,5 +378,9 @@ class PluginRegistry:
             parts[family] = self.make(family, choice) if choice is not None else None
             if choice is not None:
                 chosen[family] = choice
+        if parts.get("pruning") is not None:  # it prunes at load: refuse now what could not (config check too)
+            from dsr1.pruning.at_load import check_load_pruning
+
+            check_load_pruning(parts["pruning"], chosen["pruning"].name)
         self.pm.hook.dsr1_configure(config=config)
         return Pipeline(config=config, registry=self, device_selection=selection, choices=chosen, **parts)

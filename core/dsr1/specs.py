@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 #: The plugin API version this core implements. A plugin declares the version it was
 #: written against; the core accepts any version in ``SUPPORTED_API_VERSIONS``.
@@ -48,3 +48,32 @@ class PluginSpec:
         if not isinstance(options, BaseModel):
             options = self.options.model_validate(options or {})
         return self.impl(options, **extra)
+
+
+class PruningOptions(BaseModel):
+    """Base of a pruning plugin's options model: what an engine config's ``pruning:`` key needs
+    to prune a model while it loads (re-exported as ``dsr1_sdk.PruningOptions``).
+
+    ``sparsity`` is the fraction of the prunable linear weights zeroed at load. ``None`` means
+    the plugin has no default: the engine config must set it, and leaving it out is refused
+    (a pruning key that prunes nothing would be a silent no-op). A plugin with a natural
+    sparsity (2:4 is half) declares that default in its own subclass. ``0`` prunes nothing: the
+    checkpoint is pruned already and only the plugin's load hooks act (semi24 converts 2:4 weights
+    for sparse tensor cores). ``dsr1 prune`` passes its ``--target-sparsity`` itself and refuses
+    these keys in ``--option``.
+
+    ``calibration`` feeds activation-aware scores (see :meth:`dsr1.interfaces.Pruner.needs_calibration`):
+    a UTF-8 text file, or ``"default"`` for the training split of the dsr1-tiny corpus (what
+    ``dsr1 prune`` uses when ``--calibration`` is left out).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of prunable weights zeroed at load")
+    calibration: str | None = Field(None, description="calibration text file, or 'default' for the dsr1-tiny corpus")
+    calibration_samples: int = Field(32, ge=1, description="calibration windows of calibration_len tokens")
+    calibration_len: int = Field(256, ge=1, description="tokens per calibration window")
+
+
+#: the keys of :class:`PruningOptions`: set at load by an engine config, never by ``dsr1 prune --option``.
+LOAD_PRUNING_KEYS: frozenset[str] = frozenset(PruningOptions.model_fields)

@@ -36,7 +36,9 @@ from dsr1.interfaces import (
     CacheShape,
     Decoder,
     Device,
+    GenerationStats,
     GraphPass,
+    GraphSteps,
     KVCache,
     MemoryInfo,
     ModelBuilder,
@@ -51,7 +53,7 @@ from dsr1.interfaces import (
     SamplingParams,
     Scheduler,
 )
-from dsr1.specs import API_VERSION, SUPPORTED_API_VERSIONS, NoOptions, PluginSpec
+from dsr1.specs import API_VERSION, SUPPORTED_API_VERSIONS, NoOptions, PluginSpec, PruningOptions
 from dsr1_sdk.options import PluginOptions
 from dsr1_sdk.vendor import VendorDevice, VendorOptions
 
@@ -71,7 +73,9 @@ __all__ = [
     "Device",
     "Dsr1Error",
     "Field",
+    "GenerationStats",
     "GraphPass",
+    "GraphSteps",
     "KVCache",
     "MemoryInfo",
     "ModelBuilder",
@@ -84,6 +88,7 @@ __all__ = [
     "Preprocessor",
     "ProbeResult",
     "Pruner",
+    "PruningOptions",
     "QuantPolicy",
     "Request",
     "SamplingParams",

@@ -244,6 +244,8 @@ CONTRADICTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "fallback": ({"hardware": {"optimizer": {"fallback": True}}, "graph": {"name": "compile",
                                                                        "options": {"fallback": False}}},
                  "graph option fallback False contradicts hardware.optimizer.fallback True"),
+    "tiling_without_fusion": ({"hardware": {"optimizer": {"tiling_strategy": "auto"}}, "graph": "eager"},
+                              "tiling_strategy 'auto' tunes kernel fusion, but graph 'eager' does not fuse kernels"),
 }
 
 #: pairs that say the same thing (or where the hardware key is not written) are accepted.
@@ -254,7 +256,7 @@ AGREEMENTS: list[dict[str, Any]] = [
     {"hardware": {"type": "nvidia", "optimizer": {"kernel_fusion": True}},
      "graph": {"name": "cudagraph", "options": {"compile": True}}},
     {"hardware": {"optimizer": {"kernel_fusion": False}}, "graph": "cudagraph"},
-    {"hardware": {"optimizer": {"tiling_strategy": "auto"}}, "graph": "eager"},
+    {"hardware": {"optimizer": {"tiling_strategy": "fixed"}}, "graph": "eager"},
 ]
 
 

@@ -243,6 +243,5 @@ def random_model(shape: str, config: Any, overrides: dict[str, Any]) -> Any:
 
     reader = RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), dtype, device)
     model = builder.build_from(hf, reader, pipeline)
-    model.generation_defaults = {}
     pipeline.fire_model_loaded(model)
     return model

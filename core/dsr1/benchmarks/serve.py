@@ -50,12 +50,25 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-num-seqs", type=int, help="continuous scheduler: most running requests")
     p.add_argument("--max-num-batched-tokens", type=int, help="continuous scheduler: token budget per step")
     p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from free memory)")
-    p.add_argument("--compare", choices=["static"], help="also replay the trace through this scheduler")
+    p.add_argument("--compare", type=_compare_list, default=[],
+                   help="also replay the trace through: static (the static scheduler on the same engine loop), hf "
+                        "(transformers' generate_batch on the same weights); comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--output", help="write the JSON report here (the trace goes beside it as .trace.jsonl)")
     p.add_argument("--plot", help="write TTFT/TPOT and throughput per scheduler to this PNG")
     p.set_defaults(func=run)
+
+
+COMPARE = ("static", "hf")
+
+
+def _compare_list(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in COMPARE]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown --compare {bad[0]!r}: choose from {', '.join(COMPARE)}")
+    return names
 
 
 def parse_lengths(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -211,27 +224,39 @@ def run(args: argparse.Namespace) -> int:
     if longest > engine.max_model_len:
         raise Dsr1Error(f"the trace's longest request needs {longest} tokens, the model's context is "
                         f"{engine.max_model_len}; lower --lengths")
+    if "hf" in args.compare:
+        from dsr1.benchmarks.serve_hf import check_trace
+
+        check_trace(trace)  # refused before the long work starts
     results = {"continuous": replay(engine, trace, prompts)}
-    if args.compare:
-        model = engine.model
+    model = engine.model
+    for name in args.compare:
         del engine
         gc.collect()
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the first pool's memory back to the device, so both pools size alike
-        engine = _engine(args, args.compare, model)
-        results[args.compare] = replay(engine, trace, prompts)
+            torch.cuda.empty_cache()  # the previous pool's memory back to the device, so every pool sizes alike
+        if name == "hf":
+            from dsr1.benchmarks.serve_hf import hf_twin, replay_generate_batch
+
+            twin = hf_twin(model, _hf_config(args))
+            results["hf"] = replay_generate_batch(twin, trace, prompts)
+            del twin
+            engine = None
+            continue
+        engine = _engine(args, name, model)
+        results[name] = replay(engine, trace, prompts)
     report: dict[str, Any] = {
-        "command": "dsr1 bench serve " + " ".join(_argv(args)), **environment(engine.model.device.type),
-        "model": args.shape or args.model, "trace": {"requests": len(trace), "rate": args.rate,
+        "command": "dsr1 bench serve " + " ".join(_argv(args)),
+        **environment(model.device.type), "model": args.shape or args.model, "trace": {"requests": len(trace), "rate": args.rate,
                                                      "lengths": None if args.trace else args.lengths,
                                                      "shared_prefix": args.shared_prefix, "seed": args.seed},
         "results": results,
     }
-    if args.compare:
-        a, b = results["continuous"]["output_tok_s"], results[args.compare]["output_tok_s"]
-        report[f"continuous_vs_{args.compare}"] = round(a / b, 3) if b else None
+    for name in args.compare:
+        a, b = results["continuous"]["output_tok_s"], results[name]["output_tok_s"]
+        report[f"continuous_vs_{name}"] = round(a / b, 3) if b else None
     if args.output:
         trace_file = Path(args.output).with_suffix(".trace.jsonl")
         trace_file.parent.mkdir(parents=True, exist_ok=True)
@@ -244,10 +269,23 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     else:
         for name, r in results.items():
-            print(f"{name:>10}: {r['requests']} requests in {r['seconds']:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
-                  f"TTFT p50 {_ms(r['ttft_p50_s'])} p99 {_ms(r['ttft_p99_s'])}, TPOT p50 {_ms(r['tpot_p50_s'])} "
-                  f"p99 {_ms(r['tpot_p99_s'])}, peak KV blocks {r['peak_blocks']}/{r['blocks_total']}")
+            line = f"{name:>10}: {r['requests']} requests in {r['seconds']:.2f} s, {r['output_tok_s']:.1f} output tok/s"
+            if "ttft_p50_s" in r:
+                line += (f", TTFT p50 {_ms(r['ttft_p50_s'])} p99 {_ms(r['ttft_p99_s'])}, TPOT p50 {_ms(r['tpot_p50_s'])} "
+                         f"p99 {_ms(r['tpot_p99_s'])}, peak KV blocks {r['peak_blocks']}/{r['blocks_total']}")
+            print(line)
     return 0
+
+
+def _hf_config(args: argparse.Namespace) -> dict[str, Any]:
+    if args.shape:
+        from dsr1.commands.bench import SHAPES
+
+        return dict(SHAPES[args.shape])
+    from dsr1.models.loading import resolve_model_dir
+
+    config = resolve_model_dir(args.model, download=False) / "config.json"
+    return dict(json.loads(config.read_text(encoding="utf-8")))
 
 
 def _ms(seconds: float | None) -> str:
@@ -281,7 +319,7 @@ def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
     axes[0].set_title("output tok/s")
     for ax, key in ((axes[1], "ttft"), (axes[2], "tpot")):
         for q, shift in (("p50", -0.2), ("p99", 0.2)):
-            values = [(results[n][f"{key}_{q}_s"] or 0) * 1000 for n in names]
+            values = [(results[n].get(f"{key}_{q}_s") or 0) * 1000 for n in names]
             ax.bar([i + shift for i in range(len(names))], values, width=0.4, label=q)
         ax.set_xticks(range(len(names)), names)
         ax.set_title(f"{key.upper()} (ms)")

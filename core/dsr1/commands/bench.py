@@ -398,7 +398,6 @@ def _load_dsr1(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype:
         if build_from is None:
             raise Dsr1Error(f"model builder {type(builder).__name__} cannot build from random weights")
         model = build_from(hf_cfg, reader, pipeline)
-        model.generation_defaults = {}
         pipeline.fire_model_loaded(model)
 
     def gen(ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:

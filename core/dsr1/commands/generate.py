@@ -54,20 +54,20 @@ def run(args: argparse.Namespace) -> int:
         out = model.generate(enc["input_ids"], enc["attention_mask"], **sampling)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         eos = set(model.generation_defaults.get("eos_token_id") or [])
-        summary = monitor.summary()
+        stats = monitor.generation_stats()  # the Monitor interface: any monitor plugin works here
         report = {
             "model": args.model,
             "prompt": args.prompt,
             "text": tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True),
             "prompt_tokens": int(enc["input_ids"].shape[1]),
-            "new_tokens": summary.get("decode", {}).get("tokens", len(new)),
-            "timings": {
+            "new_tokens": stats.decode_tokens if stats.decode_tokens is not None else len(new),
+            "timings": {  # null: the monitor did not measure it
                 "load_s": round(load_s, 4),
-                "prefill_s": round(summary.get("prefill", {}).get("seconds", 0.0), 4),
-                "decode_s": round(summary.get("decode", {}).get("seconds", 0.0), 4),
-                "decode_tok_s": round(summary.get("decode", {}).get("tokens_per_s", 0.0), 2),
+                "prefill_s": _rounded(stats.prefill_s, 4),
+                "decode_s": _rounded(stats.decode_s, 4),
+                "decode_tok_s": _rounded(stats.decode_tok_s, 2),
             },
-            "kvcache_bytes": summary.get("kvcache.bytes", {}).get("bytes", 0),
+            "kvcache_bytes": stats.kvcache_bytes,
             "pipeline": model.pipeline.describe(),
         }
         precision_map = getattr(model.pipeline.quant, "precision_map", None)
@@ -83,3 +83,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

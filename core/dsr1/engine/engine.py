@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dsr1.decoding.detokenize import IncrementalDetokenizer, StopChecker
+from dsr1.engine.batch_runner import BatchRunner
 from dsr1.engine.blocks import BlockManager
 from dsr1.engine.paged import PagedKV
 from dsr1.engine.request import Request, RequestStatus
@@ -32,6 +33,7 @@ from dsr1.engine.runner import PagedRunner, Sampled
 from dsr1.errors import Dsr1Error
 from dsr1.interfaces import SamplingParams
 from dsr1.models.common import plugin_capabilities
+from dsr1.scheduler.static import StaticScheduler
 
 #: what ``Engine.from_pretrained`` selects when the config leaves a family unset.
 ENGINE_DEFAULTS = {"scheduler": "continuous", "kvcache": "paged"}
@@ -60,6 +62,23 @@ class RequestOutput:
     finished_time: float | None = None
 
 
+class _Appended(Sequence[int]):
+    """``[*ids, token]`` without copying ``ids`` (a request's outputs, read once per step)."""
+
+    __slots__ = ("ids", "token")
+
+    def __init__(self, ids: list[int], token: int) -> None:
+        self.ids, self.token = ids, token
+
+    def __len__(self) -> int:
+        return len(self.ids) + 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, int) and (i == len(self.ids) or i == -1):
+            return self.token
+        return [*self.ids, self.token][i]
+
+
 @dataclass
 class _Tracked:
     """The engine's side of a request: decoding state that is not the scheduler's business."""
@@ -73,33 +92,54 @@ class _Tracked:
 
 
 class Engine:
-    """Continuous batching over one model: add requests at any time, step until done."""
+    """Batching over one model: add requests at any time, step until done.
+
+    The runner follows the kvcache plugin: one with the ``paged`` capability gets the
+    :class:`PagedRunner` (continuous batching, chunked prefill, prefix caching); any other runs the
+    ``static`` scheduler's whole batches on a :class:`BatchRunner` over the plugin's own rows (what
+    ``model.generate`` does, passing its own ``runner``). ``detokenize=False`` skips the text (ids only).
+    """
 
     def __init__(self, model: Any, tokenizer: Any = None, num_blocks: int | None = None,
-                 scheduler: Any = None, eos_ids: Sequence[int] | None = None) -> None:
-        pipeline = model.pipeline
+                 scheduler: Any = None, eos_ids: Sequence[int] | None = None,
+                 runner: BatchRunner | None = None, detokenize: bool = True) -> None:
+        runtime = model.runtime
+        pipeline = runtime.pipeline
         self.model, self.pipeline = model, pipeline
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        if getattr(model, "recurrent", False):
-            raise Dsr1Error("the engine's paged KV cache holds per-token keys and values; recurrent (linear) "
-                            "attention keeps fixed-size states instead: use model.generate with kvcache "
-                            "'contiguous', or another attention plugin")
-        kv_name = pipeline.config.choice("kvcache").name
-        if "paged" not in plugin_capabilities(pipeline, "kvcache"):
-            raise Dsr1Error(f"the engine loop keeps K/V in a paged pool: kvcache {kv_name!r} has no 'paged' "
-                            f"capability; use kvcache 'paged' (or scheduler 'static' for model.generate)")
-        kv_opts = pipeline.kvcache.options
-        block_size = int(getattr(kv_opts, "block_size", 16))
+        self.tokenizer = tokenizer if tokenizer is not None else runtime.tokenizer
+        self.detokenize = detokenize
         self.max_model_len = int(model.context_length)
-        self.block_size = block_size
-        self.num_blocks = num_blocks or getattr(kv_opts, "num_blocks", None) or self._default_blocks(block_size)
-        self.blocks = BlockManager(self.num_blocks, block_size, prefix_caching=bool(getattr(kv_opts, "prefix_caching",
-                                                                                                True)))
         self.scheduler = scheduler if scheduler is not None else pipeline.scheduler
+        kv_name = pipeline.config.choice("kvcache").name
+        if runner is None and "paged" not in plugin_capabilities(pipeline, "kvcache"):
+            if not isinstance(self.scheduler, StaticScheduler):
+                raise Dsr1Error(f"scheduler {type(self.scheduler).__name__} batches over a paged KV pool: kvcache "
+                                f"{kv_name!r} has no 'paged' capability; use kvcache 'paged' (or scheduler 'static')")
+            runner = BatchRunner(model)
+        self.runner: PagedRunner | BatchRunner
+        if runner is not None:  # whole batches over the kvcache plugin's rows: a "block" is one row of it
+            rows = num_blocks or (self.scheduler.options.max_batch_size
+                                  if isinstance(self.scheduler, StaticScheduler) else 256)
+            self.block_size, self.num_blocks = self.max_model_len, rows
+            self.blocks = BlockManager(rows, self.max_model_len, prefix_caching=False)
+            self.runner = runner
+        else:
+            if model.recurrent:
+                raise Dsr1Error("the engine's paged KV cache holds per-token keys and values; recurrent (linear) "
+                                "attention keeps fixed-size states instead: use kvcache 'contiguous' (with "
+                                "scheduler 'static'), or another attention plugin")
+            kv_opts = pipeline.kvcache.options
+            block_size = int(getattr(kv_opts, "block_size", 16))
+            self.block_size = block_size
+            self.num_blocks = num_blocks or getattr(kv_opts, "num_blocks", None) or self._default_blocks(block_size)
+            self.blocks = BlockManager(self.num_blocks, block_size,
+                                       prefix_caching=bool(getattr(kv_opts, "prefix_caching", True)))
+            self.runner = PagedRunner(model, pipeline.decoding, self.num_blocks, block_size, self.max_model_len)
         self.scheduler.bind(self.blocks, self.max_model_len)
-        self.runner = PagedRunner(model, pipeline.decoding, self.num_blocks, block_size, self.max_model_len)
+        #: the batch runner records its batches (prefill, decode) itself, not every step
+        self._record_steps = isinstance(self.runner, PagedRunner)
         self.monitor = pipeline.monitor
-        defaults = getattr(model, "generation_defaults", {}) or {}
+        defaults = runtime.generation_defaults
         eos = defaults.get("eos_token_id") if eos_ids is None else list(eos_ids)
         self.eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         self.default_params = SamplingParams.from_generation_config(defaults)
@@ -173,7 +213,8 @@ class Engine:
                             f"generate")
         request = Request(request_id=rid, prompt_ids=ids, max_tokens=max_tokens, arrival=time.monotonic())
         self.scheduler.add(request)  # refuses what can never fit, and ids in use
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
+        text = self.tokenizer is not None and (self.detokenize or bool(params.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if text else None
         self.tracked[rid] = _Tracked(params, detok, StopChecker(params, self.eos_ids))
         self.requests[rid] = request
         return rid
@@ -193,6 +234,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule → execute → update; the outputs of every request that moved."""
+        return self._step(every=True)
+
+    def _step(self, every: bool) -> list[RequestOutput]:
+        """:meth:`step`; ``every=False`` builds the outputs of finished requests only (:meth:`run`)."""
         plan = self.scheduler.schedule()
         if self._finished_since:
             self.runner.forget(self._finished_since)
@@ -212,14 +257,16 @@ class Engine:
             if reason is not None:
                 stopped[rid] = reason
         finished = self.scheduler.update(plan, {rid: s.token for rid, s in sampled.items()}, stopped)
-        prefill = sum(len(s.token_ids) for s in plan.scheduled if len(s.token_ids) > 1)
-        self.monitor.record("engine.step", seconds=time.perf_counter() - started, requests=len(plan.scheduled),
-                            tokens=plan.num_tokens, prefill_tokens=prefill, sampled=len(sampled),
-                            preempted=len(plan.preempted), blocks_used=self.num_blocks - self.blocks.num_free())
+        if self._record_steps:
+            prefill = sum(len(s.token_ids) for s in plan.scheduled if len(s.token_ids) > 1)
+            self.monitor.record("engine.step", seconds=time.perf_counter() - started, requests=len(plan.scheduled),
+                                tokens=plan.num_tokens, prefill_tokens=prefill, sampled=len(sampled),
+                                preempted=len(plan.preempted), blocks_used=self.num_blocks - self.blocks.num_free())
         done = {r.request_id for r in finished}
-        outs = [self._output(self.requests[rid], [s.token], deltas[rid], rid in done) for rid, s in sampled.items()]
-        for rid in done:
-            self._finished_since.append(rid)
+        outs = [self._output(self.requests[rid], [s.token], deltas[rid], rid in done)
+                for rid, s in sampled.items() if every or rid in done]
+        if done:
+            self.runner.forget(list(done))  # now: the batch runner records a batch as its last request ends
         return outs
 
     def _decode(self, rid: str, s: Sampled, now: float) -> tuple[str, str | None]:
@@ -229,7 +276,7 @@ class Engine:
             t.first_token_time = now
         if s.logprob is not None:
             t.logprobs.append((s.logprob, s.top or []))
-        reason, visible = t.stop.check([*request.output_ids, s.token], t.detok)  # feeds the detokenizer
+        reason, visible = t.stop.check(_Appended(request.output_ids, s.token), t.detok)  # feeds the detokenizer
         delta, t.text = visible[len(t.text):], visible  # the visible text only grows
         return delta, reason
 
@@ -252,9 +299,8 @@ class Engine:
         """Step until every request is finished; the final output of each, by id."""
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
+            for out in self._step(every=False):
+                final[out.request_id] = out
         return final
 
     def generate(self, prompts: Sequence[str | Sequence[int]],

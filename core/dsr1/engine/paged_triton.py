@@ -15,6 +15,8 @@ import torch
 
 #: the kernel's matmuls need at least 16 rows (query heads of a group, padded) and 16 keys.
 MIN_DOT = 16
+#: keys per loop iteration: several blocks' loads in flight hide the pool's latency.
+TILE_TOKENS = 64
 
 
 @functools.cache
@@ -25,16 +27,16 @@ def _kernel() -> Any:
     @triton.jit
     def paged_decode_split(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, m_ptr, l_ptr,
-        scale, window, max_blocks, blocks_per_split,
+        scale, window, max_blocks,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, TILE: tl.constexpr,
     ):
         b = tl.program_id(0)
         kh = tl.program_id(1)
         s = tl.program_id(2)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
-        t = tl.arange(0, BS)
+        t = tl.arange(0, TILE)  # a tile spans TILE // BS blocks: several block loads in flight at once
         n = tl.load(lens_ptr + b)
         lo = 0
         if HAS_WINDOW:
@@ -44,19 +46,23 @@ def _kernel() -> Any:
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         l_sum = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, D), tl.float32)
-        first = s * blocks_per_split
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(n, BS))
-        for blk in range(first, last):
-            block = tl.load(table_ptr + b * max_blocks + blk).to(tl.int64)
-            pos = blk * BS + t  # (BS,) token positions of this block
-            offs = ((block * BS + t[:, None]) * HKV + kh) * D + d[None, :]  # pool (NB, BS, HKV, D)
-            k = tl.load(k_ptr + offs)  # (BS, D)
-            v = tl.load(v_ptr + offs)
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (BLOCK_G, BS)
+        # the row's own tiles are split evenly, so fixed launch shapes (a captured graph) still
+        # share a short row's work between its programs
+        n_tiles = tl.cdiv(n, TILE)
+        per_split = tl.cdiv(n_tiles, SPLITS)
+        first = s * per_split
+        last = tl.minimum(first + per_split, n_tiles)
+        for tile in range(first, last):
+            pos = tile * TILE + t  # (TILE,) token positions
             valid = (pos < n) & (pos >= lo)
+            block = tl.load(table_ptr + b * max_blocks + pos // BS, mask=pos < n, other=0).to(tl.int64)  # (TILE,)
+            offs = ((block[:, None] * BS + (pos % BS)[:, None]) * HKV + kh) * D + d[None, :]  # pool (NB, BS, HKV, D)
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)  # (TILE, D)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (BLOCK_G, TILE)
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block wholly outside the window
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile wholly outside the window
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             l_sum = l_sum * alpha + tl.sum(p, 1)
@@ -70,19 +76,26 @@ def _kernel() -> Any:
     return paged_decode_split
 
 
-def splits_for(max_blocks: int, rows_times_heads: int, sms: int = 132) -> int:
-    """Enough programs to fill the GPU when few rows decode long contexts, and no more."""
-    want = max(1, (2 * sms) // max(rows_times_heads, 1))
-    return max(1, min(want, max_blocks, 64))
+def splits_for(max_tiles: int, rows_times_heads: int, sms: int = 132) -> int:
+    """One split per (row, KV head) unless those leave most of the GPU idle on long rows.
+
+    On the H200 (``bench/results/engine/paged-tune-h200.json``) one split won at every batch
+    from 1 to 256 rows up to 4k tokens: merging splits costs more than the parallelism it buys.
+    Splitting pays only when a few rows decode very long contexts."""
+    if rows_times_heads * 4 >= sms or max_tiles < 256:
+        return 1
+    return max(1, min(sms // rows_times_heads, max_tiles // 64, 64))
 
 
 def paged_decode(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    scale: float, window: int | None, splits: int | None = None,
+    scale: float, window: int | None, splits: int | None = None, tile: int = TILE_TOKENS,
+    num_warps: int | None = 8, num_stages: int | None = 2,
 ) -> torch.Tensor:
     """Attention of ``q`` ``(B, H, D)`` over each row's first ``lens[b]`` pooled tokens: ``(B, H, D)``.
 
     ``k_pool``/``v_pool`` ``(NB, BS, Hkv, D)``; ``tables`` ``(B, max_blocks)`` int32; ``lens`` ``(B,)`` int32.
+    ``splits``/``tile``/``num_warps``/``num_stages``: launch settings (defaults: the H200's best).
     """
     b, h, d = q.shape
     bs, hkv = k_pool.shape[1], k_pool.shape[2]
@@ -91,15 +104,20 @@ def paged_decode(
     g = h // hkv
     block_g = max(MIN_DOT, 1 << (g - 1).bit_length())
     max_blocks = tables.shape[1]
-    splits = splits or splits_for(max_blocks, b * hkv)
-    per_split = -(-max_blocks // splits)
+    tile = max(bs, tile)
+    splits = splits or splits_for(max_blocks * bs // tile, b * hkv)
+    launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     acc = torch.empty((b, hkv, splits, block_g, d), dtype=torch.float32, device=q.device)
     m = torch.empty((b, hkv, splits, block_g), dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     _kernel()[(b, hkv, splits)](
         q.contiguous(), k_pool, v_pool, tables, lens, acc, m, l_sum, float(scale), int(window or 0), max_blocks,
-        per_split, HKV=hkv, G=g, BLOCK_G=block_g, D=d, BS=bs, SPLITS=splits, HAS_WINDOW=window is not None,
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, BS=bs, SPLITS=splits, HAS_WINDOW=window is not None,
+        TILE=tile, **launch,
     )
+    if splits == 1:
+        out = acc[:, :, 0] / l_sum[:, :, 0, :, None]  # (B, Hkv, BLOCK_G, D)
+        return out[:, :, :g].reshape(b, h, d).to(q.dtype)
     top = m.amax(dim=2, keepdim=True)  # (B, Hkv, 1, BLOCK_G)
     w = torch.exp(m - top).nan_to_num_(0.0)  # (B, Hkv, SPLITS, BLOCK_G); empty splits weigh 0
     out = (acc * w[..., None]).sum(2) / (l_sum * w).sum(2)[..., None]  # (B, Hkv, BLOCK_G, D)

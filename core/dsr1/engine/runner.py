@@ -2,10 +2,14 @@
 decides what to run.
 
 :class:`PagedRunner` runs any mix of prefill chunks and decodes over the paged KV pool. A step's
-decodes (one token each) go through one forward, its prefill chunks through another (rows
-left-padded to the longest chunk), so a decode never pays for a long prompt's padding. Each
-forward builds one :class:`~dsr1.engine.paged.PagedStep` (slots, masks, block tables) that
-every layer attends through; on CUDA decodes read the pool in place with the Triton kernel.
+decodes (one token each) go through one forward, its prefill chunks through another, so a
+decode never pays for a long prompt:
+
+* prefill chunks are packed into one row without padding (:mod:`dsr1.engine.prefill`);
+* decodes, where a paged decode kernel runs (CUDA), go through :mod:`dsr1.engine.paged_graph`:
+  static shapes per batch bucket, block tables kept on the device, one CUDA graph replay;
+* elsewhere (CPU), decodes go through :class:`~dsr1.engine.paged.PagedStep`, the gathering
+  reference path.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from typing import Any
 import torch
 
 from dsr1.engine.paged import DecodeKernel, PagedKV, PagedStep
+from dsr1.engine.paged_graph import PagedDecode
 from dsr1.engine.plan import ScheduledRequest, SchedulerOutput
+from dsr1.engine.prefill import PackedPrefill
 from dsr1.engine.request import Request
 from dsr1.interfaces import SamplingParams
 
@@ -48,42 +54,65 @@ class PagedRunner:
 
     def __init__(
         self, model: Any, decoder: Any, num_blocks: int, block_size: int, max_model_len: int,
-        decode_kernel: DecodeKernel | None | str = "auto",
+        decode_kernel: DecodeKernel | None | str = "auto", max_rows: int = 512, capture: bool | None = None,
     ) -> None:
         a = model.args
         self.model, self.decoder = model, decoder
         self.device = model.device
-        self.kv = PagedKV(a.n_layers, num_blocks, block_size, a.n_kv_heads, a.head_dim, model.dtype, self.device)
+        # one block past the manager's: the scratch block that a graph's padding rows write to
+        self.kv = PagedKV(a.n_layers, num_blocks + 1, block_size, a.n_kv_heads, a.head_dim, model.dtype, self.device)
         model.rope.ensure(max_model_len, model.dtype)
         if decode_kernel == "auto":
             decode_kernel = cuda_decode_kernel(self.device, a.head_dim, block_size)
         self.decode_kernel: DecodeKernel | None = decode_kernel  # type: ignore[assignment]
         self.window = model.min_window
+        #: static-shape decode (captured on CUDA unless ``capture`` is False); None: the reference path
+        self.static_decode: PagedDecode | None = None
+        if self.decode_kernel is not None:
+            capture = self.device.type == "cuda" if capture is None else capture
+            self.static_decode = PagedDecode(model, self.kv, num_blocks, max_model_len, max_rows,
+                                             self.decode_kernel, self.window, capture)
         self.generators: dict[str, torch.Generator] = {}
         self.shared_generator = torch.Generator(device=self.device)
 
     def forget(self, request_ids: Sequence[str]) -> None:
-        """Drop per-request state (seeded generators) of finished or aborted requests."""
+        """Drop per-request state (seeded generators, table rows) of finished or aborted requests."""
         for rid in request_ids:
             self.generators.pop(rid, None)
+        if self.static_decode is not None:
+            self.static_decode.release(request_ids)
 
     def execute(self, plan: SchedulerOutput, requests: Mapping[str, Request],
                 params: Mapping[str, SamplingParams]) -> dict[str, Sampled]:
         """Run the plan's forwards and sample the rows that end their known tokens."""
         self.forget(plan.finished)
+        if self.static_decode is not None:
+            self.static_decode.release(plan.preempted)  # their blocks are gone; a new table comes with the recompute
         decodes = [s for s in plan.scheduled if len(s.token_ids) == 1]
         prefills = [s for s in plan.scheduled if len(s.token_ids) > 1]
         out: dict[str, Sampled] = {}
         with torch.inference_mode():
-            for group in (decodes, prefills):
+            for group, forward in ((decodes, self._decode), (prefills, self._prefill)):
                 if group:
-                    logits = self._forward(group)  # (B, V)
+                    logits = forward(group)  # (B, V)
                     rows = [i for i, s in enumerate(group) if s.sample]
                     if rows:
                         out.update(self._sample(logits, [group[i] for i in rows], rows, requests, params))
         return out
 
-    def _forward(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
+    def _decode(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
+        if self.static_decode is not None and self.static_decode.fits(group):
+            return self.static_decode(group)  # (B, V)
+        return self._padded(group)
+
+    def _prefill(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
+        step = PackedPrefill(self.kv, [s.block_ids for s in group], [s.start for s in group],
+                             [len(s.token_ids) for s in group], self.window, self.device)
+        ids = torch.tensor([[t for s in group for t in s.token_ids]], dtype=torch.long).to(self.device)  # (1, N)
+        return self.model.forward_step(ids, step.positions, 0, step, None, None, step.last)  # (R, V)
+
+    def _padded(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """The reference forward: rows left-padded to the longest, masks built on the host."""
         t = max(len(s.token_ids) for s in group)
         ids = torch.zeros((len(group), t), dtype=torch.long)  # (B, T), left-padded
         for i, s in enumerate(group):

@@ -3,8 +3,9 @@
 Prefill runs eagerly (one call per ``generate``); the per-token decode step is compiled
 with the device's backend (``Device.compile_backend()``) and its tiling settings
 (``Device.autotune_settings(tiling_strategy)``: ``auto`` = autotune, ``fixed`` = defaults).
-The model keeps its plain ``forward_step``; the compiled one is ``model.compiled_step``,
-which :mod:`dsr1.generation` prefers when present.
+The pass returns :class:`~dsr1.interfaces.GraphSteps` with the compiled step as
+``decode_step``; the model keeps its plain ``forward_step`` and the engine's runner, which holds
+the steps (through the model's runtime), calls the compiled one for decode steps.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pydantic import BaseModel, ConfigDict
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import Device, GraphPass
+from dsr1.interfaces import Device, GraphPass, GraphSteps
+from dsr1.models.common import CausalLM
 from dsr1.specs import PluginSpec
 
 
@@ -71,16 +73,13 @@ class CompileGraph(GraphPass):
     Options = CompileOptions
     options: CompileOptions
 
-    def apply(self, model: Any, device: Device) -> Any:
-        step = getattr(model, "forward_step", None)
-        if step is None:  # encoders have no decode step: nothing to compile
-            return model
+    def apply(self, model: Any, device: Device) -> GraphSteps:
+        if not isinstance(model, CausalLM):  # encoders have no decode step: nothing to compile
+            return GraphSteps()
         kwargs = compile_kwargs(self.options, device)
         if kwargs is None:  # no compile backend, fallback allowed (and warned about)
-            return model
-        model.compiled_step = torch.compile(step, **kwargs)
-        model.compile_kwargs = kwargs
-        return model
+            return GraphSteps()
+        return GraphSteps(decode_step=torch.compile(model.forward_step, **kwargs), compile_kwargs=kwargs)
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         reasons = []

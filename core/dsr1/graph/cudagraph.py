@@ -38,7 +38,8 @@ from pydantic import ConfigDict, Field
 from dsr1.errors import Dsr1Error
 from dsr1.graph.compile import CompileOptions, compile_kwargs
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import Device, GraphPass
+from dsr1.interfaces import Device, GraphPass, GraphSteps
+from dsr1.models.common import CausalLM
 from dsr1.specs import PluginSpec
 
 #: warm-up runs before capture (cuBLAS workspaces, autotuning, compilation happen here).
@@ -108,7 +109,7 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """The captured steps of one model, by shape; :mod:`dsr1.generation` asks it for a runner.
+    """The captured steps of one model, by shape; the engine's batch runner asks it for a step.
 
     ``compiled`` (when set) is used for batches up to ``compiled_max_batch``, ``step`` above.
     """
@@ -127,13 +128,13 @@ class DecodeGraphs:
         self.mempool = torch.cuda.MemPool() if capture else None
         self.pool = self.mempool.id if self.mempool is not None else None
 
-    def runner(self, model: Any, cache: Any, key_valid: torch.Tensor) -> DecodeGraph:
+    def runner(self, model: CausalLM, cache: Any, key_valid: torch.Tensor) -> DecodeGraph:
         """The step for this call's batch and the cache's capacity, prepared with ``key_valid``."""
         update_static = getattr(cache, "update_static", None)
         if update_static is None:
             raise Dsr1Error(f"graph 'cudagraph' needs a kvcache with static slots ('contiguous'); "
                             f"{type(cache).__name__} has none: use kvcache 'contiguous' or graph 'eager'")
-        if getattr(model, "recurrent", False):
+        if model.recurrent:
             raise Dsr1Error("graph 'cudagraph' captures a K/V-cache decode step; recurrent (linear) attention has "
                             "none: use graph 'eager' or 'compile'")
         b = key_valid.shape[0]
@@ -171,10 +172,10 @@ class CudaGraphPass(GraphPass):
     Options = CudaGraphOptions
     options: CudaGraphOptions
 
-    def apply(self, model: Any, device: Device) -> Any:
-        step = getattr(model, "decode_static", None)
-        if step is None:  # encoders have no decode step
-            return model
+    def apply(self, model: Any, device: Device) -> GraphSteps:
+        if not isinstance(model, CausalLM):  # encoders have no decode step
+            return GraphSteps()
+        step = model.decode_static
         capture = self.options.capture
         if capture and device.torch_device_type != "cuda":
             raise Dsr1Error(f"graph 'cudagraph' captures CUDA graphs and the device is "
@@ -193,9 +194,8 @@ class CudaGraphPass(GraphPass):
                 opts["triton.cudagraphs"] = False
                 kwargs["options"] = opts
             compiled = torch.compile(step, **kwargs)
-            model.compile_kwargs = kwargs
-        model.decode_graphs = DecodeGraphs(plain, capture, compiled, self.options.compile_max_batch)
-        return model
+        return GraphSteps(decode_graphs=DecodeGraphs(plain, capture, compiled, self.options.compile_max_batch),
+                          compile_kwargs=kwargs or None)
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         if self.options.capture and device != "cuda":

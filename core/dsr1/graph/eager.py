@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import Device, GraphPass
+from dsr1.interfaces import Device, GraphPass, GraphSteps
 from dsr1.specs import PluginSpec
 
 
 class EagerGraph(GraphPass):
-    def apply(self, model: Any, device: Device) -> Any:
-        return model
+    def apply(self, model: Any, device: Device) -> GraphSteps:
+        return GraphSteps()  # the model's own forward_step
 
 
 @hookimpl

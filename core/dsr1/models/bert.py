@@ -250,7 +250,7 @@ class BertBuilder(ModelBuilder):
             model = self.build_from(hf_config, reader, pipeline)
         finally:
             reader.close()
-        model.source_dir = model_dir
+        model.runtime.source_dir = model_dir
         return model
 
     def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
@@ -267,7 +267,7 @@ class BertBuilder(ModelBuilder):
             rename=rename,
         )
         dtype = choose_dtype(self.options, pipeline, reader)
-        device = pipeline.device.torch_device()
+        device = pipeline.pool.weight_device(pipeline.device)  # the pool decides where the weights live
         attn = bind_attention(pipeline, a.n_heads, a.n_heads)
         with torch.device("meta"):
             model = BertModel(a, attn, pooler)
@@ -275,9 +275,6 @@ class BertBuilder(ModelBuilder):
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.config = dict(hf_config)
-        model.pipeline = pipeline
-        model.tokenizer = None
-        model.source_dir = None
         return finish_model(model, pipeline)
 
 

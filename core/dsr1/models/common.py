@@ -10,7 +10,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsr1.errors import Dsr1Error
+from dsr1.interfaces import GraphSteps
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.interfaces import AttentionMechanism
@@ -334,21 +335,78 @@ def holds_run_lock(forward: _Fn) -> _Fn:
     return run  # type: ignore[return-value]  # same signature as forward
 
 
-class Dsr1Model(nn.Module):
-    """Base of dsr1 models: ``config`` (the HF config dict), ``pipeline`` and ``save_pretrained``.
+@dataclass(eq=False)
+class ModelRuntime:
+    """Everything a built model runs with besides its weights, in one typed place.
 
-    ``run_lock`` (:class:`RunLock`) makes a model safe to share between threads by serialising
-    its generate calls.
+    The model is a torch module; what generation needs around it (the resolved plugins, the
+    graph pass's step functions, the tokenizer, the checkpoint's defaults, the lock that
+    serialises runs) lives here instead of in attributes bolted onto the module after build.
+    :func:`~dsr1.models.loading.finish_model` binds it (``pipeline`` and ``steps``); the loader
+    that read a checkpoint dir fills ``source_dir``, ``tokenizer`` and ``generation_defaults``.
+    The engine reads only this object.
+    """
+
+    #: the resolved plugin objects (:class:`dsr1.pipeline.Pipeline`).
+    pipeline: Any
+    #: the graph pass's step functions (empty: the model's eager ``forward_step``).
+    steps: GraphSteps = field(default_factory=GraphSteps)
+    #: the ``preprocess`` plugin's tokenizer of the checkpoint (None: ids only).
+    tokenizer: Any = None
+    #: the checkpoint dir the weights came from (None: built from memory); its tokenizer files are
+    #: copied by ``save_pretrained``.
+    source_dir: Path | None = None
+    #: ``eos_token_id`` (a list) and ``pad_token_id`` from ``generation_config.json`` / ``config.json``.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    #: serialises the runs that use the KV cache, captured graphs and weight layout (:class:`RunLock`).
+    run_lock: RunLock = field(default_factory=RunLock)
+
+
+class Dsr1Model(nn.Module):
+    """Base of dsr1 models: ``config`` (the HF config dict), ``runtime`` and ``save_pretrained``.
+
+    ``runtime`` (:class:`ModelRuntime`) is bound once by the builder (:meth:`bind_runtime`);
+    ``pipeline``, ``tokenizer``, ``source_dir``, ``generation_defaults`` and ``run_lock`` are
+    read-only views of it, the names transformers users and older code know.
     """
 
     config: dict[str, Any]
-    pipeline: Any
-    tokenizer: Any
-    source_dir: Path | None
 
     def __init__(self) -> None:
         super().__init__()
-        self.run_lock = RunLock()
+        self._runtime: ModelRuntime | None = None
+
+    def bind_runtime(self, runtime: ModelRuntime) -> ModelRuntime:
+        """Give the model its runtime (the builder does this once, in ``finish_model``)."""
+        self._runtime = runtime
+        return runtime
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        if self._runtime is None:  # AttributeError: getattr(model, "pipeline", None) keeps working
+            raise AttributeError(f"{type(self).__name__} has no runtime yet: models are built through a "
+                                 "ModelBuilder (AutoModel.from_pretrained), which binds one")
+        return self._runtime
+
+    @property
+    def pipeline(self) -> Any:
+        return self.runtime.pipeline
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.runtime.tokenizer
+
+    @property
+    def source_dir(self) -> Path | None:
+        return self.runtime.source_dir
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        return self.runtime.generation_defaults
+
+    @property
+    def run_lock(self) -> RunLock:
+        return self.runtime.run_lock
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors under their transformers names (fused weights split again)."""
@@ -370,16 +428,35 @@ class Dsr1Model(nn.Module):
 
 
 class CausalLM(Dsr1Model):
-    """Base of decoder-only models: the surface :mod:`dsr1.generation` drives.
+    """Base of decoder-only models: the surface the engine's runners drive.
 
-    Subclasses implement :meth:`forward_step` and set ``context_length``, ``cache_shape``
-    and ``min_window``.
+    Subclasses implement :meth:`forward_step` (and :meth:`decode_static` for graph
+    ``cudagraph``) and set ``args``, ``context_length``, ``cache_shape`` and ``min_window``.
     """
 
+    #: the architecture's shape record (``vocab_size``, ``n_layers``, ``n_kv_heads``, ``head_dim``...).
+    args: Any
     context_length: int
     rope: RotaryEmbedding
     #: smallest sliding window of any layer (``None``: no sliding-window layer).
     min_window: int | None = None
+    #: the attention plugin decodes from fixed-size states (linear attention), not per-token K/V.
+    recurrent: bool = False
+
+    @property
+    def compiled_step(self) -> Callable[..., torch.Tensor] | None:
+        """The graph pass's replacement for :meth:`forward_step` (None: eager)."""
+        return self.runtime.steps.decode_step
+
+    @property
+    def decode_graphs(self) -> Any:
+        """The graph pass's static decode steps (:class:`dsr1.graph.cudagraph.DecodeGraphs`), or None."""
+        return self.runtime.steps.decode_graphs
+
+    @property
+    def compile_kwargs(self) -> dict[str, Any] | None:
+        """The ``torch.compile`` arguments the graph pass used, or None."""
+        return self.runtime.steps.compile_kwargs
 
     def cache_shape(self, batch_size: int, max_len: int) -> Any:
         raise NotImplementedError
@@ -402,6 +479,13 @@ class CausalLM(Dsr1Model):
         Returns logits ``(B, V)`` of the last position if ``last_only`` else ``(B, T, V)``.
         """
         raise NotImplementedError
+
+    def decode_static(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """One decode step with static shapes only (what graph ``cudagraph`` captures); logits ``(B, V)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decode step")
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Generate like transformers' ``generate``; see :func:`dsr1.generation.generate`."""

@@ -285,8 +285,8 @@ class LlamaForCausalLM(CausalLM):
         device may take the linear layers into its own layout (``Device.pack_linear``: the cpu
         device's AVX-512 panel kernel), which then serves every batch size. Else oneDNN-packed
         weights for 2+ rows and ``kn`` for one (:mod:`dsr1.models.packing` has the figures). Eager
-        only: a compiled or captured step keeps the layout it was built on."""
-        if not self.batch_layout or self.device_layout or getattr(self, "compiled_step", None) is not None:
+        only: the runner does not call it when a compiled step runs (it keeps the layout it was built on)."""
+        if not self.batch_layout or self.device_layout:
             return  # (the device's layout serves every batch size)
         with self.pipeline.device.relayout_memory():  # the old layouts' buffers leave the resident set
             if self.device_layout is None:  # first generate: the device's own kernels, where it has them
@@ -312,14 +312,19 @@ class LlamaForCausalLM(CausalLM):
         cache: KVCache | AttentionContext | None,
         mask: torch.Tensor | None,
         window_mask: torch.Tensor | None,
-        last_only: bool,
+        last_only: bool | torch.Tensor,
     ) -> torch.Tensor:
+        """Logits of the last token of each row ``(B, V)`` when ``last_only``, of every token
+        ``(B, T, V)`` when not; a ``(R,)`` index tensor picks ``R`` tokens of the single packed row
+        (the engine's packed prefill) → ``(R, V)``."""
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope(positions, signed=self.fused)  # (B, T, 1, D)
         masks = (mask, window_mask)
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks, cache, start)
-        if last_only:
+        if isinstance(last_only, torch.Tensor):
+            x = x[0, last_only]  # (R, C)
+        elif last_only:
             x = x[:, -1]  # (B, C)
         return self.lm_head(self.model.norm(x))  # (B, V) or (B, T, V)
 
@@ -423,7 +428,7 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
         ignorable=lambda n: n.endswith("rotary_emb.inv_freq") or (a.tie_embeddings and n == "lm_head.weight"),
     )
     dtype = choose_dtype(options, pipeline, reader)
-    device = pipeline.device.torch_device()
+    device = pipeline.pool.weight_device(pipeline.device)  # the pool decides where the weights live
     attn = bind_attention(pipeline, a.n_heads, a.n_kv_heads, hf)
     with torch.device("meta"):
         model = LlamaForCausalLM(a, attn, options.fuse)
@@ -448,9 +453,6 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     model.batch_layout = batch_layout
     model.rope.to(device)
     model.config = dict(hf)
-    model.pipeline = pipeline
-    model.tokenizer = None
-    model.source_dir = None
     return model
 
 
@@ -489,8 +491,9 @@ class LlamaBuilder(ModelBuilder):
             model = build_llama(hf_config, reader, pipeline, self.options)
         finally:
             reader.close()
-        model.source_dir = model_dir
-        return finish_model(model, pipeline)
+        model = finish_model(model, pipeline)
+        model.runtime.source_dir = model_dir
+        return model
 
     def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
         """Build from any object with ``names/shape/read/float_dtype`` (e.g. in-memory tensors)."""

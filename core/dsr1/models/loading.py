@@ -455,14 +455,23 @@ def choose_dtype(options: LoadOptions, pipeline: Any, reader: CheckpointReader) 
 
 
 def finish_model(model: Dsr1Model, pipeline: Any) -> Dsr1Model:
-    """The steps after weights are assigned: quantize, place, graph pass."""
+    """The steps after weights are assigned: quantize, place, graph pass. Binds the model's
+    :class:`~dsr1.models.common.ModelRuntime` (the one place it is set) with the pass's steps."""
+    from dsr1.interfaces import GraphSteps
+    from dsr1.models.common import ModelRuntime
+
     model.requires_grad_(False)  # an inference engine: no autograd graph behind model(**inputs)
+    runtime = model.bind_runtime(ModelRuntime(pipeline))  # quant and pool plugins may read model.pipeline
+    pipeline.prune_(model)  # before quant: a quantized layer is no longer an nn.Linear to prune
     if getattr(pipeline, "quant", None) is not None:
         model = pipeline.quant.quantize_(model) or model
     model = pipeline.pool.place(model, pipeline.device)
     model.eval()
-    result: Dsr1Model = pipeline.graph.apply(model, pipeline.device)
-    return result
+    steps = pipeline.graph.apply(model, pipeline.device)
+    if not isinstance(steps, GraphSteps):  # the older form: the model itself, rewritten in place
+        model, steps = steps, GraphSteps()
+    model.bind_runtime(runtime).steps = steps
+    return model
 
 
 # --- writing -----------------------------------------------------------------------------------

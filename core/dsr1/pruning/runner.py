@@ -48,6 +48,7 @@ from dsr1.pruning.recover import recover_
 from dsr1.pruning.report import write_all
 from dsr1.pruning.schedule import PruneSettings, check_settings, is_own_output, plan_stages, stage_name
 from dsr1.pruning.speed import HEADLINE, causal_speed, encoder_speed
+from dsr1.specs import LOAD_PRUNING_KEYS, PruningOptions
 
 CAUSAL_TYPES = ("llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert",)
@@ -165,6 +166,10 @@ class PruneRun:
         from dsr1.registry import PluginRegistry
 
         s = self.s
+        load_keys = sorted(LOAD_PRUNING_KEYS & set(s.strategy_options))
+        if load_keys:  # these prune at load (an engine config's pruning:); here the flags say it
+            raise Dsr1Error(f"--option {load_keys[0]} is for pruning at load in an engine config; dsr1 prune takes "
+                            f"--target-sparsity, --calibration, --calibration-samples and --calibration-len")
         registry = PluginRegistry.from_env()
         self.spec = registry.load("pruning", s.strategy)
         self.pruner = registry.make("pruning", PluginChoice(name=s.strategy, options=s.strategy_options))
@@ -275,8 +280,11 @@ class PruneRun:
             details = self._measure(model_dir, dense_cfg, settings)
             return {"metric": metric, "value": details[metric], "vs_dense": 1.0, "details": details,
                     "settings": settings}
-        # the strategy may convert the loaded stage (semi24: sparse tensor cores on CUDA)
-        config = {**dense_cfg, "pruning": {"name": s.strategy, "options": s.strategy_options}}
+        # the strategy may convert the loaded stage (semi24: sparse tensor cores on CUDA); the stage is pruned
+        # already, so it loads with sparsity 0 (a strategy that cannot prune at load has nothing to convert)
+        config = dict(dense_cfg)
+        if issubclass(self.spec.options, PruningOptions):
+            config["pruning"] = {"name": s.strategy, "options": {**s.strategy_options, "sparsity": 0.0}}
         before = self._measure(self.model_dir, dense_cfg, settings)[metric]
         details = self._measure(model_dir, config, settings)
         after = self._measure(self.model_dir, dense_cfg, settings)[metric]

@@ -208,7 +208,6 @@ def dynamic_state(target: str, quant: dict[str, Any], batch: int, args: argparse
         builder = pipeline.model_builder("llama")
         builder.options = type(builder.options).model_validate({**builder.options.model_dump(), "dtype": "float32"})
         model, vocab = builder.build_from(hf, reader, pipeline), int(hf["vocab_size"])
-        model.generation_defaults = {}
     gen = torch.Generator().manual_seed(1234)  # the prompt dsr1 bench's worker draws
     ids = torch.randint(min(100, vocab - 1), vocab, (batch, args.prompt_len), generator=gen)
     for new in [args.new_tokens] + [1, args.new_tokens] * args.reps:

@@ -241,5 +241,5 @@ def build_quantized(builder: Any, model_dir: Path, hf: dict[str, Any], pipeline:
         load_quantized_state_(model, reader)
     finally:
         reader.close()
-    model.source_dir = model_dir
+    model.runtime.source_dir = model_dir
     return model

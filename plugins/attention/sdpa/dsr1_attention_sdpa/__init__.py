@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 
 from dsr1_sdk import AttentionMechanism, Dsr1Error, Field, PluginOptions, PluginSpec, hookimpl
@@ -38,6 +39,14 @@ CUDA_ONLY: frozenset[str] = frozenset({"flash", "efficient", "cudnn"})
 #: Backends that compute in fp16/bf16 only.
 HALF_ONLY: frozenset[str] = frozenset({"flash", "cudnn"})
 
+
+#: ``auto``'s kernels for CUDA prefill (more than one query per row): every one but cuDNN, whose
+#: per-shape plan building dominates prompts of varying length (see ``SdpaAttention._sdpa``).
+AUTO_PREFILL = [
+    torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+    torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+    torch.nn.attention.SDPBackend.MATH,
+]
 
 #: ``enable_gqa`` appeared in torch 2.5 (``torch.__version__`` compares as a version).
 HAS_ENABLE_GQA = torch.__version__ >= "2.5"
@@ -111,7 +120,7 @@ class SdpaAttention(AttentionMechanism):
             # reading or copying them G times, and every kernel (flash, efficient, cuDNN) accepts it.
             b, d = query.shape[0], query.shape[3]
             grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
-            out = self._sdpa(grouped, key, value, mask, False, scale, {})  # (B, Hkv, G, D)
+            out = self._sdpa(grouped, key, value, mask, False, scale, {}, prefill=False)  # (B, Hkv, G, D)
             return out.reshape(b, h, 1, d)  # (B, H, 1, D)
         extra = {}
         if h != hkv:
@@ -120,14 +129,24 @@ class SdpaAttention(AttentionMechanism):
             else:
                 key = key.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
                 value = value.repeat_interleave(h // hkv, dim=1)  # (B, H, S, D)
-        return self._sdpa(query, key, value, attn_mask, is_causal, scale, extra)  # (B, H, T, D)
+        return self._sdpa(query, key, value, attn_mask, is_causal, scale, extra, prefill=t > 1)  # (B, H, T, D)
 
     def _sdpa(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-        is_causal: bool, scale: float | None, extra: dict[str, bool],
+        is_causal: bool, scale: float | None, extra: dict[str, bool], prefill: bool,
     ) -> torch.Tensor:
         """One SDPA call; a pinned kernel that refuses the inputs is a one-line error, never a fallback."""
         if self._pinned is None:
+            if prefill and query.is_cuda:
+                # cuDNN's attention builds an execution plan per new shape, tens of milliseconds on
+                # the host each time: a serving engine whose prompts all differ in length paid it on
+                # nearly every prefill. torch's other kernels, in torch's own order, have no plan.
+                from torch.nn.attention import sdpa_kernel
+
+                with sdpa_kernel(AUTO_PREFILL):
+                    return F.scaled_dot_product_attention(
+                        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
+                    )
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
             )

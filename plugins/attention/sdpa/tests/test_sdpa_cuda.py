@@ -48,3 +48,28 @@ class TestSdpaCudnnCuda(AttentionConformance):
         if case.kv_len == 1:
             return "cuDNN attention takes no key/value length 1 (torch 2.11 warns and refuses)"
         return super().unsupported(case)
+
+
+def test_auto_prefill_leaves_cudnn_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` prefill on CUDA runs with cuDNN attention disabled (its per-shape plans cost tens of
+    ms each on prompts of new lengths); decode keeps torch's full choice."""
+    import torch.nn.functional as F
+
+    from dsr1_attention_sdpa import SdpaAttention
+
+    seen: list[bool] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    attn = SdpaAttention()
+    q = torch.randn(1, 8, 37, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 37, 64, device="cuda", dtype=torch.bfloat16)
+    out = attn(q, k, k.clone(), None, 0.125)
+    want = real(q, k.repeat_interleave(4, 1), k.repeat_interleave(4, 1), is_causal=True, scale=0.125)
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    attn(q[:, :, :1], k, k.clone(), None, 0.125)  # decode
+    assert seen == [False, torch.backends.cuda.cudnn_sdp_enabled()]

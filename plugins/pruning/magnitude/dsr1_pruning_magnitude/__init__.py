@@ -19,13 +19,13 @@ from typing import Literal
 
 import torch
 
-from dsr1_sdk import Dsr1Error, Field, PluginOptions, PluginSpec, Pruner, hookimpl
+from dsr1_sdk import Dsr1Error, Field, PluginSpec, Pruner, PruningOptions, hookimpl
 
 __all__ = ["MagnitudeOptions", "MagnitudePruner", "dsr1_pruning", "exact_keep_mask"]
 
 
-class MagnitudeOptions(PluginOptions):
-    """Options of the ``magnitude`` pruner."""
+class MagnitudeOptions(PruningOptions):
+    """Options of the ``magnitude`` pruner (``sparsity`` has no default: an engine config sets it)."""
 
     scope: Literal["layer", "global"] = Field("layer", description="one threshold per layer, or one for all")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name suffixes never pruned")

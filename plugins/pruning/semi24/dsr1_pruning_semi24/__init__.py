@@ -11,7 +11,9 @@ multiple of 4 is left dense and listed in ``skipped`` (and in ``dsr1 prune``'s r
 Where the speed comes from: on CUDA, with fp16/bf16 weights, loading a saved stage with
 ``pruning: semi24`` in the engine config converts each 2:4 linear weight to a
 ``SparseSemiStructuredTensor`` (the ``dsr1_model_loaded`` hook below). Everywhere else the
-weights stay dense with zeros: same size, same speed as dense.
+weights stay dense with zeros: same size, same speed as dense. ``pruning: semi24`` also
+prunes at load (``sparsity`` 0.5 by default): a dense checkpoint becomes 2:4 first, and a saved
+2:4 stage is left as it is (its zeros are the lowest scores of every group).
 """
 from __future__ import annotations
 
@@ -23,15 +25,18 @@ import torch
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, n_m_mask, wanda_score
 from dsr1.pruning.metrics import prunable_linears
-from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
+from dsr1_sdk import Field, PluginSpec, Pruner, PruningOptions, hookimpl
 
 __all__ = ["Semi24Options", "Semi24Pruner", "dsr1_pruning", "is_2_4", "to_sparse_semi_structured_"]
 
 GROUP, ZEROS = 4, 2
 
 
-class Semi24Options(PluginOptions):
-    """Options of the ``semi24`` pruner."""
+class Semi24Options(PruningOptions):
+    """Options of the ``semi24`` pruner. At load ``sparsity`` defaults to 0.5, what 2:4 is (a
+    checkpoint saved 2:4 is left as it is: pruning it again at 0.5 prunes its zeros)."""
+
+    sparsity: float | None = Field(0.5, ge=0.0, lt=1.0, description="fraction of prunable weights zeroed at load")
 
     score: Literal["magnitude", "wanda"] = Field("magnitude", description="|W|, or |W|·‖X‖ from calibration text")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name suffixes never pruned")
@@ -88,6 +93,9 @@ class Semi24Pruner(Pruner):
 
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         return n_m_mask(self.score(weight, activation_norm), sparsity, ZEROS, GROUP)  # (out, in) bool
+
+    def needs_calibration(self) -> bool:
+        return self.options.score == "wanda"
 
     def prune_(
         self,

@@ -38,15 +38,15 @@ from dsr1.errors import Dsr1Error
 from dsr1.pruning.calibration import input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, lowest_k_mask, n_pruned, wanda_score
 from dsr1.pruning.metrics import prunable_linears
-from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
+from dsr1_sdk import Field, PluginSpec, Pruner, PruningOptions, hookimpl
 
 __all__ = ["StructuredOptions", "StructuredPruner", "dsr1_pruning"]
 
 DENSE_KEY = "dsr1_dense_shape"
 
 
-class StructuredOptions(PluginOptions):
-    """Options of the ``structured`` pruner."""
+class StructuredOptions(PruningOptions):
+    """Options of the ``structured`` pruner (``sparsity`` has no default: an engine config sets it)."""
 
     importance: Literal["activation", "magnitude"] = Field(
         "activation", description="‖W[:, j]‖·‖X_j‖ from calibration text, or ‖W[:, j]‖ alone")
@@ -147,6 +147,9 @@ class StructuredPruner(Pruner):
         return keep_cols[None, :].expand(weight.shape).clone()
 
     # --- a whole model: shrink it ----------------------------------------------------------------
+
+    def needs_calibration(self) -> bool:
+        return self.options.importance == "activation"
 
     def prune_(
         self,

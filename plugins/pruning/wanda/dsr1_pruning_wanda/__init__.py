@@ -20,13 +20,13 @@ import torch
 from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
 from dsr1.pruning.masks import check_sparsity, row_balanced_mask, wanda_score
 from dsr1.pruning.metrics import prunable_linears
-from dsr1_sdk import Field, PluginOptions, PluginSpec, Pruner, hookimpl
+from dsr1_sdk import Field, PluginSpec, Pruner, PruningOptions, hookimpl
 
 __all__ = ["WandaOptions", "WandaPruner", "dsr1_pruning"]
 
 
-class WandaOptions(PluginOptions):
-    """Options of the ``wanda`` pruner."""
+class WandaOptions(PruningOptions):
+    """Options of the ``wanda`` pruner (at load: ``sparsity`` and ``calibration`` are required)."""
 
     sequential: bool = Field(True, description="prune block by block, measuring each block after the pruned ones")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name suffixes never pruned")
@@ -44,6 +44,9 @@ class WandaPruner(Pruner):
     def mask(self, weight: torch.Tensor, sparsity: float, activation_norm: torch.Tensor | None = None) -> torch.Tensor:
         check_sparsity(sparsity)
         return row_balanced_mask(self.score(weight, activation_norm), sparsity)  # (out, in) bool
+
+    def needs_calibration(self) -> bool:
+        return True  # the scores are |W|·‖X‖
 
     def prune_(
         self,

@@ -1,0 +1,165 @@
+"""The engine's decode step with static shapes, captured as a CUDA graph per batch bucket.
+
+An eager decode step of a 28-layer model launches several hundred kernels and builds its
+metadata (slots, block tables, lengths) on the host; at a few milliseconds of GPU work per
+step the launches and copies dominate. :class:`PagedDecode` removes both, the way vLLM v1's
+persistent batch and CUDA graphs do:
+
+* **one copy in per step**: the rows' ids, positions, slots, table rows and lengths travel in
+  one ``(5, bucket)`` tensor; the ``bucket`` is the smallest of :data:`BUCKETS` that holds the
+  step's rows, and the rows beyond the real ones point at a scratch block the block manager
+  never hands out (they compute, and their results are never read);
+* **block tables stay on the device**: every running request owns a row of ``tables``
+  ``(rows, max_blocks)`` that is written only when the request gains blocks (once per
+  ``block_size`` tokens) or is scheduled again after preemption; the step gathers its rows
+  with an ``index_select`` inside the graph;
+* **one replay per step**: the forward (embeddings, layers writing K/V at their slots and
+  reading the pool through the Triton kernel, logits) is captured per bucket on first use,
+  into one memory pool kept open for the runner's life, and replayed after.
+
+With ``capture=False`` the same static step runs eagerly (the CPU tests check it decodes
+exactly what the reference :class:`~dsr1.engine.paged.PagedStep` does).
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dsr1.engine.paged import DecodeKernel, PagedKV
+from dsr1.engine.plan import ScheduledRequest
+from dsr1.interfaces import AttentionContext
+
+#: batch sizes a graph is captured for; a step runs in the smallest bucket that holds its rows.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+#: warm-up runs before capture (Triton compiles and cuBLAS picks its kernels here).
+WARMUP_STEPS = 2
+
+
+class _Bucket(AttentionContext):
+    """Fixed device buffers of one bucket and the static step that reads them."""
+
+    def __init__(self, owner: PagedDecode, size: int) -> None:
+        self.owner, self.size = owner, size
+        self.meta = torch.zeros((5, size), dtype=torch.long, device=owner.device)  # ids, pos, slot, row, len
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.table32 = self.lens32 = torch.empty(0)
+
+    def forward(self) -> torch.Tensor:
+        """The static step: logits ``(bucket, V)``."""
+        o = self.owner
+        self.table32 = o.tables.index_select(0, self.meta[3])  # (bucket, max_blocks) int32
+        self.lens32 = self.meta[4].to(torch.int32)  # (bucket,)
+        ids, pos = self.meta[0].view(-1, 1), self.meta[1].view(-1, 1)  # (bucket, 1)
+        return o.model.forward_step(ids, pos, 0, self, None, None, True)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Any, scale: float,
+        windowed: bool,
+    ) -> torch.Tensor:
+        kv = self.owner.kv
+        hkv, d = kv.n_kv_heads, kv.head_dim
+        kv.k[layer].view(-1, hkv, d).index_copy_(0, self.meta[2], k[:, :, 0])  # (bucket, Hkv, D)
+        kv.v[layer].view(-1, hkv, d).index_copy_(0, self.meta[2], v[:, :, 0])
+        window = self.owner.window if windowed else None
+        o = self.owner.kernel(q[:, :, 0], kv.k[layer], kv.v[layer], self.table32, self.lens32, scale, window)
+        return o[:, :, None]  # (bucket, H, 1, D)
+
+    def run(self, capture: bool, pool: Any) -> torch.Tensor:
+        if not capture:
+            return self.forward()
+        if self.graph is None:
+            # warm-up and capture write this step's keys at this step's slots, as the replay
+            # that follows does again: the pool is left as the real step leaves it
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.forward()
+            self.graph, self.logits = graph, logits
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits
+
+
+class PagedDecode:
+    """Decode steps over ``kv`` with static shapes; ``kv`` holds one spare block past the
+    block manager's ``num_blocks`` (the scratch block of padding rows)."""
+
+    def __init__(
+        self, model: Any, kv: PagedKV, num_blocks: int, max_model_len: int, max_rows: int,
+        kernel: DecodeKernel, window: int | None, capture: bool,
+    ) -> None:
+        self.model, self.kv, self.kernel, self.window, self.capture = model, kv, kernel, window, capture
+        self.device = model.device
+        self.scratch = num_blocks  # the spare block
+        self.max_blocks = -(-max_model_len // kv.block_size)
+        self.max_rows = max_rows
+        # row max_rows is the padding rows' table: every entry the scratch block
+        self.tables = torch.full((max_rows + 1, self.max_blocks), self.scratch, dtype=torch.int32, device=self.device)
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.rows: dict[str, tuple[int, list[int]]] = {}  # request id -> (table row, blocks written there)
+        self.buckets: dict[int, _Bucket] = {}
+        self.mempool = torch.cuda.MemPool() if capture else None
+
+    def fits(self, group: Sequence[ScheduledRequest]) -> bool:
+        """Whether a bucket holds ``group`` and there are table rows for its new requests."""
+        new = sum(1 for s in group if s.request_id not in self.rows)
+        return len(group) <= BUCKETS[-1] and new <= len(self.free_rows)
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Give back the table rows of requests that finished, were aborted or preempted."""
+        for rid in request_ids:
+            entry = self.rows.pop(rid, None)
+            if entry is not None:
+                self.free_rows.append(entry[0])
+
+    def _sync_tables(self, group: Sequence[ScheduledRequest]) -> list[int]:
+        """Each request's table row, after writing the blocks it gained since last step."""
+        rows, cols, vals = [], [], []
+        out = []
+        for s in group:
+            entry = self.rows.get(s.request_id)
+            blocks = s.block_ids
+            if entry is None:
+                entry = (self.free_rows.pop(), [])
+            row, known = entry
+            if len(blocks) != len(known) or blocks[: len(known)] != known:
+                first = len(known) if blocks[: len(known)] == known else 0  # rescheduled: new blocks from 0
+                rows += [row] * (len(blocks) - first)
+                cols += range(first, len(blocks))
+                vals += blocks[first:]
+                entry = (row, list(blocks))
+            self.rows[s.request_id] = entry
+            out.append(row)
+        if vals:
+            upd = torch.tensor([rows, cols, vals], dtype=torch.long).to(self.device)  # (3, M)
+            self.tables.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
+        return out
+
+    def __call__(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Logits ``(B, V)`` of the decode rows ``group`` (one new token each). The tensor is the
+        bucket's output buffer: read it before the next call."""
+        bs = self.kv.block_size
+        table_rows = self._sync_tables(group)
+        size = BUCKETS[bisect.bisect_left(BUCKETS, len(group))]
+        pad = size - len(group)
+        scratch_slot = self.scratch * bs
+        ids = [s.token_ids[0] for s in group] + [0] * pad
+        pos = [s.start for s in group] + [0] * pad
+        slots = [s.block_ids[s.start // bs] * bs + s.start % bs for s in group] + [scratch_slot] * pad
+        lens = [s.start + 1 for s in group] + [1] * pad
+        table_rows += [self.max_rows] * pad
+        bucket = self.buckets.get(size)
+        if bucket is None:
+            bucket = self.buckets[size] = _Bucket(self, size)
+        bucket.meta.copy_(torch.tensor([ids, pos, slots, table_rows, lens], dtype=torch.long))
+        logits = bucket.run(self.capture, self.mempool.id if self.mempool is not None else None)
+        return logits[: len(group)]
