@@ -79,16 +79,47 @@ def test_static_decode_matches_requests_run_alone(reference: AutoModel) -> None:
     rng = random.Random(3)
     reqs = [([rng.randrange(10, 2000) for _ in range(rng.randint(3, 40))], rng.randint(2, 20)) for _ in range(11)]
     engine = _static_engine()
+    prefills = _count_prefills(engine)
     outs = engine.generate([p for p, _ in reqs], [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs])
     for (prompt, n), out in zip(reqs, outs):
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=n, ignore_eos=True)[0, len(prompt):]
         assert out.output_ids == want.tolist()
+    assert prefills == []  # every prompt was short: its tokens ran as rows of the static step
     decode = engine.runner.static_decode
     assert engine.step() == []  # an idle step hands the runner the last finished ids
     assert 11 not in BUCKETS and 16 in decode.buckets  # 11 rows ran padded to the 16 bucket
     assert not decode.rows and len(decode.free_rows) == decode.max_rows  # every table row given back
     # the scratch block is the one past the manager's: padding rows never touched a real block
     assert engine.runner.kv.num_blocks == engine.num_blocks + 1
+
+
+def _count_prefills(engine: Engine) -> list[int]:
+    """Chunk lengths the runner sends through the packed prefill (not as rows)."""
+    seen: list[int] = []
+    real = engine.runner._prefill
+
+    def spy(group):  # type: ignore[no-untyped-def]
+        seen.extend(len(s.token_ids) for s in group)
+        return real(group)
+
+    engine.runner._prefill = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_prefix_hit_suffix_and_long_prompts_take_the_right_path(reference: AutoModel) -> None:
+    """A long prompt goes through the packed prefill; a later request sharing its first blocks
+    computes only its short suffix, as rows; both decode what they decode alone."""
+    rng = random.Random(6)
+    shared = [rng.randrange(10, 2000) for _ in range(96)]
+    first, second = shared + [5, 6, 7], shared + [rng.randrange(10, 2000) for _ in range(9)]
+    engine = _static_engine()
+    prefills = _count_prefills(engine)
+    for prompt in (first, second):
+        out = engine.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=6, ignore_eos=True)[0, len(prompt):]
+        assert out.output_ids == want.tolist()
+    assert prefills == [len(first)]  # the second request's 9 + 0 uncached tokens ran as rows
+    assert engine.stats()["prefix_hits"] > 0
 
 
 def test_static_decode_survives_preemption(reference: AutoModel) -> None:

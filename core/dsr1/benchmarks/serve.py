@@ -299,6 +299,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, key)
         if key == "model" and args.shape:
             continue  # --shape's random weights replace the default model
+        if isinstance(value, list):
+            value = ",".join(value) or None
         if value is not None and not (key == "shared_prefix" and value == 0):
             parts += ["--" + key.replace("_", "-"), str(value)]
     return parts

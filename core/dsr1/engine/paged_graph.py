@@ -34,6 +34,10 @@ from dsr1.interfaces import AttentionContext
 
 #: batch sizes a graph is captured for; a step runs in the smallest bucket that holds its rows.
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+#: a prefill chunk of at most this many tokens may run as decode rows (see :meth:`PagedDecode.as_rows`)
+ROW_CHUNK_TOKENS = 64
+#: ... when its rows read at most this many cached tokens in all (rows x context)
+ROW_CHUNK_READS = 1 << 17
 #: warm-up runs before capture (Triton compiles and cuBLAS picks its kernels here).
 WARMUP_STEPS = 2
 
@@ -110,9 +114,20 @@ class PagedDecode:
         self.mempool = torch.cuda.MemPool() if capture else None
 
     def fits(self, group: Sequence[ScheduledRequest]) -> bool:
-        """Whether a bucket holds ``group`` and there are table rows for its new requests."""
+        """Whether a bucket holds ``group``'s tokens and there are table rows for its new requests."""
         new = sum(1 for s in group if s.request_id not in self.rows)
-        return len(group) <= BUCKETS[-1] and new <= len(self.free_rows)
+        return sum(len(s.token_ids) for s in group) <= BUCKETS[-1] and new <= len(self.free_rows)
+
+    @staticmethod
+    def as_rows(s: ScheduledRequest) -> bool:
+        """Whether a prefill chunk is cheaper as decode rows (one per token) than as a prefill.
+
+        Row ``i`` of a chunk attends to the first ``start + i + 1`` tokens of the request: the
+        kernel's causal prefill, exact because every row's key and value are written (one
+        ``index_copy_`` per layer) before any row reads. Each row reads its whole context, so
+        only short chunks over moderate contexts qualify."""
+        n = len(s.token_ids)
+        return n <= ROW_CHUNK_TOKENS and n * (s.start + n) <= ROW_CHUNK_READS
 
     def release(self, request_ids: Sequence[str]) -> None:
         """Give back the table rows of requests that finished, were aborted or preempted."""
@@ -145,21 +160,35 @@ class PagedDecode:
         return out
 
     def __call__(self, group: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Logits ``(B, V)`` of the decode rows ``group`` (one new token each). The tensor is the
-        bucket's output buffer: read it before the next call."""
+        """Logits ``(B, V)`` of the last token of each of ``group``'s ``B`` requests; each token is
+        a row (decodes have one, short chunks several). With one token per request the tensor is
+        the bucket's output buffer: read it before the next call."""
         bs = self.kv.block_size
-        table_rows = self._sync_tables(group)
-        size = BUCKETS[bisect.bisect_left(BUCKETS, len(group))]
-        pad = size - len(group)
-        scratch_slot = self.scratch * bs
-        ids = [s.token_ids[0] for s in group] + [0] * pad
-        pos = [s.start for s in group] + [0] * pad
-        slots = [s.block_ids[s.start // bs] * bs + s.start % bs for s in group] + [scratch_slot] * pad
-        lens = [s.start + 1 for s in group] + [1] * pad
-        table_rows += [self.max_rows] * pad
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        lens: list[int] = []
+        table_rows: list[int] = []
+        last: list[int] = []
+        for s, row in zip(group, self._sync_tables(group)):
+            for j, token in enumerate(s.token_ids):
+                p = s.start + j
+                ids.append(token)
+                pos.append(p)
+                slots.append(s.block_ids[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                table_rows.append(row)
+            last.append(len(ids) - 1)
+        n = len(ids)
+        size = BUCKETS[bisect.bisect_left(BUCKETS, n)]
+        pad = size - n
         bucket = self.buckets.get(size)
         if bucket is None:
             bucket = self.buckets[size] = _Bucket(self, size)
-        bucket.meta.copy_(torch.tensor([ids, pos, slots, table_rows, lens], dtype=torch.long))
+        meta = [ids + [0] * pad, pos + [0] * pad, slots + [self.scratch * bs] * pad,
+                table_rows + [self.max_rows] * pad, lens + [1] * pad]
+        bucket.meta.copy_(torch.tensor(meta, dtype=torch.long))
         logits = bucket.run(self.capture, self.mempool.id if self.mempool is not None else None)
-        return logits[: len(group)]
+        if n == len(group):
+            return logits[:n]
+        return logits[torch.tensor(last, device=logits.device)]  # (B, V)

@@ -90,6 +90,13 @@ class PagedRunner:
             self.static_decode.release(plan.preempted)  # their blocks are gone; a new table comes with the recompute
         decodes = [s for s in plan.scheduled if len(s.token_ids) == 1]
         prefills = [s for s in plan.scheduled if len(s.token_ids) > 1]
+        if self.static_decode is not None and prefills:
+            # short chunks (a prefix-cache hit's suffix, a short prompt) run as decode rows of the
+            # captured step, one row per token, instead of an eager forward of their own
+            short = [s for s in prefills if self.static_decode.as_rows(s)]
+            if short and self.static_decode.fits([*decodes, *short]):
+                decodes = [*decodes, *short]
+                prefills = [s for s in prefills if not self.static_decode.as_rows(s)]
         out: dict[str, Sampled] = {}
         with torch.inference_mode():
             for group, forward in ((decodes, self._decode), (prefills, self._prefill)):
