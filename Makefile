@@ -1,6 +1,7 @@
 # Two commands: `make demo` and `make test`. The first run creates .venv and installs
 # the core, the SDK and every plugin in this repo (editable), with torch pinned to the
-# CPU wheel available on these machines.
+# CPU wheel available on these machines, then builds the cpu device's panel kernel (AVX-512
+# CPUs only; cached per torch build under $DSR1_HOME) so the first generate does not compile it.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check -q
@@ -15,7 +16,8 @@ $(STAMP): pyproject.toml sdk/pyproject.toml $(wildcard plugins/*/*/pyproject.tom
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install torch==2.13.0
-	$(PIP) install --no-build-isolation -e '.[test]' -e sdk $(addprefix -e ,$(PLUGINS))
+	$(PIP) install --no-build-isolation -e '.[test,serve]' -e 'sdk[testing]' $(addprefix -e ,$(PLUGINS))
+	$(PY) -m dsr1_device_cpu.panels
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -18,6 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = REPO / "tests" / "plugins"
 
+# The cpu device caches its compiled panel kernel under $DSR1_HOME/kernels unless TORCH_EXTENSIONS_DIR is set;
+# tests that point DSR1_HOME at a private directory would each rebuild it (tens of seconds on AVX-512 CPUs), so
+# the whole run, subprocesses included, shares the cache `make install` filled.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path(os.environ.get("DSR1_HOME") or Path.home() / ".cache" / "dsr1").expanduser() / "kernels"))
+
 
 @pytest.fixture(scope="session")
 def installed_test_plugins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import venv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +24,44 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parent.parent
 
 
+def normalize(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure_of(requires: list[str], skip: frozenset[str] = frozenset()) -> set[str]:
+    """Names of the installed distributions that ``requires`` (``Requires-Dist`` lines, without
+    extras) need, followed through this environment's metadata; names in ``skip`` are neither
+    returned nor followed."""
+    seen: set[str] = set()
+    todo = list(requires)
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = normalize(req.name)
+        if name in seen or name in skip:
+            continue
+        seen.add(name)
+        todo += importlib_metadata.distribution(name).requires or []
+    return seen
+
+
 def requirement_closure(root: str) -> set[str]:
     """Names of the installed distributions ``root`` needs (excluding ``root``)."""
-    seen: set[str] = set()
-    todo = [root]
-    while todo:
-        dist = importlib_metadata.distribution(todo.pop())
-        for line in dist.requires or []:
-            req = Requirement(line)
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-                continue
-            name = re.sub(r"[-_.]+", "-", req.name).lower()
-            if name not in seen:
-                seen.add(name)
-                todo.append(name)
-    return seen
+    return closure_of(importlib_metadata.distribution(root).requires or [], skip=frozenset({normalize(root)}))
 
 
 def link_dependencies(target: Path) -> None:
     """Symlink the top-level files of the core's requirements into ``target``."""
+    link_distributions(requirement_closure("dsr1"), target)
+
+
+def link_distributions(names: set[str], target: Path) -> None:
+    """Symlink the top-level files of the installed distributions ``names`` into ``target`` (a new
+    directory that a ``.pth`` line then puts on a venv's path: only these distributions show)."""
     target.mkdir()
-    for name in requirement_closure("dsr1"):
+    for name in sorted(names):
         dist = importlib_metadata.distribution(name)
         for top in {Path(str(f)).parts[0] for f in dist.files or []}:
             src = Path(str(dist.locate_file(top)))
@@ -68,6 +85,18 @@ def build_wheel(source: Path, out: Path) -> Path:
     )
     project = re.sub(r"[-.]+", "_", project_name(source))
     return next(out.glob(f"{project}-*.whl"))
+
+
+_WHEELS: dict[Path, Path] = {}
+
+
+def session_wheel(source: Path, out: Path) -> Path:
+    """The wheel of the project in ``source``, built once per test session (into ``out`` the first time):
+    the core's alone takes seconds (its bundled models), and several test modules install it."""
+    source = source.resolve()
+    if source not in _WHEELS:
+        _WHEELS[source] = build_wheel(source, out)
+    return _WHEELS[source]
 
 
 def pip(py: Path, *args: str) -> None:
@@ -95,13 +124,10 @@ class CoreVenv:
     root: Path
     python: Path
     wheels: Path
-    _built: dict[Path, Path] = field(default_factory=dict)
 
     def wheel(self, source: Path) -> Path:
-        """The wheel of the project in ``source`` (built on first request)."""
-        if source not in self._built:
-            self._built[source] = build_wheel(source, self.wheels)
-        return self._built[source]
+        """The wheel of the project in ``source`` (built on first request in the session)."""
+        return session_wheel(source, self.wheels)
 
 
 _SESSION: dict[str, CoreVenv] = {}

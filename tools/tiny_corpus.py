@@ -11,7 +11,8 @@ Split: document ``i`` (0-based, in the order above) is held out when ``i % 10 ==
 are joined with ``\\n\\n``. The text depends only on the CPython version and the OS family (its docs and docstrings), not
 on the environment or import order; :func:`corpus_info` records the hashes so a rebuild can be checked.
 
-Run ``python tools/tiny_corpus.py`` to print sizes and hashes.
+Run ``python tools/tiny_corpus.py`` to print sizes and hashes, ``--write-asset`` to refresh the copy dsr1 ships
+(``core/dsr1/assets/tiny-corpus.json.gz``; do it with the Python that trains ``dsr1-tiny``).
 """
 
 from __future__ import annotations
@@ -127,12 +128,10 @@ def _collect_documents() -> list[str]:
 
 
 def split_documents() -> tuple[list[str], list[str]]:
-    """Return ``(train_docs, heldout_docs)``: document ``i`` is held out when ``i % 10 == 9``."""
-    train: list[str] = []
-    heldout: list[str] = []
-    for i, doc in enumerate(documents()):
-        (heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train).append(doc)
-    return train, heldout
+    """Return ``(train_docs, heldout_docs)``, split as the shipped corpus is (:func:`dsr1.corpus.split`)."""
+    from dsr1.corpus import split
+
+    return split(documents())
 
 
 def train_text() -> str:
@@ -162,8 +161,25 @@ def corpus_info() -> dict[str, object]:
     }
 
 
+#: The copy dsr1 ships as package data (read by :mod:`dsr1.corpus`), so the default text of ``dsr1 prune`` and
+#: ``dsr1 quantize`` needs no checkout and does not change with the Python version running dsr1.
+ASSET = Path(__file__).resolve().parents[1] / "core" / "dsr1" / "assets" / "tiny-corpus.json.gz"
+
+
+def write_asset(path: Path = ASSET) -> dict[str, object]:
+    """Write the documents with :func:`corpus_info` to ``path`` (gzip without a timestamp: same bytes each run)."""
+    import gzip
+
+    info = corpus_info()
+    payload = json.dumps({"corpus": info, "documents": list(documents())}, ensure_ascii=True).encode()
+    path.write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
+    return info
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--documents-json"]:
         print(json.dumps(_collect_documents()))  # ASCII-only JSON, whatever the stdout encoding
+    elif sys.argv[1:] == ["--write-asset"]:
+        print(json.dumps(write_asset(), indent=2))
     else:
         print(json.dumps(corpus_info(), indent=2))

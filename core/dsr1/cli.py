@@ -11,6 +11,7 @@ bug in dsr1 and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import importlib
 import io
@@ -25,11 +26,44 @@ from dsr1.errors import Dsr1Error, quote
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("plugins", "config", "generate", "bench", "prune", "quantize")
+COMMANDS = ("plugins", "config", "generate", "chat", "serve", "bench", "prune", "quantize")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (the commands' docstrings), and every option's default in its help:
+    ``(default: X)`` is appended unless the help already says its default, or there is none to say
+    (``None``, a plain flag's ``False``)."""
+
+    @staticmethod
+    def _says_default(action: argparse.Action) -> bool:
+        default = action.default
+        return bool(action.option_strings) and not (default is None or default is False or default == []
+                                                    or default is argparse.SUPPRESS)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._says_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._says_default(action):  # an option without help still shows its default
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+
+class Dsr1ArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose help shows defaults (:class:`HelpFormatter`); every sub-command's
+    parser is one too (argparse makes sub-parsers of the parent's class), whatever formatter it names."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]  # argparse's own keyword types
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsr1", description="dsr1: a pluggable LLM inference engine")
+    parser = Dsr1ArgumentParser(prog="dsr1", description="dsr1: a pluggable LLM inference engine")
     parser.add_argument("--version", action="version", version=f"dsr1 {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -394,7 +395,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _parse(text: str, suffix: str, shown: str) -> Any:
     """``text`` parsed by its format; syntax errors become one line that names the line."""
     if suffix == ".toml":
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # the same parser, from PyPI (a dependency on 3.10 only)
+            import tomli as tomllib
 
         try:
             return tomllib.loads(text)

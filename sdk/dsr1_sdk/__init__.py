@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsr1.engine.plan import ScheduledRequest, SchedulerOutput  # what a scheduler plans (plain data)
+from dsr1.engine.request import RequestStatus
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import FAMILIES, hookimpl
 from dsr1.interfaces import (
@@ -91,8 +93,11 @@ __all__ = [
     "PruningOptions",
     "QuantPolicy",
     "Request",
+    "RequestStatus",
     "SamplingParams",
+    "ScheduledRequest",
     "Scheduler",
+    "SchedulerOutput",
     "VendorDevice",
     "VendorOptions",
     "__version__",

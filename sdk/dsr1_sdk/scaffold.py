@@ -29,6 +29,11 @@ SCAFFOLD_FAMILIES: dict[str, str] = {
     "device": "DeviceConformance",
     "quant": "QuantConformance",
     "pruning": "PruningConformance",
+    "decoding": "DecodingConformance",
+    "kvcache": "KVCacheConformance",
+    "graph": "GraphConformance",
+    "monitor": "MonitorConformance",
+    "scheduler": "SchedulerConformance",
 }
 
 #: What the generated implementation starts as, per family (the spec's description).
@@ -37,6 +42,11 @@ DESCRIPTIONS: dict[str, str] = {
     "device": "a CPU-backed device, ready to be bound to real hardware",
     "quant": "int8 weight-only fake quantization, symmetric per output channel",
     "pruning": "unstructured magnitude pruning with exact sparsity",
+    "decoding": "greedy and sampled decoding (temperature, top-k, top-p, min-p, penalties), per request",
+    "kvcache": "preallocated per-layer key/value tensors, updated in place",
+    "graph": "the model's own decode step behind a wrapper, ready to be compiled",
+    "monitor": "an in-memory event log with per-event counts and sums",
+    "scheduler": "FIFO batches run to completion, KV blocks reserved up front",
 }
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")

@@ -15,8 +15,8 @@ from dsr1_sdk.scaffold import SCAFFOLD_FAMILIES, class_prefix, new_plugin, rende
 
 def test_refuses_other_families_in_one_line() -> None:
     with pytest.raises(Dsr1Error) as err:
-        new_plugin("graph", "mine", Path("unused"))
-    assert str(err.value) == "cannot scaffold a 'graph' plugin; supported families: attention, device, quant, pruning"
+        new_plugin("pool", "mine", Path("unused"))
+    assert str(err.value) == f"cannot scaffold a 'pool' plugin; supported families: {', '.join(SCAFFOLD_FAMILIES)}"
 
 
 @pytest.mark.parametrize("name", ["Mine", "1st", "my_attn", "my--attn", "-x", "x-", "", "mine!"])
@@ -56,9 +56,13 @@ def test_generated_python_compiles(family: str) -> None:
             compile(text, path, "exec")
 
 
+#: families installed here; decoding, kvcache, graph, monitor, scheduler: test_scaffold_decoding_kvcache.py
+INSTALLED = ("attention", "device", "quant", "pruning")
+
+
 def test_generated_plugins_install_and_pass_the_kit(tmp_path: Path) -> None:
     """All four families pass their kit; a broken copy (attention without the scale) fails it."""
-    for family in SCAFFOLD_FAMILIES:
+    for family in INSTALLED:
         new_plugin(family, "demo", tmp_path / family)
     broken = new_plugin("attention", "broken", tmp_path / "broken")
     module = broken / "dsr1_attention_broken" / "__init__.py"
@@ -67,7 +71,7 @@ def test_generated_plugins_install_and_pass_the_kit(tmp_path: Path) -> None:
     module.write_text(source.replace("scale = d**-0.5 if scale is None else scale", "scale = 1.0"))
 
     target = tmp_path / "site"
-    dirs = [str(tmp_path / f) for f in SCAFFOLD_FAMILIES] + [str(broken)]
+    dirs = [str(tmp_path / f) for f in INSTALLED] + [str(broken)]
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
     subprocess.run([*pip, *dirs], check=True, capture_output=True, text=True, timeout=300)
 
@@ -85,7 +89,7 @@ def test_generated_plugins_install_and_pass_the_kit(tmp_path: Path) -> None:
             "skipped" if case.find("skipped") is not None else "passed"
         )
         results.setdefault(module_name, {"passed": 0, "failed": 0, "skipped": 0})[outcome] += 1
-    for family in SCAFFOLD_FAMILIES:
+    for family in INSTALLED:
         counts = results[f"test_dsr1_{family}_demo"]
         assert counts["failed"] == 0 and counts["passed"] >= 15, (family, counts, run.stdout[-3000:])
     assert results["test_dsr1_attention_broken"]["failed"] >= 10, results

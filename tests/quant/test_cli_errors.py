@@ -28,11 +28,12 @@ def quantize(tmp_path: Path, *extra: str) -> list[str]:
 def test_unknown_quant_name_lists_the_closest(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     err = error_line(capsys, *quantize(tmp_path, "--quant", "int9"))
     assert "no quant plugin named 'int9'; did you mean 'int8' or 'int4'?" in err
-    assert "pip install dsr1-quant-int9" in err
+    assert "pip install" not in err  # no guessed distribution name for a name nobody publishes
 
 
 def test_group_size_that_does_not_divide_names_the_layer(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    err = error_line(capsys, *quantize(tmp_path, "--quant", "int4", "--option", "group_size=32"))
+    err = error_line(capsys, *quantize(tmp_path, "--quant", "int4", "--option", "group_size=32",
+                                       "--option", "unfit=refuse"))
     assert ("int4 group_size 32 does not divide the input dim 688 of layer 'model.layers.0.mlp.down_proj'; "
             "no group size of 32/64/128 divides it: keep the layer in floating point with options.skip") in err
     assert not (tmp_path / "out").exists()

@@ -38,6 +38,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="replay a request trace through the engine (continuous batching)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dsr1-tiny", help="model name or directory")
+    p.add_argument("--url", help="drive a running dsr1 serve at this URL over HTTP (streaming) instead of an "
+                                 "in-process engine (the engine's options then belong to dsr1 serve)")
+    p.add_argument("--api-key", help="with --url: the server's API key")
     p.add_argument("--shape", help="a built-in shape with random weights instead of --model (see dsr1 bench)")
     p.add_argument("--config", help="engine config file (YAML/TOML/JSON) for the other families")
     p.add_argument("--device", help="device plugin (default from config)")
@@ -218,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace) if args.trace else draw_trace(args.requests, args.rate, args.lengths, args.seed)
     if args.shared_prefix < 0:
         raise Dsr1Error(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
+    if args.url:
+        from dsr1.benchmarks.serve_http import main_http
+
+        return main_http(args, trace)
     engine = _engine(args, "continuous", None)
     prompts = prompts_for(trace, int(engine.model.args.vocab_size), args.shared_prefix, args.seed)
     longest = max(it.prompt_len + it.output_len for it in trace)

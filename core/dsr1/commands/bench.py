@@ -9,6 +9,12 @@ thread count and prompts; generation is forced to the full length (no eos).
 Timing: one warm-up ``generate``, then ``--reps`` repetitions of a prefill-only
 ``generate`` (1 new token) and a full one; medians. prefill tok/s = B·P / t(1 token);
 decode tok/s = B·(N−1) / (t(N tokens) − t(1 token)); end-to-end tok/s = B·N / t(N tokens).
+When the N-token median is no longer than the 1-token one (a load burst in a 1-token run), up to
+2·reps + 2 more pairs are timed (``extra_reps``); a run whose timings are still not positive, finite
+and ordered is refused with a one-line error, never printed as a rate (:mod:`dsr1.benchmarks.rates`).
+
+Other forms: ``dsr1 bench attention``, ``kvcache``, ``serve`` and ``precision`` (quant unset vs
+explicit policies such as ``fp32``, same weights, one process).
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ from dsr1.benchmarks.common import cpu_model as _cpu_model
 from dsr1.benchmarks.common import others_busy as _others_busy
 from dsr1.benchmarks.common import version as _version
 from dsr1.benchmarks.common import write_report
+from dsr1.benchmarks.rates import rates
 from dsr1.errors import Dsr1Error
+from dsr1.progress import progress
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny-125m": {
@@ -62,11 +70,12 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     forms = p.add_subparsers(dest="bench_form", metavar="FORM",
                              title="other forms (dsr1 bench FORM --help)")
-    from dsr1.benchmarks import attention, kvcache, serve
+    from dsr1.benchmarks import attention, kvcache, precision, serve
 
     attention.add_parser(forms)
     kvcache.add_parser(forms)
     serve.add_parser(forms)
+    precision.add_parser(forms)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="model name or HF-format directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="a built-in model shape (use with --random-weights)")
@@ -84,6 +93,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="device plugin (cpu, cuda); default from config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--output", help="also write the JSON to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -152,28 +162,44 @@ def run(args: argparse.Namespace) -> int:
         "threads": threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
     }
     results: list[dict[str, Any]] = []
-    for b in batches:
-        row: dict[str, Any] = {"batch_size": b}
-        runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
-        for r in range(args.rounds):
-            for engine in engines if r % 2 == 0 else engines[::-1]:  # alternate who goes first
-                got = _spawn({**spec, "engine": engine, "batch_size": b})
-                runs[engine].append(got)
-                others = got.get("other_processes_cpu_pct")
-                if others is not None and others > 10:
-                    print(f"dsr1 bench: warning: other processes kept {others:.0f}% of the CPUs busy while {engine} "
-                          f"ran batch {b}; its figures are not trustworthy", file=sys.stderr, flush=True)
-                if not args.json:
-                    print(f"batch {b:>3} {engine:>5}: prefill {got['prefill_tok_s']:9.1f} tok/s  decode "
-                          f"{got['decode_tok_s']:8.1f} tok/s  end-to-end {got['e2e_tok_s']:8.1f} tok/s  "
-                          f"peak {got['peak_mem_mb']:8.1f} MB", file=sys.stderr, flush=True)
-        for engine in engines:
-            row[engine] = _combine_rounds(runs[engine])
-        if "hf" in row:
-            d, h = row["dsr1"], row["hf"]
-            row["ratio_vs_hf"] = {k: round(d[k] / h[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")}
-            row["ratio_vs_hf"]["peak_mem"] = round(d["peak_mem_mb"] / h["peak_mem_mb"], 3) if h["peak_mem_mb"] > 0 else None
-        results.append(row)
+    with progress("bench workers", total=len(batches) * args.rounds * len(engines),
+                  quiet=args.json or args.quiet) as bar:
+        for b in batches:
+            results.append(_one_batch(args, spec, engines, b, bar))
+    _report(args, device, threads, spec, results, torch)
+    return 0
+
+
+def _one_batch(args: argparse.Namespace, spec: dict[str, Any], engines: list[str], b: int, bar: Any) -> dict[str, Any]:
+    """Every engine's rounds at batch ``b``, combined (and compared with transformers where asked)."""
+    row: dict[str, Any] = {"batch_size": b}
+    runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
+    for r in range(args.rounds):
+        for engine in engines if r % 2 == 0 else engines[::-1]:  # alternate who goes first
+            bar.advance(0, description=f"bench: {engine} batch {b}, round {r + 1}")
+            got = _spawn({**spec, "engine": engine, "batch_size": b})
+            bar.advance()
+            runs[engine].append(got)
+            others = got.get("other_processes_cpu_pct")
+            if others is not None and others > 10:
+                print(f"dsr1 bench: warning: other processes kept {others:.0f}% of the CPUs busy while {engine} "
+                      f"ran batch {b}; its figures are not trustworthy", file=sys.stderr, flush=True)
+            if not args.json:
+                print(f"batch {b:>3} {engine:>5}: prefill {got['prefill_tok_s']:9.1f} tok/s  decode "
+                      f"{got['decode_tok_s']:8.1f} tok/s  end-to-end {got['e2e_tok_s']:8.1f} tok/s  "
+                      f"peak {got['peak_mem_mb']:8.1f} MB", file=sys.stderr, flush=True)
+    for engine in engines:
+        row[engine] = _combine_rounds(runs[engine])
+    if "hf" in row:
+        d, h = row["dsr1"], row["hf"]
+        row["ratio_vs_hf"] = {k: round(d[k] / h[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")}
+        row["ratio_vs_hf"]["peak_mem"] = round(d["peak_mem_mb"] / h["peak_mem_mb"], 3) if h["peak_mem_mb"] > 0 else None
+    return row
+
+
+def _report(args: argparse.Namespace, device: str, threads: int, spec: dict[str, Any],
+            results: list[dict[str, Any]], torch: Any) -> None:
+    """The report (JSON, and the summary lines unless --json), from every batch size's row."""
     weight_bytes = results[0]["dsr1"]["weight_bytes"]
     streamed = results[0]["dsr1"].get("streamed_bytes", weight_bytes)
     bandwidth = _bandwidth_gbs(device)
@@ -207,7 +233,6 @@ def run(args: argparse.Namespace) -> int:
             else:
                 d = row["dsr1"]
                 print(f"batch {row['batch_size']}: decode {d['decode_tok_s']:.1f} tok/s, e2e {d['e2e_tok_s']:.1f}")
-    return 0
 
 
 #: figures of a worker that several rounds combine by their median (peak memory: the highest).
@@ -357,17 +382,22 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     timed(n)  # warm-up (allocator, kernels, caches)
     t1, tn = [], []
     busy_before = _cpu_busy()
-    for _ in range(int(spec["reps"])):
+    reps = int(spec["reps"])
+    for _ in range(reps):
         t1.append(timed(1))
         tn.append(timed(n))
+    extra = 0  # a load burst in a 1-token run can leave no decode time: measure more pairs before refusing
+    while statistics.median(tn) <= statistics.median(t1) and extra < 2 * reps + 2:
+        t1.append(timed(1))
+        tn.append(timed(n))
+        extra += 1
     others = _others_busy(busy_before, _cpu_busy())
-    m1, mn = statistics.median(t1), statistics.median(tn)
+    figures = rates(f"bench {spec['engine']} batch {b}", b, p, n, t1, tn)  # refuses timings that cannot be real
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()) - base
     out = {
-        "prefill_tok_s": b * p / m1, "decode_tok_s": b * (n - 1) / max(mn - m1, 1e-9), "e2e_tok_s": b * n / mn,
-        "prefill_s": m1, "generate_s": mn, "peak_mem_mb": peak, "weight_bytes": weight_bytes,
+        **figures, "peak_mem_mb": peak, "weight_bytes": weight_bytes,
         "streamed_bytes": streamed,
-        "times_1": t1, "times_n": tn,
+        "times_1": t1, "times_n": tn, "extra_reps": extra,
         "other_processes_cpu_pct": others,
         "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
     }

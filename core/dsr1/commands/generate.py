@@ -13,31 +13,52 @@ from dsr1.errors import Dsr1Error
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text from a prompt",
                               description="Generate text with a model through the configured plugin pipeline.")
-    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    p.add_argument("--model", default="dsr1-tiny", help="model name or HF-format directory (default dsr1-tiny)")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text; '-' reads it from stdin (UTF-8)")
+    p.add_argument("--model", default="dsr1-tiny", help="model name or HF-format directory")
     p.add_argument("--config", help="engine config file (YAML/TOML/JSON)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while the model loads")
     p.set_defaults(func=run)
 
 
+def read_prompt(arg: str) -> str:
+    """``arg``, or stdin's text when ``arg`` is ``-`` (one trailing newline dropped, as ``echo`` adds it)."""
+    if arg != "-":
+        return arg
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise Dsr1Error(f"stdin is not valid UTF-8 (byte {err.start}); pass the prompt in UTF-8") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def run(args: argparse.Namespace) -> int:
+    from dsr1.generation import _check_params as check_params  # the checks model.generate makes
+
+    args.prompt = read_prompt(args.prompt)
     if not args.prompt.strip():
-        raise Dsr1Error("empty prompt; pass the text to continue, e.g. dsr1 generate 'The Python interpreter'")
+        raise Dsr1Error("empty prompt; pass the text to continue, e.g. dsr1 generate 'The Python interpreter' "
+                        "(or '-' to read it from stdin)")
+    # every argument is checked before the model loads and before anything is printed
+    check_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                 args.temperature > 0)
     from dsr1.auto import AutoModel, AutoTokenizer
+    from dsr1.progress import progress
 
     chat = None
     if args.chat:  # the checkpoint's template is rendered before its weights load: a bad one fails at once
         chat = AutoTokenizer.from_pretrained(args.model, args.config).apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt")
     started = time.perf_counter()
-    model = AutoModel.from_pretrained(args.model, args.config)
+    with progress(f"loading {args.model}", quiet=args.json or args.quiet):
+        model = AutoModel.from_pretrained(args.model, args.config)
     load_s = time.perf_counter() - started
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -76,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
             report["precision_switches"] = [e for e in monitor.stream() if e.get("event") == "quant.switch"]
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
-    sys.stdout.write(args.prompt)
+    pieces = iter(model.generate(enc["input_ids"], enc["attention_mask"], stream=True, **sampling))
+    # the first piece before the prompt is echoed: the arguments against the model (context length),
+    # the prefill, and the device's first-use work (a kernel build notice on stderr) all come first,
+    # so nothing they print lands inside the generated line
+    first = next(pieces, "")
+    sys.stdout.write(args.prompt + first)
     sys.stdout.flush()
-    for piece in model.generate(enc["input_ids"], enc["attention_mask"], stream=True, **sampling):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

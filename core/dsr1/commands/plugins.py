@@ -29,10 +29,19 @@ def add_parser(sub: Any) -> None:
     ls.set_defaults(func=run_list)
 
     new = actions.add_parser("new", help="write a complete installable plugin package from a template")
-    new.add_argument("--family", required=True, help="attention, device, quant or pruning")
+    new.add_argument("--family", required=True, help=f"one of: {', '.join(_scaffold_families())}")
     new.add_argument("--name", required=True, help="the name users will write in config")
     new.add_argument("--dir", required=True, type=Path, help="directory to create")
     new.set_defaults(func=run_new)
+
+
+def _scaffold_families() -> list[str]:
+    """The families ``new`` has a template for (the SDK's list; empty without the SDK)."""
+    try:
+        from dsr1_sdk.scaffold import SCAFFOLD_FAMILIES
+    except ModuleNotFoundError:
+        return []
+    return list(SCAFFOLD_FAMILIES)
 
 
 def _row(info: EntryPointInfo) -> dict[str, Any]:
@@ -107,5 +116,5 @@ def run_new(args: argparse.Namespace) -> int:
         raise Dsr1Error("`dsr1 plugins new` needs the plugin SDK; `pip install dsr1-sdk`") from None
     path = new_plugin(args.family, args.name, args.dir)
     print(f"wrote plugin package dsr1-{args.family}-{args.name} to {path}")
-    print(f"next: pip install -e {path} && pytest {path}")
+    print(f"next: pip install -e '{path}[test]' && pytest {path}")
     return 0

@@ -71,6 +71,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object (the curve's rows and where everything went)")
 
 
 
@@ -111,8 +113,46 @@ def command_line(args: argparse.Namespace, prog: str = "dsr1 prune") -> str:
 
 
 def run(args: argparse.Namespace, prog: str = "dsr1 prune") -> int:
-    """Run the command; returns the exit code (1: a stage fell below --accuracy-floor)."""
+    """Run the command; returns the exit code (1: a stage fell below --accuracy-floor). Prints a summary
+    of the curve to stdout (one JSON object with ``--json``); progress bars only on a terminal."""
+    from dsr1.progress import enabled
     from dsr1.pruning.runner import PruneRun
 
     settings = settings_from_args(args)
-    return PruneRun(settings, command_line(args, prog), quiet=args.quiet).run()
+    as_json = getattr(args, "json", False)
+    quiet = not enabled(args.quiet or as_json)  # also quiet without rich or off a terminal
+    runner = PruneRun(settings, command_line(args, prog), quiet=quiet)
+    code = runner.run()
+    print_summary(runner.report, settings.output_dir, code, as_json)
+    return code
+
+
+def summary(report: dict[str, Any], output_dir: str, code: int) -> dict[str, Any]:
+    """What ``--json`` prints: where the outputs are, and the curve's rows (``curve.csv``'s columns)."""
+    from pathlib import Path
+
+    from dsr1.pruning.report import curve_rows
+
+    out = Path(output_dir).expanduser()
+    return {
+        "output_dir": str(out), "report": str(out / "report.json"), "curve_csv": str(out / "curve.csv"),
+        "model": report.get("model_name"), "strategy": (report.get("strategy") or {}).get("name"),
+        "exit_code": code, "elapsed_s": report.get("elapsed_s"), "curve": curve_rows(report),
+    }
+
+
+def print_summary(report: dict[str, Any], output_dir: str, code: int, as_json: bool) -> None:
+    """The curve, one line per point, then where the files went (or all of it as JSON)."""
+    import json
+
+    got = summary(report, output_dir, code)
+    if as_json:
+        print(json.dumps(got, indent=2))
+        return
+    for row in got["curve"]:
+        score = row["accuracy_score"]
+        metric = f"perplexity {row['perplexity']}" if row["perplexity"] != "" else f"mean cosine {row['mean_cosine']}"
+        speed = "" if row["speed"] == "" else (f", {row['speed_metric']} {row['speed']:.1f} "
+                                               f"({row['speed_vs_dense_paired']}x dense)")
+        print(f"{row['point']:>12}: sparsity {row['realized_sparsity']:.3f}, {metric}, score {score}{speed}")
+    print(f"wrote {len(got['curve']) - 1} stage(s), report.json and curve.csv to {got['output_dir']}")

@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--config", help="engine config file (YAML/TOML/JSON) for the other families")
     p.add_argument("--device", help="device plugin to quantize on (default from config: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from dsr1.auto import AutoModel
     from dsr1.models.loading import resolve_model_dir, write_model_dir
     from dsr1.outputs import plan_output
+    from dsr1.progress import progress
     from dsr1.registry import PluginRegistry
 
     out = Path(args.output_dir).expanduser()
@@ -76,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     bytes_before = _weight_bytes(model_dir)  # before anything is written
     started = time.perf_counter()
-    model = AutoModel.from_pretrained(model_dir, args.config, registry=registry, **overrides)
-    with plan.writing() as tmp:
+    quiet = args.json or args.quiet
+    with progress(f"loading and quantizing ({args.quant})", quiet=quiet):  # the bar follows the bytes read
+        model = AutoModel.from_pretrained(model_dir, args.config, registry=registry, **overrides)
+    with progress("writing", quiet=quiet), plan.writing() as tmp:
         write_model_dir(model, tmp)
     precision_map = getattr(model.pipeline.quant, "precision_map", None)
     layers = precision_map(model) if callable(precision_map) else {}

@@ -438,9 +438,9 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     if a.tie_embeddings:
         linear_weights.discard("lm_head.weight")  # shares the embedding's (V, C) storage
     order = sorted(model.state_dict(), key=lambda n: n != "lm_head.weight")  # largest first: smallest peak
-    # oneDNN-packed weights for batched CPU decode (dsr1.models.packing), where nothing rewrites them after load
-    batch_layout = (layout == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available()
-                    and getattr(pipeline, "quant", None) is None)
+    # the device's kernel, else oneDNN-packed weights, for CPU decode (dsr1.models.packing). Whatever the quant
+    # policy: the choice is made at the first generate, after the policy ran, on the layers it left plain fp32
+    batch_layout = layout == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available()
     state: dict[str, torch.Tensor] = {}
     with pipeline.device.relayout_memory():  # each tensor's read buffer is freed once it is placed
         _read_state(reader, names, order, a, dtype, device, kn, linear_weights, state)

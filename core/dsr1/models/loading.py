@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from dsr1 import progress
 from dsr1.errors import Dsr1Error
 from dsr1.input_files import is_regular, kind, list_dir, open_regular, probe, read_text
 from dsr1.outputs import plan_output
@@ -380,6 +381,7 @@ class CheckpointReader:
         # checked as placed: one pass, on the accelerator when there is one; it also catches a cast that overflows
         if not self.allow_nonfinite and _nonfinite(t) is not None:
             self._refuse_nonfinite(name, stored, t)
+        progress.advance(stored.nbytes, total=lambda: sum(e.end - e.begin for e in self.entries.values()))
         return t
 
     def _refuse_nonfinite(self, name: str, stored: torch.Tensor, placed: torch.Tensor) -> None:

@@ -5,6 +5,11 @@ the cpu device's AVX-512 panel kernel, ``dsr1_device_cpu.panels``), which serves
 from one layout. Where the device declines (``linear_kernel: none``, no AVX-512, no compiler), the
 oneDNN/``kn`` switching below applies.
 
+Both are chosen at the first generate, after the quant policy and pruning ran at load, whatever the
+policy: :func:`packable` offers the layers it left plain fp32 ``nn.Linear`` (every one with quant unset
+or ``fp32``; those in an ``int8``/``int4`` policy's ``skip`` when its ``compute_dtype`` is fp32; none
+under ``bf16``). Deciding it at build, before the policy, once made ``quant: fp32`` lose the fast path.
+
 At a few rows per matmul (decode at batch 2-32) MKL's ``sgemm`` repacks the weight on every
 call and stays compute-bound; oneDNN's matmul on a weight reordered once into its blocked
 layout does not. At one row MKL's matrix-vector product already streams at DRAM bandwidth

@@ -1,7 +1,7 @@
 """Text for pruning: held-out evaluation text and calibration text, as token tensors.
 
-Default source: the corpus ``dsr1-tiny`` was trained on (``tools/tiny_corpus.py``: CPython's
-``pydoc_data.topics`` and standard-library docstrings; document ``i`` is held out when
+Default source: the corpus ``dsr1-tiny`` was trained on, shipped with dsr1 (:mod:`dsr1.corpus`:
+CPython's ``pydoc_data.topics`` and standard-library docstrings; document ``i`` is held out when
 ``i % 10 == 9``). Evaluation always reads the **held-out** split; default calibration reads the
 **training** split, so the two never overlap. ``--calibration FILE`` replaces the calibration text
 (UTF-8, any length ≥ a few dozen tokens); ``--eval-text FILE`` replaces the held-out text.
@@ -14,49 +14,22 @@ characters) instead of a stream.
 """
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsr1 import corpus
 from dsr1.errors import Dsr1Error
 
-HELDOUT_EVERY = 10  # the rule of tools/tiny_corpus.py: document i is held out when i % 10 == 9
-
 #: What the report says the default text is.
-DEFAULT_SOURCE = "dsr1-tiny corpus (tools/tiny_corpus.py): held-out split for evaluation, training split for calibration"
-
-
-def corpus_script() -> Path:
-    """``tools/tiny_corpus.py`` of the dsr1 checkout this package runs from."""
-    return Path(__file__).resolve().parents[3] / "tools" / "tiny_corpus.py"
-
-
-@lru_cache(maxsize=1)
-def corpus_documents() -> tuple[str, ...]:
-    """All corpus documents in order, built by ``tools/tiny_corpus.py`` in an isolated interpreter."""
-    script = corpus_script()
-    if not script.is_file():
-        raise Dsr1Error(f"the default text needs {script} (a dsr1 checkout); pass --calibration FILE and --eval-text FILE")
-    proc = subprocess.run([sys.executable, "-I", "-S", str(script), "--documents-json"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise Dsr1Error(f"building the default corpus with {script} failed: {tail}")
-    return tuple(json.loads(proc.stdout))
+DEFAULT_SOURCE = f"{corpus.SOURCE}: held-out split for evaluation, training split for calibration"
 
 
 def split_documents() -> tuple[list[str], list[str]]:
     """``(train_docs, heldout_docs)`` of the default corpus."""
-    train: list[str] = []
-    heldout: list[str] = []
-    for i, doc in enumerate(corpus_documents()):
-        (heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train).append(doc)
-    return train, heldout
+    return corpus.split_documents()
 
 
 def read_text_file(path: str | Path, what: str) -> str:

@@ -125,17 +125,34 @@ def sentence_embeddings(model: Any, tokenizer: Any, texts: list[str], batch_size
     return torch.cat(chunks)
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x`` ``(N,)``, float64; tied values share the mean of their ranks."""
+    order = torch.argsort(x, stable=True)
+    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # (G,) last 1-based rank of each run of equal values
+    ranks = torch.empty(x.shape[0], dtype=torch.float64)
+    ranks[order] = (ends - (counts.double() - 1) / 2)[group]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of ``a`` and ``b`` ``(N,)``: Pearson's of their average ranks
+    (what ``scipy.stats.spearmanr`` computes; NaN when either side is constant)."""
+    ra, rb = average_ranks(a.flatten()), average_ranks(b.flatten())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra @ rb) / denom) if denom > 0 else float("nan")
+
+
 def embedding_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
     """Mean / min cosine of each sentence with its dense embedding, and the Spearman correlation
     of the pairwise cosine similarities (upper triangle) of the two sets."""
-    from scipy.stats import spearmanr
-
     cos = F.cosine_similarity(dense.double(), pruned.double(), dim=1)  # (N,)
     d, p = F.normalize(dense.double(), dim=1), F.normalize(pruned.double(), dim=1)
     iu = torch.triu_indices(d.shape[0], d.shape[0], offset=1)
     sim_d = (d @ d.T)[iu[0], iu[1]]  # (N(N-1)/2,)
     sim_p = (p @ p.T)[iu[0], iu[1]]
-    rho = float(spearmanr(sim_d.numpy(), sim_p.numpy()).statistic) if sim_d.numel() > 1 else 1.0
+    rho = spearman(sim_d, sim_p) if sim_d.numel() > 1 else 1.0
     return {
         "mean_cosine": round(float(cos.mean()), 6),
         "min_cosine": round(float(cos.min()), 6),

@@ -8,9 +8,11 @@ speed relative to dense on a second axis.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from dsr1.outputs import umask
 CSV_COLUMNS = (
     "point", "target_sparsity", "realized_sparsity", "params_fraction", "prunable_nonzero", "file_mb",
     "perplexity", "mean_cosine", "spearman", "accuracy_score", "speed_metric", "speed", "speed_vs_dense",
+    "dense_speed_paired", "speed_vs_dense_paired",
 )
 
 
@@ -39,11 +42,26 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _ratio(value: Any, base: Any) -> Any:
+    """``value / base`` to 3 places, or ``""`` where either is missing (or the base is not positive)."""
+    if value in (None, "") or base in (None, "") or not base > 0:
+        return ""
+    return round(float(value) / float(base), 3)
+
+
 def curve_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per point of the curve: dense first, then each stage in order."""
+    """One row per point of the curve: dense first, then each stage in order.
+
+    Every ratio is computed from columns of the same file, so a reader can check it:
+    ``speed_vs_dense`` = ``speed`` / the dense row's ``speed``; ``speed_vs_dense_paired`` =
+    ``speed`` / ``dense_speed_paired``, the mean of the two dense measurements taken around that
+    stage (``dsr1 prune`` measures dense, stage, dense: machine drift cancels, so prefer it)."""
     rows = []
+    dense_speed = (report["dense"].get("speed") or {}).get("value")
     for point in [report["dense"], *report["stages"]]:
         acc, speed = point.get("accuracy", {}), point.get("speed") or {}
+        pairs = speed.get("dense_paired")
+        paired = sum(pairs) / len(pairs) if pairs else speed.get("value") if point is report["dense"] else None
         rows.append({
             "point": point["name"],
             "target_sparsity": point["target_sparsity"],
@@ -57,7 +75,9 @@ def curve_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "accuracy_score": acc.get("score", ""),
             "speed_metric": speed.get("metric", ""),
             "speed": speed.get("value", ""),
-            "speed_vs_dense": speed.get("vs_dense", ""),
+            "speed_vs_dense": _ratio(speed.get("value"), dense_speed),
+            "dense_speed_paired": "" if paired is None else paired,
+            "speed_vs_dense_paired": _ratio(speed.get("value"), paired),
         })
     return rows
 
@@ -89,7 +109,8 @@ def write_png(path: Path, report: dict[str, Any]) -> None:
         ax.plot(x, [r["spearman"] for r in rows], "s--", color="tab:cyan", label="Spearman of pair similarities")
         ax.set_ylabel("embedding fidelity to dense", color="tab:blue")
     ax.set_xlabel("realized sparsity of the prunable linear layers")
-    speeds = [(xi, r["speed_vs_dense"]) for xi, r in zip(x, rows, strict=True) if r["speed_vs_dense"] != ""]
+    speeds = [(xi, r["speed_vs_dense_paired"]) for xi, r in zip(x, rows, strict=True)
+              if r["speed_vs_dense_paired"] != ""]
     handles, labels = ax.get_legend_handles_labels()
     if speeds:
         ax2 = ax.twinx()
@@ -114,4 +135,16 @@ def write_all(out_dir: Path, report: dict[str, Any]) -> None:
     """``report.json``, ``curve.csv`` and ``curve.png``, in that order."""
     write_atomic(out_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     write_csv(out_dir / "curve.csv", report)
-    write_png(out_dir / "curve.png", report)
+    try:
+        write_png(out_dir / "curve.png", report)
+    except ModuleNotFoundError as err:  # the plot is optional: matplotlib comes with the `plot` extra
+        if err.name is None or err.name.split(".")[0] != "matplotlib":
+            raise
+        _note_once("dsr1: note: curve.png needs matplotlib (pip install 'dsr1[plot]'); report.json and curve.csv "
+                   "are written")
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    """``message`` on stderr, once per process (the report is rewritten after every stage)."""
+    print(message, file=sys.stderr, flush=True)

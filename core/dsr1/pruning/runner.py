@@ -207,7 +207,7 @@ class PruneRun:
     def _data(self) -> None:
         s, tok = self.s, self.tokenizer
         needs_cal = "activation_aware" in self.spec.capabilities or "calibration" in self.spec.capabilities
-        source = s.calibration or "default: training split of the dsr1-tiny corpus (tools/tiny_corpus.py)"
+        source = s.calibration or "default: training split of the dsr1-tiny corpus (shipped with dsr1)"
         if self.kind == "causal":
             window = min(s.eval_window, int(self.hf.get("max_position_embeddings", s.eval_window)))
             self.eval_stream = textdata.heldout_stream(s.eval_text, tok, s.eval_tokens)

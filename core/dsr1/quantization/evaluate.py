@@ -1,7 +1,7 @@
 """Accuracy of a quantized model: held-out perplexity, per-layer SQNR on live activations,
 sentence-embedding cosine against fp32.
 
-Held-out text: the split of the corpus ``dsr1-tiny`` was trained on (``tools/tiny_corpus.py``:
+Held-out text: the split of the corpus ``dsr1-tiny`` was trained on (:mod:`dsr1.corpus`:
 document ``i`` is held out when ``i % 10 == 9``), tokenized as its trainer did
 (``<|bos|> text <|eos|>`` per document) and cut to the first ``max_tokens`` tokens.
 Perplexity is token-level over non-overlapping ``window``-token windows, each scored on its
@@ -9,10 +9,7 @@ own, like ``tools/train_tiny.py``: one window is one forward (one *step* for ``d
 """
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,26 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1.errors import Dsr1Error
+from dsr1 import corpus
 from dsr1.quantization.modules import QuantizedLinear
 
-HELDOUT_EVERY = 10
-
-
-def corpus_script() -> Path:
-    """``tools/tiny_corpus.py`` of the dsr1 checkout this package runs from."""
-    return Path(__file__).resolve().parents[3] / "tools" / "tiny_corpus.py"
-
-
 def heldout_documents() -> list[str]:
-    """The held-out documents of dsr1-tiny's corpus (built in an isolated interpreter, as its trainer does)."""
-    script = corpus_script()
-    if not script.is_file():
-        raise Dsr1Error(f"{script} is missing: held-out text needs a dsr1 source checkout (or pass your own text)")
-    done = subprocess.run([sys.executable, "-I", "-S", str(script), "--documents-json"], capture_output=True,
-                          check=True)
-    docs = json.loads(done.stdout)
-    return [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    """The held-out documents of dsr1-tiny's corpus (:mod:`dsr1.corpus`, shipped with dsr1)."""
+    return corpus.split_documents()[1]
 
 
 def heldout_ids(model_dir: Path, max_tokens: int) -> torch.Tensor:

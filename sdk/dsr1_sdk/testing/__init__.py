@@ -18,13 +18,40 @@ nothing; using a kit class imports torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
+
+#: What the kits import beyond dsr1-sdk's own dependencies: the ``testing`` extra.
+TESTING_EXTRA = ("pytest", "hypothesis")
+
+
+def require_testing_extra() -> None:
+    """Raise one clear ImportError when the kit's test tools are not installed."""
+    missing = [m for m in TESTING_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the dsr1 conformance kits need {' and '.join(missing)}: pip install 'dsr1-sdk[testing]'")
+
+
+# Without pytest nothing can use a kit (pytest alone loads the pytest plugin of this package, so a run
+# of pytest without hypothesis still imports this module: that case fails when a kit is used).
+if importlib.util.find_spec("pytest") is None:
+    require_testing_extra()
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1_sdk.testing.attention import AttentionCase, AttentionConformance, check_attention_case
     from dsr1_sdk.testing.base import PluginConformance, check_options_model, check_packaging
+    from dsr1_sdk.testing.decoding import DecodeCase, DecodingConformance, check_decode_case
     from dsr1_sdk.testing.device import DeviceConformance, VendorDeviceConformance, check_matmul, check_probe
-    from dsr1_sdk.testing.pruning import PruneCase, PruningConformance, check_mask, check_prune_model
+    from dsr1_sdk.testing.graph import GraphConformance, check_graph_tokens
+    from dsr1_sdk.testing.kvcache import KVCacheConformance
+    from dsr1_sdk.testing.monitor import MonitorConformance, check_stats
+    from dsr1_sdk.testing.pruning import (
+        PruneCase,
+        PruningConformance,
+        check_mask,
+        check_prune_model,
+        check_score_definition,
+    )
     from dsr1_sdk.testing.quant import (
         QuantCase,
         QuantConformance,
@@ -39,6 +66,13 @@ _LAZY: dict[str, str] = {
     "AttentionCase": "attention",
     "AttentionConformance": "attention",
     "check_attention_case": "attention",
+    "MonitorConformance": "monitor",
+    "check_stats": "monitor",
+    "GraphConformance": "graph",
+    "check_graph_tokens": "graph",
+    "DecodeCase": "decoding",
+    "DecodingConformance": "decoding",
+    "check_decode_case": "decoding",
     "PluginConformance": "base",
     "check_options_model": "base",
     "check_packaging": "base",
@@ -51,6 +85,7 @@ _LAZY: dict[str, str] = {
     "PruningConformance": "pruning",
     "check_mask": "pruning",
     "check_prune_model": "pruning",
+    "check_score_definition": "pruning",
     "QuantCase": "quant",
     "QuantConformance": "quant",
     "check_quantize_model": "quant",
@@ -61,18 +96,24 @@ _LAZY: dict[str, str] = {
     "check_scheduler_trace": "scheduler",
 }
 
-#: Family → the name of its kit class (``KITS["attention"] == "AttentionConformance"``).
+#: Family → the name of its kit class (``KITS["attention"] == "AttentionConformance"``). Families
+#: without a kit of their own (preprocess, model, pool) are checked by ``PluginConformance`` alone.
 KITS: dict[str, str] = {
     "attention": "AttentionConformance",
     "device": "DeviceConformance",
     "quant": "QuantConformance",
     "pruning": "PruningConformance",
     "scheduler": "SchedulerConformance",
+    "kvcache": "KVCacheConformance",
+    "decoding": "DecodingConformance",
+    "graph": "GraphConformance",
+    "monitor": "MonitorConformance",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        require_testing_extra()
         module = importlib.import_module(f"dsr1_sdk.testing.{_LAZY[name]}")
         return getattr(module, name)
     raise AttributeError(f"module 'dsr1_sdk.testing' has no attribute {name!r}")
@@ -82,8 +123,12 @@ __all__ = [
     "KITS",
     "AttentionCase",
     "AttentionConformance",
+    "DecodeCase",
+    "DecodingConformance",
     "DeviceConformance",
+    "GraphConformance",
     "KVCacheConformance",
+    "MonitorConformance",
     "PluginConformance",
     "PruneCase",
     "PruningConformance",
@@ -93,6 +138,8 @@ __all__ = [
     "SchedulerConformance",
     "VendorDeviceConformance",
     "check_attention_case",
+    "check_decode_case",
+    "check_graph_tokens",
     "check_mask",
     "check_matmul",
     "check_options_model",
@@ -102,5 +149,7 @@ __all__ = [
     "check_quantize_model",
     "check_round_trip",
     "check_scheduler_trace",
+    "check_score_definition",
     "check_sqnr",
+    "check_stats",
 ]

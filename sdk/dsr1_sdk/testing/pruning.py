@@ -10,12 +10,18 @@ Capabilities the kit understands:
 ``2:4``               every group of 4 consecutive inputs of a row holds ≥ 2 zeros once pruned;
                       ``mask`` refuses (``Dsr1Error``) a weight whose input dim is not a multiple of 4.
 ``min_sparsity:X``    targets in (0, X) are not asked for (2:4 is at least 50% sparse).
+``score:NAME``        what ``score`` computes, from :data:`SCORE_DEFINITIONS` (``magnitude`` = ``|w|``,
+                      ``wanda`` = ``|w| · activation_norm``). Undeclared: ``wanda`` for an
+                      ``activation_aware`` pruner, else ``magnitude``. A test class may instead set
+                      ``reference_score`` (a function ``(weight, act) -> scores`` in float64).
 ``structured``        ``mask`` prunes whole input columns (tolerance: one column); ``prune_`` on a
                       llama / bert model shrinks it into a consistent smaller model
                       (:func:`~dsr1_sdk.testing.pruning_models.check_structured_model`) instead of
                       zeroing the kit's ``TinyLM``.
 
-Every pruner: realized sparsity within ±``sparsity_tolerance`` (1%; or one element on
+Every pruner's ``score`` ranks weights as its definition does (equal up to an increasing
+transform, so ``|w|²`` passes for magnitude but a score that ignores ``activation_norm``, or
+any other quantity, fails), and its realized sparsity within ±``sparsity_tolerance`` (1%; or one element on
 tiny matrices) of the target, masks idempotent (pruning the pruned weight at the same
 sparsity gives the same mask), ``prune_`` zeroes exactly the masked weights, leaves kept
 weights, embeddings and the ``lm_head`` bit-identical, and a pruned tiny llama and bert
@@ -23,6 +29,7 @@ saved with ``save_pretrained`` reload in dsr1 with bit-identical outputs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -95,6 +102,53 @@ def min_sparsity(capabilities: frozenset[str]) -> float:
 def asked(target: float, capabilities: frozenset[str]) -> bool:
     """Whether the kit asks a pruner for ``target`` (0, or at least its minimum sparsity)."""
     return target == 0 or target >= min_sparsity(capabilities) - 1e-9
+
+
+ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+#: What a ``score:NAME`` capability promises ``score(weight, act)`` computes (float64 references).
+SCORE_DEFINITIONS: dict[str, ScoreFn] = {
+    "magnitude": lambda w, act: w.abs(),
+    "wanda": lambda w, act: w.abs() * (act[None, :] if act is not None else 1.0),
+}
+
+
+def declared_score(capabilities: frozenset[str]) -> str:
+    """The score definition a pruner declares (``score:NAME``), else the one its capabilities imply."""
+    named = sorted(c.split(":", 1)[1] for c in capabilities if c.startswith("score:"))
+    if named:
+        if named[0] not in SCORE_DEFINITIONS:
+            raise AssertionError(f"capability score:{named[0]} names no definition the kit knows "
+                                 f"({sorted(SCORE_DEFINITIONS)}); set reference_score on the test class")
+        return named[0]
+    return "wanda" if "activation_aware" in capabilities else "magnitude"
+
+
+def check_score_definition(pruner: Pruner, weight: torch.Tensor, act: torch.Tensor | None,
+                           reference: ScoreFn, name: str = "reference") -> None:
+    """``pruner.score`` orders the weights as ``reference`` does: sorted by the reference, the
+    plugin's scores never decrease where the reference clearly increases, and are equal where
+    it ties (an increasing transform of the reference passes; another quantity fails)."""
+    got = pruner.score(weight, act).detach().to("cpu", torch.float64).reshape(-1)  # (N,)
+    want = reference(weight.detach().to("cpu", torch.float64),
+                     act.detach().to("cpu", torch.float64) if act is not None else None).reshape(-1)  # (N,)
+    assert got.numel() == want.numel(), f"score has {got.numel()} entries, the weight {want.numel()}"
+    if got.numel() < 2:
+        return
+    order = torch.argsort(want, stable=True)
+    r, s = want[order], got[order]  # (N,) both, ascending reference
+    dr, ds = r[1:] - r[:-1], s[1:] - s[:-1]  # (N-1,)
+    s_tol = 1e-6 * float(s.abs().max().clamp_min(1e-30))
+    bad = ((dr > 1e-5 * float(r.abs().max().clamp_min(1e-30))) & (ds < -s_tol)) | ((dr == 0) & (ds.abs() > s_tol))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        a, b = int(order[i]), int(order[i + 1])
+        cols = weight.shape[-1]
+        raise AssertionError(
+            f"score ignores its definition ({name}): weights {divmod(a, cols)} and {divmod(b, cols)} have "
+            f"{name} scores {float(r[i]):.6g} <= {float(r[i + 1]):.6g} but plugin scores {float(s[i]):.6g}, "
+            f"{float(s[i + 1]):.6g} ({int(bad.sum())} of {bad.numel()} neighbouring pairs out of order)"
+        )
 
 
 def check_mask(pruner: Pruner, weight: torch.Tensor, target: float, act: torch.Tensor | None,
@@ -196,6 +250,8 @@ class PruningConformance(PluginConformance):
     CASES: ClassVar[dict[str, PruneCase]] = CASES
     sparsities: ClassVar[tuple[float, ...]] = SPARSITIES
     sparsity_tolerance: ClassVar[float] = 0.01
+    #: ``(weight, act) -> scores`` (float64) that ``score`` must rank like; ``None``: from ``score:`` capabilities.
+    reference_score: ClassVar[ScoreFn | None] = None
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Parametrize ``case_name`` over ``CASES``, ``target`` over the ``sparsities`` the plugin
@@ -230,6 +286,22 @@ class PruningConformance(PluginConformance):
         for target in type(self).sparsities:
             if asked(target, caps):
                 check_mask(impl, weight, target, self.activation(act), caps, self.sparsity_tolerance)
+
+    def score_reference(self) -> tuple[str, ScoreFn]:
+        """The definition ``score`` is checked against, and its name."""
+        # read from the class dicts: a plain function set as a class attribute must not bind as a method
+        own = next((c.__dict__["reference_score"] for c in type(self).__mro__ if c.__dict__.get("reference_score")),
+                   None)
+        if own is not None:
+            return f"{type(self).__name__}.reference_score", getattr(own, "__func__", own)
+        name = declared_score(self.capabilities())
+        return f"score:{name}", SCORE_DEFINITIONS[name]
+
+    def test_score_follows_its_definition(self, case_name: str) -> None:
+        impl = self.runnable_impl()
+        name, reference = self.score_reference()
+        weight, act = type(self).CASES[case_name].make(self.target_device())
+        check_score_definition(impl, weight, self.activation(act), reference, name)
 
     def test_prune_model(self, target: float, tmp_path: Path) -> None:
         impl = self.runnable_impl()

@@ -23,13 +23,19 @@ between generate calls. The numerics are fp32 with fp32 accumulation in ``k`` or
 BLAS (not bit-identical to MKL's).
 
 The kernel is compiled at first use with ``torch.utils.cpp_extension.load`` (about 25 s on 2
-cores, then cached by torch under ``~/.cache/torch_extensions``); that needs a C++ compiler and
-ninja. :func:`unavailable` says why it cannot run here, or ``None``.
+cores; ``make demo`` and ``python -m dsr1_device_cpu.panels`` build it ahead) and cached in
+:func:`build_directory`: one directory per torch build (version, git commit, C++ ABI) and Python
+ABI, under ``$TORCH_EXTENSIONS_DIR`` when it is set, else ``$DSR1_HOME/kernels``. torch's own
+default cache is shared by every environment and keyed by neither, so two environments with
+different torch builds rebuilt it in turn. Every build says so on its own line on stderr. That
+needs a C++ compiler and ninja. :func:`unavailable` says why it cannot run here, or ``None``.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -60,6 +66,47 @@ def unavailable() -> str | None:
     return None
 
 
+def build_key() -> str:
+    """What a compiled kernel is valid for: torch's version, commit and C++ ABI, Python's ABI, the machine."""
+    commit = (torch.version.git_version or "unknown")[:12]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return f"torch-{torch.__version__}-{commit}-cxx11abi{abi}-{sys.implementation.cache_tag}-{platform.machine()}"
+
+
+def build_directory() -> Path:
+    """Where the kernel is built and cached (see the module docstring)."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR")
+    # $DSR1_HOME as dsr1.models.loading.dsr1_home reads it (a plugin imports no core internals for it)
+    root = Path(base).expanduser() if base else Path(os.environ.get("DSR1_HOME") or Path.home() / ".cache" / "dsr1"
+                                                     ).expanduser() / "kernels"
+    return root / NAME / build_key()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _stage_source(where: Path) -> Path:
+    """The kernel source copied into ``where``, rewritten only when its text changed: ninja rebuilds on a
+    newer source, and a reinstalled plugin's file is newer without being different."""
+    staged = where / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not staged.is_file() or staged.read_bytes() != text:
+        tmp = staged.with_suffix(".tmp")
+        tmp.write_bytes(text)
+        tmp.replace(staged)
+    return staged
+
+
+def _notice(message: str) -> None:
+    """``message`` on a line of its own on stderr (stdout flushed first, so nothing half-written joins it)."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
 @functools.cache
 def _kernels() -> Any:
     from torch.utils import cpp_extension
@@ -67,18 +114,39 @@ def _kernels() -> Any:
     _put_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise Dsr1Error("building the panel kernel needs ninja (pip install ninja) and a C++ compiler")
-    built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
-    if not built.exists():  # a pause of half a minute deserves a word (torch rebuilds on its own if stale)
-        print("dsr1: building the cpu device's panel kernel (first use only, about 25 s)", file=sys.stderr, flush=True)
+    where = build_directory()
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        source = _stage_source(where)
+    except OSError as err:
+        raise Dsr1Error(f"the panel kernel's build directory {where} is not writable ({err.strerror}); set "
+                        "TORCH_EXTENSIONS_DIR or DSR1_HOME to a writable directory") from None
+    built = where / f"{NAME}.so"
+    before = _mtime(built)
+    announced = before is None or (_mtime(source) or 0.0) > before  # what makes ninja build
+    if announced:  # a pause of half a minute deserves a word
+        _notice(f"dsr1: building the cpu device's panel kernel (once per torch build, about 25 s) in {where}")
     try:
         # -fopenmp: at::parallel_for is an OpenMP region compiled into this module; at run time it binds
         # to the libgomp torch already loaded (same soname), so torch.set_num_threads governs it
-        return cpp_extension.load(name=NAME, sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        module = cpp_extension.load(name=NAME, sources=[str(source)], build_directory=str(where),
+                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler missing or failing
         last = (str(err).strip().splitlines() or ["unknown error"])[-1]
         raise Dsr1Error(f"building the panel kernel failed ({last}); install a C++ compiler (g++) or set the "
                         "cpu device option linear_kernel: none") from None
+    if not announced and _mtime(built) != before:  # ninja rebuilt for a reason not foreseen: still say so
+        _notice(f"dsr1: rebuilt the cpu device's panel kernel in {where}")
+    return module
+
+
+def build() -> str:
+    """Build the kernel now where it can run (``make demo`` does, so the first generate is fast); what happened."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "AVX512" not in capability:
+        return f"panel kernel not built: it needs AVX-512 and this CPU offers {capability}"
+    _kernels()
+    return f"panel kernel ready in {build_directory()}"
 
 
 def _put_ninja_on_path() -> None:
@@ -130,3 +198,23 @@ def pack_linear(linear: nn.Linear) -> PanelLinear:
     """``linear`` (fp32, CPU) as a :class:`PanelLinear`; the caller drops the original."""
     panels = _kernels().pack(linear.weight.detach())  # (P, K, 64)
     return PanelLinear(panels, linear.bias, linear.in_features, linear.out_features)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dsr1_device_cpu.panels [--where]``: build the kernel ahead of first use."""
+    parser = argparse.ArgumentParser(prog="python -m dsr1_device_cpu.panels", description=main.__doc__)
+    parser.add_argument("--where", action="store_true", help="print the build directory and exit")
+    args = parser.parse_args(argv)
+    if args.where:
+        print(build_directory())
+        return 0
+    try:
+        print(build())
+    except Dsr1Error as err:
+        print(f"dsr1: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

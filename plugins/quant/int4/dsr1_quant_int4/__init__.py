@@ -5,15 +5,20 @@ Each group of ``group_size`` input columns of a row gets ``scale ≥ (max - min)
 ``q = round((w - zero) / scale) + 8`` in ``[0, 15]``: ``w ≈ (q - 8) · scale + zero``, error at
 most half a step plus how far rounding ``zero`` moved the grid (``error_bound``).
 
-The group size must divide every quantized layer's input dim: a layer it does not divide
-is a one-line error naming the layer (keep such layers in floating point with
-``options.skip``). Kernels and packing: :mod:`dsr1_quant_int4.kernels` (torch's tinygemm on
+The group size must divide every quantized layer's input dim, and the kernels want output dims
+in multiples of 16 (CPU) or 8 (CUDA). A layer that does not fit is kept in floating point by
+default, with one warning listing every such layer (dsr1-tiny's ``down_proj`` takes 688 inputs,
+which no offered group size divides); ``options.unfit: refuse`` makes it a one-line error naming the
+first one instead, and ``options.skip`` chooses the floating-point layers explicitly. The layers
+kept are recorded in the written checkpoint's ``quantization_config.options.skip``.
+Kernels and packing: :mod:`dsr1_quant_int4.kernels` (torch's tinygemm on
 CPU and CUDA; other devices are refused with "int4 has no kernel on <device>; use int8").
 torchao is not used: its int4 weight-only config needs the ``mslk`` package, which has no
 CPU build, and its CPU path calls the same aten kernel used here.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -22,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from dsr1.errors import Dsr1Error
-from dsr1.quantization.modules import QuantizedLinear, device_type, flat, linear_layers
+from dsr1.quantization.modules import QuantizedLinear, device_type, flat, linear_layers, refuse_unless_valid
 from dsr1.quantization.policy import QuantOptions, StaticQuantPolicy
 from dsr1.quantization.schemes import (
     int4_dequantize,
@@ -43,6 +48,9 @@ SQNR_THRESHOLDS: dict[int, float] = {32: 18.0, 64: 16.5, 128: 15.5}
 class Int4Options(QuantOptions):
     #: input columns per scale/zero pair; must divide each quantized layer's input dim.
     group_size: Literal[32, 64, 128] = Field(64)
+    #: a layer the group size or the kernel does not fit: ``keep`` it in floating point (one warning
+    #: lists them all) or ``refuse`` the model with a one-line error naming the first.
+    unfit: Literal["keep", "refuse"] = Field("keep")
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
@@ -135,21 +143,51 @@ class Int4WeightOnly(StaticQuantPolicy):
             return [f"int4 has no kernel on cuda sm{major}{minor} (tinygemm needs compute capability 8.0+); use int8"]
         return []
 
-    def check_layers(self, model: nn.Module) -> None:
+    def unfit_layers(self, model: nn.Module) -> dict[str, str]:
+        """Layers (not skipped) that the group size or the device's kernel does not fit, each with why."""
         g, device = self.options.group_size, device_type(model)
+        unfit: dict[str, str] = {}
         for name, linear in linear_layers(model, self.options.skip):
             k, n = linear.in_features, linear.out_features
             if k % g:
                 fits = [str(s) for s in kernels.GROUP_SIZES if k % s == 0]
                 hint = f"use group_size {' or '.join(fits)}, or" if fits else "no group size of 32/64/128 divides it:"
-                raise Dsr1Error(f"int4 group_size {g} does not divide the input dim {k} of layer {name!r}; {hint} "
-                                f"keep the layer in floating point with options.skip")
-            if device == "cpu" and n % 16:
-                raise Dsr1Error(f"int4 on cpu needs output dims in multiples of 16; layer {name!r} has {n}: "
-                                f"keep it in floating point with options.skip")
-            if device == "cuda" and (kernels.cuda_inner_k_tiles(k) is None or n % 8):
-                raise Dsr1Error(f"int4 on cuda needs input dims in multiples of 32 and output dims in multiples "
-                                f"of 8; layer {name!r} is {k}->{n}: keep it in floating point with options.skip")
+                unfit[name] = (f"int4 group_size {g} does not divide the input dim {k} of layer {name!r}; {hint} "
+                               f"keep the layer in floating point with options.skip")
+            elif device == "cpu" and n % 16:
+                unfit[name] = (f"int4 on cpu needs output dims in multiples of 16; layer {name!r} has {n}: "
+                               f"keep it in floating point with options.skip")
+            elif device == "cuda" and (kernels.cuda_inner_k_tiles(k) is None or n % 8):
+                unfit[name] = (f"int4 on cuda needs input dims in multiples of 32 and output dims in multiples "
+                               f"of 8; layer {name!r} is {k}->{n}: keep it in floating point with options.skip")
+        return unfit
+
+    def check_layers(self, model: nn.Module) -> None:
+        """With ``unfit: refuse``, the first layer the group size or kernel does not fit is an error."""
+        if self.options.unfit == "refuse":
+            unfit = self.unfit_layers(model)
+            if unfit:
+                raise Dsr1Error(next(iter(unfit.values())))
+
+    def quantize_(self, model: nn.Module) -> nn.Module:
+        """As every static policy; with ``unfit: keep`` (the default) the layers that do not fit join
+        ``skip`` for this call (one warning names them), so the checkpoint records them."""
+        refuse_unless_valid(self, model)
+        unfit = {} if self.options.unfit == "refuse" else self.unfit_layers(model)
+        if not unfit:
+            return super().quantize_(model)
+        names = list(unfit)
+        shown = ", ".join(names) if len(names) <= 8 else ", ".join(names[:8]) + f", ... ({len(names) - 8} more)"
+        warnings.warn(f"int4 keeps {len(names)} linear layer(s) in floating point that group_size "
+                      f"{self.options.group_size} or the kernel does not fit: {shown} (first: {unfit[names[0]]}); "
+                      f"set options.skip to choose, or options.unfit: refuse to make this an error",
+                      UserWarning, stacklevel=2)
+        asked = self.options
+        self.options = asked.model_copy(update={"skip": [*asked.skip, *names]})
+        try:
+            return super().quantize_(model)
+        finally:
+            self.options = asked
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
         return Int4WeightOnlyLinear(linear, self.compute_dtype(), self.options.group_size)

@@ -63,13 +63,28 @@ def test_state_dict_is_canonical_and_round_trips() -> None:
 def test_group_that_does_not_divide_names_the_layer() -> None:
     with pytest.raises(Dsr1Error, match=r"group_size 64 does not divide the input dim 32 of layer '0'; "
                                         r"use group_size 32"):
-        policy(group_size=64).quantize_(TinyMLP())
+        policy(group_size=64, unfit="refuse").quantize_(TinyMLP())
 
 
 def test_cpu_kernel_needs_outputs_in_multiples_of_16() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 24))
     with pytest.raises(Dsr1Error, match=r"layer '0' has 24"):
-        policy(group_size=32).quantize_(model)
+        policy(group_size=32, unfit="refuse").quantize_(model)
+
+
+def test_layers_that_do_not_fit_stay_in_floating_point_with_one_warning() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 24), torch.nn.Linear(24, 64),
+                                torch.nn.Linear(64, 16))
+    p = policy(group_size=32)
+    with pytest.warns(UserWarning) as caught:
+        p.quantize_(model)
+    assert len(caught) == 1
+    assert "keeps 2 linear layer(s) in floating point" in str(caught[0].message)
+    assert "1, 2 (first:" in str(caught[0].message)  # layer '1': 24 outputs (CPU kernel); '2': 24 inputs
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Int4WeightOnlyLinear", "Linear", "Linear", "Int4WeightOnlyLinear"]
+    assert model.quantization_config["options"]["skip"] == ["1", "2"]  # recorded for the checkpoint
+    assert p.options.skip == []  # the policy's own options are unchanged
 
 
 @pytest.mark.parametrize("device", ["mlu", "npu", "mps"])

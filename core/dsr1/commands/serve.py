@@ -1,0 +1,85 @@
+"""``dsr1 serve``: an OpenAI-compatible HTTP server (``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``, ``/health``, ``/metrics``) over one engine."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from dsr1.errors import Dsr1Error
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model over an OpenAI-compatible HTTP API (FastAPI + uvicorn). "
+                                          "SIGTERM or Ctrl-C drains: new requests get 503, running ones finish "
+                                          "up to --drain-timeout, then the server exits 0.")
+    p.add_argument("--model", default="dsr1-tiny", help="model name or HF-format directory (default dsr1-tiny)")
+    p.add_argument("--shape", help="a built-in shape (see dsr1 bench) instead of --model, with --random-weights; "
+                                   "no tokenizer: prompts are token ids (what dsr1 bench serve --url sends)")
+    p.add_argument("--random-weights", action="store_true", help="random weights (normal, std 0.02) of --shape")
+    p.add_argument("--config", help="engine config file (YAML/TOML/JSON)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DSR1_API_KEY, "
+                                     "else none; the variable keeps the key out of the process list)")
+    p.add_argument("--max-queue", type=int, help="most requests waiting for admission; more get 429 (default: "
+                                                 "unbounded)")
+    p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: --model)")
+    p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from free memory)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM lets running requests finish before aborting them (default 30)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level; info and debug log every request (default warning)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_queue is not None and args.max_queue < 1:
+        raise Dsr1Error(f"--max-queue must be >= 1 (requests allowed to wait), got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise Dsr1Error(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    if args.drain_timeout < 0:
+        raise Dsr1Error(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    if bool(args.shape) != bool(args.random_weights):
+        raise Dsr1Error("--shape and --random-weights go together: a built-in shape has no trained weights "
+                        "(e.g. dsr1 serve --shape tiny-125m --random-weights)")
+    if args.api_key is None:  # read here, not as the option's default: --help would print it
+        args.api_key = os.environ.get("DSR1_API_KEY")
+    if args.api_key is not None and not args.api_key.strip():
+        raise Dsr1Error("--api-key is empty; give a non-empty key or leave the option out")
+    try:
+        import fastapi  # noqa: F401 - only checking that the extra is installed
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise Dsr1Error(f"dsr1 serve needs the serve extra ({err.name} is missing): pip install 'dsr1[serve]'") from None
+    from dsr1.serve.server import serve
+    from dsr1.serve.state import ServeSettings, ServeState
+
+    name = args.served_model_name or (args.shape if args.shape else args.model)
+    state = ServeState(ServeSettings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                                     drain_timeout_s=args.drain_timeout))
+    serve(state, lambda: _engine(args), args.host, args.port, args.log_level)
+    if state.load_error is not None:
+        err = state.load_error
+        raise err if isinstance(err, Dsr1Error) else Dsr1Error(f"loading {name!r} failed: {type(err).__name__}: {err}")
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from dsr1.engine import AsyncEngine, Engine
+
+    if args.shape:
+        from dsr1.benchmarks.common import random_model
+        from dsr1.config import load_config
+        from dsr1.engine.engine import ENGINE_DEFAULTS
+
+        chosen = load_config(args.config)
+        overrides = {f: n for f, n in ENGINE_DEFAULTS.items() if getattr(chosen, f) is None}
+        engine = Engine(random_model(args.shape, args.config, overrides), num_blocks=args.num_blocks)
+    else:
+        engine = Engine.from_pretrained(args.model, args.config, num_blocks=args.num_blocks)
+    if not hasattr(engine.model, "generate"):
+        raise Dsr1Error(f"model {args.model!r} is an encoder; it cannot generate")
+    return AsyncEngine(engine)
