@@ -286,10 +286,8 @@ class Preprocessor(Plugin):
 
 
 class ModelBuilder(Plugin):
-    """Checkpoint dir → ``torch.nn.Module`` for one or more ``model_type`` values."""
-
-    #: ``config.json`` ``model_type`` values this builder accepts.
-    model_types: ClassVar[tuple[str, ...]] = ()
+    """Checkpoint dir → ``torch.nn.Module`` for one or more ``model_type`` values, which the
+    plugin's ``PluginSpec`` declares as ``model_type:<t>`` capabilities (how a builder is chosen)."""
 
     @abstractmethod
     def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
@@ -439,8 +437,8 @@ class KVCache(Plugin):
     heavy-hitter) still return every key a prefill needs from ``update`` and evict
     afterwards; the model then asks :meth:`select_mask` for the columns of the slots they
     returned. A cache with ``observes_queries = True`` gets each layer's queries through
-    :meth:`observe` after attention (to score tokens). Both flags are read once at build
-    time, never looked up per token.
+    :meth:`observe` after attention (to score tokens). Both are class attributes: a layer
+    reads them on every forward (an attribute lookup, never a call into the plugin).
 
     Every cache also keeps fixed-size per-layer *state* for recurrent attention
     (:meth:`state`), so a linear-attention model runs with any cache plugin.

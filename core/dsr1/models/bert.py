@@ -240,7 +240,6 @@ class BertBuilder(ModelBuilder):
     """BERT-family checkpoints (``BertModel`` tensor names, with or without a ``bert.`` prefix)."""
 
     Options = LoadOptions
-    model_types = ("bert",)
     options: LoadOptions
 
     def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:

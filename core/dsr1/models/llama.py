@@ -481,7 +481,6 @@ class LlamaBuilder(ModelBuilder):
     """Llama / Mistral / Qwen2 checkpoints → :class:`LlamaForCausalLM`."""
 
     Options = LlamaOptions
-    model_types = ("llama", "mistral", "qwen2")
     options: LlamaOptions
 
     def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
@@ -498,10 +497,6 @@ class LlamaBuilder(ModelBuilder):
     def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
         """Build from any object with ``names/shape/read/float_dtype`` (e.g. in-memory tensors)."""
         return finish_model(build_llama(hf_config, reader, pipeline, self.options), pipeline)
-
-    @staticmethod
-    def tensor_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        return LlamaArgs.from_hf(hf_config).hf_tensor_shapes()
 
 
 @hookimpl

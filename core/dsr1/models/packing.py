@@ -13,17 +13,8 @@ under ``bf16``). Deciding it at build, before the policy, once made ``quant: fp3
 At a few rows per matmul (decode at batch 2-32) MKL's ``sgemm`` repacks the weight on every
 call and stays compute-bound; oneDNN's matmul on a weight reordered once into its blocked
 layout does not. At one row MKL's matrix-vector product already streams at DRAM bandwidth
-and oneDNN's is slower. tiny-125m (fp32, weights streamed from DRAM), 2-core Xeon, torch 2.13,
-MKL 2024.2, oneDNN 3.12, per decode step:
-
-=====================================  ==========================  =================
-                                        MKL on the ``kn`` layout    oneDNN packed
-=====================================  ==========================  =================
-48 decoder matmuls, 1 row               11.9 ms                     16.2 ms
-48 decoder matmuls, 8 rows              26.7 ms                     18.1 ms
-output head 32000 × 768, 1 row          3.25 ms                     3.93 ms
-output head 32000 × 768, 8 rows         6.72 ms                     4.86 ms
-=====================================  ==========================  =================
+and oneDNN's is slower (the measured per-step times of both on tiny-125m are in
+``bench/results/cpu-linear-kernels.json``, made by ``bench/cpu_linear_kernels.py``).
 
 So the CPU ``auto`` layout follows the batch (``LlamaForCausalLM.prepare_batch``): every fp32
 linear layer is packed before a generate of 2 or more rows and goes back to ``kn`` before one

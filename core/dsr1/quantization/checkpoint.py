@@ -69,11 +69,6 @@ FORMATS: dict[str, Format] = {
 QUANTIZED_MODEL_TYPE = "dsr1_quantized"
 
 
-def is_quantized(hf: dict[str, Any]) -> bool:
-    """Whether a ``config.json`` describes quantized weights (of any origin)."""
-    return hf.get("quantization_config") is not None or hf.get("model_type") == QUANTIZED_MODEL_TYPE
-
-
 def quantized_hf_config(config: dict[str, Any], quantization_config: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of a quantized save: the marker model type, the real one kept in the config."""
     real = config["model_type"] if config.get("model_type") != QUANTIZED_MODEL_TYPE else (
