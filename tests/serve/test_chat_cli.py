@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.serve.conftest import REPO, generate_text
+from tests.serve.conftest import REPO, SLOW_CLI, generate_text
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -55,8 +55,10 @@ def test_two_turns_reset_interrupt_and_exit(reference: Any) -> None:
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat() -> None:
-    child = pexpect.spawn(sys.executable, ["-m", "dsr1.cli", "chat", "--model", "dsr1-tiny", "--max-tokens", "480"],
-                          cwd=str(REPO), encoding="utf-8", timeout=120, env=ENV)
+    # every engine step slowed (SLOW_CLI): the answer is surely still running when Ctrl-C arrives,
+    # however fast the machine decodes dsr1-tiny (an answer that had already ended printed no [stopped])
+    child = pexpect.spawn(sys.executable, ["-c", SLOW_CLI, "0.02", "chat", "--model", "dsr1-tiny", "--max-tokens",
+                                           "480"], cwd=str(REPO), encoding="utf-8", timeout=120, env=ENV)
     try:
         child.expect_exact(PROMPT)
         child.sendline("Tell me about modules.")
