@@ -56,9 +56,10 @@ def test_two_turns_reset_interrupt_and_exit(reference: Any) -> None:
 
 def test_ctrl_c_stops_the_answer_not_the_chat() -> None:
     # every engine step slowed (SLOW_CLI): the answer is surely still running when Ctrl-C arrives,
-    # however fast the machine decodes dsr1-tiny (an answer that had already ended printed no [stopped])
+    # however fast the machine decodes dsr1-tiny; greedy, so the answer is the same long one every run
+    # (a sampled answer could end at eos before the interrupt: an answer already ended prints no [stopped])
     child = pexpect.spawn(sys.executable, ["-c", SLOW_CLI, "0.02", "chat", "--model", "dsr1-tiny", "--max-tokens",
-                                           "480"], cwd=str(REPO), encoding="utf-8", timeout=120, env=ENV)
+                                           "480", "--temperature", "0"], cwd=str(REPO), encoding="utf-8", timeout=120, env=ENV)
     try:
         child.expect_exact(PROMPT)
         child.sendline("Tell me about modules.")

@@ -9,6 +9,7 @@ longer leaves room for an answer, the oldest exchanges are dropped (the system p
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -91,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     SamplingParams(**{**base, **sampling})  # a bad value fails now, not at the first message
     convo = Conversation(tokenizer, engine.max_model_len, args.max_tokens, args.system)
     if sys.stdin.isatty():
+        # Ctrl-C stops an answer: a chat started from a job that ignores SIGINT (a shell's background
+        # job, some launchers) inherits the ignore, and Python then raises no KeyboardInterrupt
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:  # pragma: no cover - platforms without readline
