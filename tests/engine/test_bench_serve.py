@@ -13,8 +13,9 @@ from dsr1.cli import main
 def test_serve_compares_static_and_transformers_on_one_trace(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "serve.json"
+    # --num-blocks: every pool (transformers' too) sized alike and small, not from free memory
     argv = ["bench", "serve", "--requests", "5", "--lengths", "uniform:8-24,4-4", "--compare", "static,hf",
-            "--output", str(out)]
+            "--num-blocks", "64", "--output", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"continuous", "static", "hf"}

@@ -86,3 +86,23 @@ def test_leaving_a_sync_stream_early_aborts_it(engine: AsyncEngine) -> None:
     next(stream)
     stream.close()
     assert idle(engine)["blocks_used"] == 0
+
+
+def test_a_slow_reader_gets_the_outputs_that_piled_up_joined(engine: AsyncEngine) -> None:
+    """A reader that falls behind receives fewer, joined outputs carrying every token once, in order."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0)
+    alone = engine.generate_sync([5, 6, 7], params)
+
+    async def main() -> list[list[int]]:
+        stream = await engine.submit([5, 6, 7], params)
+        pieces = []
+        async for out in stream:
+            pieces.append(out.new_ids)
+            if len(pieces) == 1:
+                await asyncio.sleep(0.5)  # the engine runs ahead while this reader is busy
+        return pieces
+
+    pieces = asyncio.run(main())
+    assert [t for p in pieces for t in p] == list(alone.output_ids)
+    assert len(pieces) < len(alone.output_ids) and max(len(p) for p in pieces) > 1
+    assert idle(engine)["blocks_used"] == 0

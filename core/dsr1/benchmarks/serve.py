@@ -52,7 +52,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares at its start")
     p.add_argument("--max-num-seqs", type=int, help="continuous scheduler: most running requests")
     p.add_argument("--max-num-batched-tokens", type=int, help="continuous scheduler: token budget per step")
-    p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from free memory)")
+    p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from free memory); --compare hf "
+                                                 "gives transformers' cache the same capacity")
     p.add_argument("--compare", type=_compare_list, default=[],
                    help="also replay the trace through: static (the static scheduler on the same engine loop), hf "
                         "(transformers' generate_batch on the same weights); comma-separated")
@@ -237,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         check_trace(trace)  # refused before the long work starts
     results = {"continuous": replay(engine, trace, prompts)}
     model = engine.model
+    kv_tokens = engine.num_blocks * engine.block_size if args.num_blocks is not None else None
     for name in args.compare:
         del engine
         gc.collect()
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             from dsr1.benchmarks.serve_hf import hf_twin, replay_generate_batch
 
             twin = hf_twin(model, _hf_config(args))
-            results["hf"] = replay_generate_batch(twin, trace, prompts)
+            results["hf"] = replay_generate_batch(twin, trace, prompts, kv_tokens)
             del twin
             engine = None
             continue

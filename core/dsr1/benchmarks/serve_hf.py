@@ -42,21 +42,38 @@ def check_trace(trace: list[Any]) -> int:
     return lengths.pop()
 
 
-def replay_generate_batch(twin: Any, trace: list[Any], prompts: list[list[int]]) -> dict[str, Any]:
-    """Run every request of an all-at-once trace through ``twin.generate_batch``."""
+def cache_config(kv_tokens: int | None) -> dict[str, Any]:
+    """``generate_batch``'s cache sized to hold ``kv_tokens`` (dsr1's pool, when ``--num-blocks``
+    sets it) instead of sized from free memory; empty when not set."""
+    if kv_tokens is None:
+        return {}
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        raise Dsr1Error("--compare hf with --num-blocks needs a transformers with ContinuousBatchingConfig (5.17 "
+                        "or later) to size its cache alike; upgrade transformers or leave out --num-blocks") from None
+    page = ContinuousBatchingConfig().page_size
+    return {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=-(-kv_tokens // page))}
+
+
+def replay_generate_batch(twin: Any, trace: list[Any], prompts: list[list[int]],
+                          kv_tokens: int | None = None) -> dict[str, Any]:
+    """Run every request of an all-at-once trace through ``twin.generate_batch``; ``kv_tokens``:
+    the KV capacity to give it (default: what it infers from free memory)."""
     import torch
     from transformers import GenerationConfig
 
     new = check_trace(trace)
+    cache = cache_config(kv_tokens)
     config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     warm = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
     # no inference_mode here: generate_batch runs its loop in a thread of its own, where tensors
     # made under this thread's inference mode cannot be updated in place
-    twin.generate_batch(inputs=[prompts[0][:8]], generation_config=warm, progress_bar=False)
+    twin.generate_batch(inputs=[prompts[0][:8]], generation_config=warm, progress_bar=False, **cache)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.monotonic()
-    outs = twin.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    outs = twin.generate_batch(inputs=prompts, generation_config=config, progress_bar=False, **cache)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     total = time.monotonic() - start

@@ -90,18 +90,27 @@ class _AbortAll:
 
 class RequestStream:
     """One accepted request's outputs; ``async for`` them. :meth:`aclose` (or leaving the loop
-    early, or the task being cancelled) aborts the request and frees its KV blocks at once."""
+    early, or the task being cancelled) aborts the request and frees its KV blocks at once.
+
+    Outputs that piled up while the reader was busy come as one (their ``new_ids`` and ``delta``
+    joined): a server behind on hundreds of streams then writes one event per stream instead of
+    one per token, and catches up instead of slowing the engine thread it shares the GIL with."""
 
     def __init__(self, engine: AsyncEngine, request_id: str,
                  results: asyncio.Queue[_Accepted | RequestOutput | BaseException], prompt_len: int) -> None:
         self.engine, self.request_id, self._results = engine, request_id, results
         self.prompt_len = prompt_len  # 0 for a text prompt (tokenized by the engine)
         self.finished = False
+        self._failed: BaseException | None = None  # an error that arrived behind outputs: raised next
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        if self._failed is not None:
+            self.finished = True
+            err, self._failed = self._failed, None
+            raise err
         if self.finished:
             raise StopAsyncIteration
         try:
@@ -113,6 +122,13 @@ class RequestStream:
             self.finished = True
             raise item
         assert isinstance(item, RequestOutput)
+        while not item.finished and not self._results.empty():
+            later = self._results.get_nowait()
+            if isinstance(later, BaseException):
+                self._failed = later
+                break
+            assert isinstance(later, RequestOutput)
+            item = later.after(item)
         self.finished = item.finished
         return item
 
@@ -173,18 +189,17 @@ class AsyncEngine:
                     sink(err)
                 self._sinks.clear()
                 return
-            self._publish()
             batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, RequestOutput]]] = {}
+            direct: list[tuple[Any, RequestOutput]] = []
             for out in outs:
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
                     continue
-                if sink.loop is None:
-                    sink.put(out)
-                else:
-                    batches.setdefault(sink.loop, []).append((sink.put, out))
+                (direct if sink.loop is None else batches.setdefault(sink.loop, [])).append((sink.put, out))
                 if out.finished:
                     del self._sinks[out.request_id]
+            self._publish()  # before delivering: whoever gets a final output sees the state after it
+            _deliver(direct)
             for loop, items in batches.items():
                 try:
                     loop.call_soon_threadsafe(_deliver, items)

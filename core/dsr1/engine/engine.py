@@ -17,6 +17,7 @@ runs it in a background thread and is safe to call from any number of coroutines
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import time
 from collections.abc import Mapping, Sequence
@@ -49,17 +50,22 @@ class RequestOutput:
 
     request_id: str
     prompt_ids: list[int]
-    output_ids: list[int]
+    #: a list once finished; while running, a :class:`Prefix` view (len, index, slice, compare)
+    output_ids: Sequence[int]
     new_ids: list[int]
     text: str
     delta: str
     finished: bool = False
     finish_reason: str | None = None
     #: per new token: (sampled token's logprob, [(top id, logprob), ...]); None unless asked for
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    logprobs: Sequence[tuple[float, list[tuple[int, float]]]] | None = None
     arrival: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+
+    def after(self, earlier: RequestOutput) -> RequestOutput:
+        """This output joined with the one before it, as if both steps' tokens came in this one."""
+        return dataclasses.replace(self, new_ids=earlier.new_ids + self.new_ids, delta=earlier.delta + self.delta)
 
 
 class _Appended(Sequence[int]):
@@ -77,6 +83,36 @@ class _Appended(Sequence[int]):
         if isinstance(i, int) and (i == len(self.ids) or i == -1):
             return self.token
         return [*self.ids, self.token][i]
+
+
+class Prefix(Sequence[Any]):
+    """The first ``n`` items of an append-only list, without copying them.
+
+    A step's output must not change after it is handed out, but copying a request's whole output
+    every step makes a long answer quadratic; the engine only ever appends, so a length fixes it.
+    """
+
+    __slots__ = ("items", "n")
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items, self.n = items, len(items)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self.n)
+            return self.items[start:stop:step]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.items[i % self.n]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == self.n and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 @dataclass
@@ -284,10 +320,11 @@ class Engine:
         t = self.tracked[request.request_id]
         status = request.status
         reason = status.value if status.finished else None
+        snapshot = list if finished else Prefix
         out = RequestOutput(
-            request_id=request.request_id, prompt_ids=request.prompt_ids, output_ids=list(request.output_ids),
+            request_id=request.request_id, prompt_ids=request.prompt_ids, output_ids=snapshot(request.output_ids),
             new_ids=new_ids, text=t.text, delta=delta, finished=finished, finish_reason=reason,
-            logprobs=list(t.logprobs) if t.params.logprobs is not None else None, arrival=request.arrival,
+            logprobs=snapshot(t.logprobs) if t.params.logprobs is not None else None, arrival=request.arrival,
             first_token_time=t.first_token_time, finished_time=time.monotonic() if finished else None,
         )
         if finished:

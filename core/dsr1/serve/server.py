@@ -22,6 +22,13 @@ from dsr1.serve.app import create_app
 from dsr1.serve.state import ServeState
 
 
+#: the GIL switch interval while serving. The engine thread releases the GIL in every torch call
+#: and the event loop, busy writing hundreds of streams, then keeps it for up to Python's default
+#: 5 ms before the engine gets it back; a shorter slice gives the engine its steps back
+#: (bench/results/serve/README.md has the figures).
+SWITCH_INTERVAL_S = 0.0005
+
+
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM/SIGINT drains ``state`` before exiting."""
 
@@ -78,7 +85,12 @@ def serve(state: ServeState, make_engine: Callable[[], AsyncEngine], host: str, 
 
     server = DrainingServer(config, state, listening)
     state.load_in_background(make_engine, on_error=lambda err: server.stop())
-    server.run()
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        server.run()
+    finally:
+        sys.setswitchinterval(previous)
     if state.engine is not None:
         state.engine.shutdown()
     if server.started:

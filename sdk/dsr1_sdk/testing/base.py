@@ -125,8 +125,12 @@ class PluginConformance:
         return PluginRegistry()
 
     def load_spec(self) -> PluginSpec:
-        """The plugin's spec, loaded through a fresh registry."""
-        return self.fresh_registry().load(self.family, self.plugin)
+        """The plugin's spec, loaded through a fresh registry once per test (pytest makes a new
+        instance of the class for every test; scanning the entry points per call is slow)."""
+        spec: PluginSpec | None = self.__dict__.get("_spec")
+        if spec is None:
+            spec = self.__dict__["_spec"] = self.fresh_registry().load(self.family, self.plugin)
+        return spec
 
     def make_impl(self, **overrides: Any) -> Any:
         """An instance built from ``options`` (plus ``overrides``) the way the engine builds it."""

@@ -1,7 +1,7 @@
 """Import a plugin in a clean subprocess and report what that started.
 
 Run as ``python -m dsr1_sdk.testing.isolation FAMILY NAME [OPTIONS_JSON] [--probe]``; prints
-one JSON object. The conformance kit uses :func:`import_report` to check that importing
+one JSON object (``--zygote``: read such argument lists as JSON lines, answer each from a fork). The conformance kit uses :func:`import_report` to check that importing
 (and registering) a plugin starts no device runtime: CUDA stays uninitialized and no
 vendor extension (``torch_mlu``, ``torch_npu`` ...) is imported unless the plugin is that
 device. With ``--probe`` a device plugin is also instantiated and probed.
@@ -59,23 +59,91 @@ def main(argv: list[str]) -> int:
 
 
 def import_report(family: str, name: str, options: dict[str, Any] | None = None, probe: bool = False) -> dict[str, Any]:
-    """Run :func:`main` in a subprocess with this interpreter and ``sys.path``; cached per session."""
+    """Run :func:`main` in a fresh process with this interpreter and ``sys.path``; cached per session.
+
+    Without ``probe`` the options play no part (the plugin is only imported), so any report of the
+    same plugin answers. Each report comes from a child forked off a helper that has imported torch
+    and nothing else: starting Python and importing torch once per session instead of per plugin.
+    """
     options_json = json.dumps(options or {}, sort_keys=True)
+    if not probe:
+        for (f, n, _, _), report in _CACHE.items():
+            if (f, n) == (family, name):
+                return report
     key = (family, name, options_json, probe)
     if key in _CACHE:
         return _CACHE[key]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    cmd = [sys.executable, "-m", "dsr1_sdk.testing.isolation", family, name, options_json]
-    if probe:
-        cmd.append("--probe")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    args = [family, name, options_json] + (["--probe"] if probe else [])
+    rc, out, err = _run(args)
+    if rc != 0:
+        tail = (err or out).strip().splitlines()[-5:]
         raise AssertionError(f"importing {family} plugin {name!r} in a subprocess failed: " + " | ".join(tail))
-    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     _CACHE[key] = report
     return report
+
+
+_ZYGOTE: subprocess.Popen[str] | None = None
+_ZYGOTE_ENV: dict[str, str] = {}
+
+
+def _run(args: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``main(args)`` in a fresh process."""
+    global _ZYGOTE
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # changes with every test
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if not hasattr(os, "fork"):  # no fork (Windows): a whole interpreter per report
+        proc = subprocess.run([sys.executable, "-m", "dsr1_sdk.testing.isolation", *args], capture_output=True,
+                              text=True, env=env, timeout=300, check=False)
+        return proc.returncode, proc.stdout, proc.stderr
+    if _ZYGOTE is not None and (_ZYGOTE.poll() is not None or env != _ZYGOTE_ENV):  # a test changed the path or env
+        _ZYGOTE.stdin.close()  # type: ignore[union-attr]
+        _ZYGOTE.wait()
+        _ZYGOTE = None
+    if _ZYGOTE is None:
+        _ZYGOTE_ENV.clear()
+        _ZYGOTE_ENV.update(env)
+        _ZYGOTE = subprocess.Popen([sys.executable, "-m", "dsr1_sdk.testing.isolation", "--zygote"], text=True,
+                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert _ZYGOTE.stdin is not None and _ZYGOTE.stdout is not None
+    _ZYGOTE.stdin.write(json.dumps(args) + "\n")
+    _ZYGOTE.stdin.flush()
+    line = _ZYGOTE.stdout.readline()
+    if not line:
+        return 1, "", f"the isolation helper exited with {_ZYGOTE.wait()}"
+    rc, out, err = json.loads(line)
+    return int(rc), str(out), str(err)
+
+
+def _zygote() -> int:
+    """Import torch (it starts no device runtime by itself), then fork one child per request line."""
+    import tempfile
+
+    import torch  # noqa: F401 - the cost every report would otherwise pay again
+
+    for line in sys.stdin:
+        args = json.loads(line)
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            pid = os.fork()
+            if pid == 0:  # the child: its own modules from here on; the helper's stay as they were
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                code = 1
+                try:
+                    code = main(args)
+                except BaseException:  # noqa: BLE001 - reported through stderr and the exit status
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            out.seek(0)
+            err.seek(0)
+            print(json.dumps([os.waitstatus_to_exitcode(status), out.read(), err.read()]), flush=True)
+    return 0
 
 
 def runtime_problems(state: dict[str, Any], own_device: str | None, when: str, allow_own: bool = False) -> list[str]:
@@ -94,4 +162,4 @@ def runtime_problems(state: dict[str, Any], own_device: str | None, when: str, a
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(_zygote() if sys.argv[1:] == ["--zygote"] else main(sys.argv[1:]))
