@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from dsr1 import __version__
 from dsr1.errors import Dsr1Error, quote
+from dsr1.hugepages import enable_huge_pages  # noqa: F401 - also dsr1.cli's public name
 
 #: the seeds torch generators take (``torch.Generator.manual_seed``: an unsigned 64-bit integer).
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
@@ -109,27 +110,6 @@ def os_error_line(err: OSError) -> str:
         return cause
     shown = " -> ".join(quote(p if isinstance(p, str) else str(p), 500) for p in paths)
     return f"{shown}: {cause}"
-
-
-#: Whether this run of the CLI turned on torch's transparent-huge-page allocations (see :func:`enable_huge_pages`).
-HUGE_PAGES_BY_DSR1 = False
-
-
-def enable_huge_pages() -> bool:
-    """Turn on torch's transparent-huge-page allocations (``THP_MEM_ALLOC_ENABLE=1``) for this process.
-
-    torch then aligns every CPU buffer of 2 MiB or more to 2 MiB and asks the kernel for huge pages,
-    so weights streamed through the CPU read faster (fewer page-table walks; figures in
-    plugins/devices/cpu/README.md). torch reads the variable once, at its first allocation, so this
-    only acts before torch is imported: the CLI calls it first thing, a library user sets the variable
-    (importing dsr1 changes nothing). A value the user set (``0`` opts out) is kept. Returns whether
-    dsr1 set it.
-    """
-    global HUGE_PAGES_BY_DSR1
-    if "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-        HUGE_PAGES_BY_DSR1 = True
-    return HUGE_PAGES_BY_DSR1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

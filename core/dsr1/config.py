@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dsr1.errors import Dsr1Error, did_you_mean, quote
-from dsr1.hookspecs import FAMILIES
+from dsr1.specs import FAMILIES
 
 #: largest config file read. An engine config is a few hundred bytes; a file this large is
 #: something else (a checkpoint passed by mistake) and would only make a huge error line.

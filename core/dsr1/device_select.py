@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dsr1.config import PluginChoice
+from dsr1.distributions import pip_hint
 from dsr1.errors import Dsr1Error
-from dsr1.registry import pip_hint
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.interfaces import Device
-    from dsr1.registry import PluginRegistry
+    from dsr1.pipeline import PluginSource
 
 #: accelerators first, the CPU last; installed plugins not listed go between them, by name.
 AUTO_ORDER: tuple[str, ...] = ("cuda", "npu", "mlu")
@@ -46,7 +46,7 @@ def candidates(installed: list[str]) -> list[str]:
     return [*AUTO_ORDER, *others, "cpu"]
 
 
-def select_device(registry: PluginRegistry, options: dict[str, Any]) -> tuple[Device, DeviceSelection]:
+def select_device(registry: PluginSource, options: dict[str, Any]) -> tuple[Device, DeviceSelection]:
     """Probe the candidates in order; return the first available device and the decision.
 
     ``options`` go to the chosen plugin only (they must fit its options model)."""

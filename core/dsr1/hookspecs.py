@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+# The twelve families, one hook each below. Defined in dsr1.specs, below the config that has a key per family.
+from dsr1.specs import FAMILIES as FAMILIES
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.config import EngineConfig
     from dsr1.specs import PluginSpec
@@ -34,22 +37,6 @@ PROJECT = "dsr1"
 hookspec = pluggy.HookspecMarker(PROJECT)
 #: Marker that plugin authors put on their hook implementations.
 hookimpl = pluggy.HookimplMarker(PROJECT)
-
-#: The twelve families, in the order data flows through the engine.
-FAMILIES: tuple[str, ...] = (
-    "preprocess",
-    "model",
-    "attention",
-    "device",
-    "quant",
-    "pruning",
-    "graph",
-    "pool",
-    "scheduler",
-    "kvcache",
-    "decoding",
-    "monitor",
-)
 
 
 @hookspec

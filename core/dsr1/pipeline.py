@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pluggy
 
 from dsr1.config import EngineConfig, PluginChoice
 from dsr1.errors import Dsr1Error
+from dsr1.specs import FAMILIES, EntryPointInfo, PluginSpec
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.interfaces import (
@@ -28,7 +31,22 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
         QuantPolicy,
         Scheduler,
     )
-    from dsr1.registry import PluginRegistry
+
+
+class PluginSource(Protocol):
+    """What a pipeline and ``device: auto`` use of the :class:`~dsr1.registry.PluginRegistry` that
+    resolves them. The registry imports this module to build pipelines; they know it by this protocol."""
+
+    pm: pluggy.PluginManager
+
+    def discover(self, family: str | None = None) -> list[EntryPointInfo]: ...
+    def names(self, family: str) -> list[str]: ...
+    def allows(self, info: EntryPointInfo) -> bool: ...
+    def describe_allowlist(self) -> str: ...
+    def load(self, family: str, name: str) -> PluginSpec: ...
+    def origin(self, family: str, name: str) -> EntryPointInfo: ...
+    def make(self, family: str, choice: PluginChoice, **extra: Any) -> Any: ...
+
 
 #: prefix of the capabilities a model plugin declares for each ``config.json`` ``model_type`` it builds.
 MODEL_TYPE_CAPABILITY = "model_type:"
@@ -39,7 +57,7 @@ def declared_model_types(capabilities: frozenset[str]) -> list[str]:
     return sorted(c[len(MODEL_TYPE_CAPABILITY):] for c in capabilities if c.startswith(MODEL_TYPE_CAPABILITY))
 
 
-def builder_for(registry: PluginRegistry, model_type: str) -> str:
+def builder_for(registry: PluginSource, model_type: str) -> str:
     """The model plugin whose spec declares ``model_type:<model_type>``.
 
     Every installed (and allowed) model plugin is loaded to read its spec; one that fails to
@@ -72,7 +90,7 @@ def builder_for(registry: PluginRegistry, model_type: str) -> str:
 @dataclass
 class Pipeline:
     config: EngineConfig
-    registry: PluginRegistry
+    registry: PluginSource
     preprocess: Preprocessor
     attention: AttentionMechanism
     device: Device
@@ -139,8 +157,7 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         """What every family resolved to: name, distribution, version, options."""
         out: dict[str, Any] = {}
-        for family in ("preprocess", "model", "attention", "device", "quant", "pruning", "graph", "pool",
-                       "scheduler", "kvcache", "decoding", "monitor"):
+        for family in FAMILIES:
             choice = self.choices.get(family) or self.config.choice(family)
             if choice is None:
                 out[family] = {"name": "auto (by model_type)" if family == "model" else None}

@@ -21,26 +21,22 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import importlib_metadata
 import pluggy
 from pydantic import ValidationError
 
-from dsr1 import hookspecs
-from dsr1.config import EngineConfig, PluginChoice, format_validation_error
+from dsr1 import device_select, hookspecs
+from dsr1.config import EngineConfig, PluginChoice, format_validation_error, fusion_choice
+from dsr1.distributions import CORE_DISTRIBUTION as CORE_DISTRIBUTION  # these three are imported from here too
+from dsr1.distributions import PUBLISHED as PUBLISHED
+from dsr1.distributions import pip_hint as pip_hint
 from dsr1.errors import Dsr1Error, did_you_mean
-from dsr1.hookspecs import FAMILIES
-from dsr1.specs import SUPPORTED_API_VERSIONS, PluginSpec
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from dsr1.pipeline import Pipeline
-
-#: The distribution that ships the core's builtins (they need no separate pip install). Its
-#: plugins are always allowed, whatever ``DSR1_PLUGINS`` says: without them nothing runs.
-CORE_DISTRIBUTION = "dsr1"
+from dsr1.pipeline import Pipeline
+from dsr1.specs import FAMILIES, SUPPORTED_API_VERSIONS, PluginSpec
+from dsr1.specs import EntryPointInfo as EntryPointInfo  # imported from here by `dsr1 plugins`
 
 
 def normalize_distribution(name: str) -> str:
@@ -61,54 +57,6 @@ def parse_allowlist(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [entry for entry in re.split(r"[,\s]+", value) if entry]
-
-
-@dataclass(frozen=True)
-class EntryPointInfo:
-    """What metadata alone says about one plugin."""
-
-    family: str
-    name: str
-    value: str
-    distribution: str
-    version: str
-
-
-#: the plugins dsr1 publishes as distributions of their own: family → entry-point name → distribution.
-#: A hint names ``pip install`` only for these (a test checks the table against ``plugins/*/*/pyproject.toml``);
-#: for any other name it lists them, since a made-up ``dsr1-<family>-<typo>`` would send users to a name
-#: anyone could register on PyPI.
-PUBLISHED: dict[str, dict[str, str]] = {
-    "attention": {n: f"dsr1-attention-{n}" for n in ("eager", "linear", "sdpa", "sliding")},
-    "device": {n: f"dsr1-device-{n}" for n in ("cpu", "cuda", "mlu", "npu")},
-    "pruning": {n: f"dsr1-pruning-{n}" for n in ("magnitude", "semi24", "structured", "wanda")},
-    "quant": {**{n: f"dsr1-quant-{n}" for n in ("dynamic", "fp8", "int4", "int8", "w8a8")},
-              **{n: "dsr1-quant-float" for n in ("fp32", "fp16", "bf16")}},
-}
-
-
-def pip_hint(family: str, name: str) -> str:
-    """What to install for plugin ``family``/``name``: ``pip install <its distribution>`` when dsr1
-    publishes it, else the names that are published (never a guessed distribution name)."""
-    dist = PUBLISHED.get(family, {}).get(name)
-    if dist is not None:
-        return f"pip install {dist}"
-    if name in _core_builtins(family):
-        return f"'{name}' ships with dsr1 itself: pip install --force-reinstall dsr1"
-    known = sorted(PUBLISHED.get(family, {}))
-    if known:
-        return f"no published {family} plugin is named {name!r}; published: {', '.join(known)}"
-    return f"dsr1 publishes no separate {family} plugins; a third-party one names its own distribution"
-
-
-@functools.cache
-def _core_builtins(family: str) -> frozenset[str]:
-    """Entry-point names the core distribution itself declares in ``dsr1.<family>`` (metadata only)."""
-    try:
-        eps = importlib_metadata.distribution(CORE_DISTRIBUTION).entry_points
-    except importlib_metadata.PackageNotFoundError:
-        return frozenset()
-    return frozenset(ep.name for ep in eps if ep.group == f"dsr1.{family}")
 
 
 def _check_family(family: str) -> None:
@@ -392,8 +340,6 @@ class PluginRegistry:
 
     def resolve(self, config: EngineConfig) -> Pipeline:
         """Resolve every family of ``config`` into plain objects, once."""
-        from dsr1.pipeline import Pipeline
-
         parts: dict[str, Any] = {}
         chosen: dict[str, Any] = {}  # the effective choice of each family (what describe() reports)
         selection = None
@@ -402,15 +348,11 @@ class PluginRegistry:
                 continue  # picked per checkpoint, see Pipeline.model_builder
             choice = config.choice(family)
             if family == "device" and choice is not None and choice.name == "auto":
-                from dsr1.device_select import select_device
-
-                parts[family], selection = select_device(self, choice.options)
+                parts[family], selection = device_select.select_device(self, choice.options)
                 continue
             hw = config.hardware
             if family == "graph" and selection is not None and config.graph is None and hw is not None \
                     and hw.optimizer.kernel_fusion:  # fusion for the device auto picked, not for "auto"
-                from dsr1.config import fusion_choice
-
                 choice = fusion_choice(selection.chosen, hw.optimizer.tiling_strategy, hw.optimizer.fallback)
             parts[family] = self.make(family, choice) if choice is not None else None
             if choice is not None:

@@ -1,4 +1,4 @@
-"""Typed records that plugins return from their registration hooks."""
+"""Typed records about plugins: what their registration hooks return, what their metadata says."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +10,34 @@ from pydantic import BaseModel, ConfigDict, Field
 #: written against; the core accepts any version in ``SUPPORTED_API_VERSIONS``.
 API_VERSION = 1
 SUPPORTED_API_VERSIONS: frozenset[int] = frozenset({1})
+
+#: The twelve families, in the order data flows through the engine: one entry-point group, config key and
+#: registration hook each (:mod:`dsr1.hookspecs`, which re-exports this tuple).
+FAMILIES: tuple[str, ...] = (
+    "preprocess",
+    "model",
+    "attention",
+    "device",
+    "quant",
+    "pruning",
+    "graph",
+    "pool",
+    "scheduler",
+    "kvcache",
+    "decoding",
+    "monitor",
+)
+
+
+@dataclass(frozen=True)
+class EntryPointInfo:
+    """What metadata alone says about one plugin."""
+
+    family: str
+    name: str
+    value: str
+    distribution: str
+    version: str
 
 
 class NoOptions(BaseModel):
@@ -23,7 +51,7 @@ class PluginSpec:
     """What a plugin registers: one named implementation of one family.
 
     :param name: the name users write in config; equals the entry-point name.
-    :param family: one of :data:`dsr1.hookspecs.FAMILIES`.
+    :param family: one of :data:`FAMILIES`.
     :param impl: the implementation class (subclass of the family's base class).
     :param api_version: plugin API version the plugin was written against.
     :param options: pydantic model validating ``{"name": ..., "options": {...}}``.

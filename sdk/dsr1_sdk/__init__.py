@@ -23,6 +23,15 @@ Importing this package is cheap: it imports pydantic and pluggy, never torch.
 * :mod:`dsr1_sdk.scaffold` - ``new_plugin(family, name, directory)``.
 * :mod:`dsr1_sdk.vendor` - :class:`VendorDevice`, the base of device plugins over a vendor's
   torch extension (``torch_mlu``, ``torch_npu`` ...).
+* :mod:`dsr1_sdk.quant` - what quant plugins share: the schemes, ``QuantizedLinear`` and the
+  layer plumbing, ``QuantOptions`` and the static policy bases.
+* :mod:`dsr1_sdk.pruning` - what pruning plugins share: keep-masks, calibration statistics,
+  ``prunable_linears``.
+* :mod:`dsr1_sdk.layers` - :class:`~dsr1_sdk.layers.PackedLinear`, a linear layer in a device kernel's own layout.
+
+A plugin imports only this package, torch, the standard library and its declared dependencies,
+never ``dsr1.*``. Every name in a module's ``__all__`` is stable while :data:`API_VERSION`
+stays. ``quant``, ``pruning`` and ``layers`` import torch: only the plugins that use them do.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from dsr1 import progress
 from dsr1.benchmarks.rates import rates
 from dsr1.cli import build_parser, main
 from dsr1.errors import Dsr1Error
-from dsr1.pruning.report import curve_rows
+from dsr1.tasks.prune.report import curve_rows
 from dsr1.registry import PUBLISHED, pip_hint
 
 try:

@@ -92,7 +92,7 @@ def test_bench_rejects_shape_without_random_weights(capsys: pytest.CaptureFixtur
 
 def test_bench_rounds_alternate_engines_and_report_medians(monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from dsr1.commands import bench
+    from dsr1.benchmarks import throughput as bench
 
     order: list[str] = []
     decode = {"dsr1": iter([30.0, 10.0, 20.0]), "hf": iter([5.0, 15.0, 10.0])}
@@ -106,8 +106,8 @@ def test_bench_rounds_alternate_engines_and_report_medians(monkeypatch: pytest.M
                 "generate_s": 2 / rate, "peak_mem_mb": next(peaks[engine]), "weight_bytes": 8, "streamed_bytes": 4,
                 "other_processes_cpu_pct": 0.0}
 
-    monkeypatch.setattr(bench, "_spawn", fake_spawn)
-    monkeypatch.setattr(bench, "_bandwidth_gbs", lambda device: 1.0)
+    monkeypatch.setattr(bench, "spawn", fake_spawn)
+    monkeypatch.setattr(bench, "bandwidth_gbs", lambda device: 1.0)
     argv = ["bench", "--shape", "tiny-125m", "--random-weights", "--compare", "hf", "--batch-size", "8",
             "--rounds", "3", "--json"]
     assert main(argv) == 0
@@ -132,7 +132,7 @@ def test_bench_keeps_dsr1s_huge_page_default_out_of_the_transformers_worker(
     import subprocess
 
     import dsr1.cli
-    from dsr1.commands import bench
+    from dsr1.benchmarks import throughput as bench
 
     seen: dict[str, str | None] = {}
 
@@ -141,10 +141,10 @@ def test_bench_keeps_dsr1s_huge_page_default_out_of_the_transformers_worker(
         return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    monkeypatch.setattr(dsr1.cli, "HUGE_PAGES_BY_DSR1", by_dsr1)
+    monkeypatch.setattr(dsr1.hugepages, "HUGE_PAGES_BY_DSR1", by_dsr1)
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # set by the CLI, or by the user
     for engine in ("dsr1", "hf"):
-        bench._spawn({"engine": engine, "threads": 1, "batch_size": 1})
+        bench.spawn({"engine": engine, "threads": 1, "batch_size": 1})
     assert seen == {"dsr1": "1", "hf": "0" if by_dsr1 else "1"}  # a user's own setting reaches both
 
 

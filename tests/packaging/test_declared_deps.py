@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsr1 import corpus
-from dsr1.pruning import report as prune_report
+from dsr1.tasks.prune import report as prune_report
 from dsr1.pruning.metrics import average_ranks, spearman
 from tests.venvkit import REPO
 

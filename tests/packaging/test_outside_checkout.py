@@ -106,6 +106,14 @@ def test_only_declared_requirements_are_installed(outside: Outside) -> None:
     assert REPO not in Path(where).resolve().parents, where
 
 
+def test_the_core_requires_its_default_attention_and_device(outside: Outside) -> None:
+    """``pip install dsr1`` alone must generate: the default config's plugins come with it."""
+    core = next(w for w in outside.wheels if normalize(str(wheel_metadata(w)["Name"])) == "dsr1")
+    required = {normalize(r.split(">")[0].split(";")[0].strip()) for r in wheel_metadata(core).get_all("Requires-Dist")
+                or [] if "extra ==" not in r}
+    assert {"dsr1-attention-sdpa", "dsr1-device-cpu"} <= required, sorted(required)
+
+
 def test_generate(outside: Outside) -> None:
     proc = ok(run(outside, "dsr1", "generate", "--model", "dsr1-tiny", "--max-new-tokens", "8", "--seed", "0", PROMPT))
     assert proc.stdout.startswith(PROMPT) and len(proc.stdout.strip()) > len(PROMPT)

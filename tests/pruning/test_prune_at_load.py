@@ -17,7 +17,7 @@ from dsr1.auto import AutoModel
 from dsr1.cli import main
 from dsr1.errors import Dsr1Error
 from dsr1.pruning.metrics import prunable_linears
-from dsr1.pruning.runner import PruneRun
+from dsr1.tasks.prune.runner import PruneRun
 from tests.core.plugin_dist import fake_plugin  # noqa: F401  # the fixture
 
 Prune = Callable[..., tuple[int, str]]

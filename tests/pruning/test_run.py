@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsr1.auto import AutoModel
-from dsr1.pruning import runner
+from dsr1.tasks.prune import runner
 from dsr1.pruning.data import heldout_stream
 from dsr1.pruning.metrics import perplexity
 

@@ -5,7 +5,7 @@ import pytest
 
 from dsr1.config import parse_option_items as parse_options
 from dsr1.errors import Dsr1Error
-from dsr1.pruning.schedule import PruneSettings, check_settings, plan_stages, stage_name
+from dsr1.tasks.prune.schedule import PruneSettings, check_settings, plan_stages, stage_name
 
 #: (schedule settings, strategy minimum, expected stages)
 PLANS: dict[str, tuple[dict[str, object], float, list[float]]] = {

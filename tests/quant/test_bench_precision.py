@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dsr1.benchmarks import precision
+from dsr1.benchmarks import shapes as bench
 from dsr1.cli import main
-from dsr1.commands import bench
 
 SMALL = {**bench.SHAPES["tiny-125m"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 128}

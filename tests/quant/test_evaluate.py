@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dsr1.auto import AutoModel
-from dsr1.quantization.evaluate import layer_sqnr, perplexity, reference_linears, window_nll
+from dsr1.benchmarks.quant_accuracy import layer_sqnr, perplexity, reference_linears, window_nll
 from dsr1_sdk.testing.quant import tiny_llama_checkpoint
 
 

@@ -2,7 +2,7 @@
 with the full cache, per KV-cache plugin and context length.
 
 Protocol for one context ``C`` (the same for every cache): the held-out split of dsr1-tiny's
-corpus (:func:`dsr1.quantization.evaluate.heldout_ids`) is cut into ``samples`` non-overlapping
+corpus (:func:`dsr1.benchmarks.quant_accuracy.heldout_ids`) is cut into ``samples`` non-overlapping
 windows of ``C`` tokens. Each window is *teacher-forced through the cache*: the first
 ``prefill_frac · C`` tokens are prefilled in one forward, then the remaining tokens are fed one
 at a time with :meth:`forward_step` (the engine's decode step), so every scored token is
@@ -181,7 +181,7 @@ def make_cache(name: str, s: dict[str, Any], context: int, keep: float) -> tuple
 
 def measure(model: Any, s: dict[str, Any], log: bool = True) -> list[dict[str, Any]]:
     from dsr1.models.loading import resolve_model_dir
-    from dsr1.quantization.evaluate import heldout_ids
+    from dsr1.benchmarks.quant_accuracy import heldout_ids
 
     stream = heldout_ids(resolve_model_dir(s["model"]), s["eval_tokens"])
     trained = trained_context(s["model"], model)

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from dsr1.benchmarks.serve import TraceItem, percentile, prompts_for
+from dsr1.benchmarks.trace import TraceItem, percentile, plot, prompts_for
 from dsr1.errors import Dsr1Error
 
 
@@ -139,9 +139,7 @@ def main_http(args: argparse.Namespace, trace: list[TraceItem]) -> int:
     }
     text = write_report(report, args.output)
     if args.plot:
-        from dsr1.benchmarks.serve import _plot
-
-        _plot(report["results"], args.plot)
+        plot(report["results"], args.plot)
     if args.json:
         print(text)
     else:

@@ -78,8 +78,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~dsr1.pruning.schedule.PruneSettings` of parsed arguments."""
-    from dsr1.pruning.schedule import PruneSettings, parse_stages
+    """The :class:`~dsr1.tasks.prune.schedule.PruneSettings` of parsed arguments."""
+    from dsr1.tasks.prune.schedule import PruneSettings, parse_stages
 
     return PruneSettings(
         model=args.model, target_sparsity=args.target_sparsity, strategy=args.pruning_strategy,
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, prog: str = "dsr1 prune") -> int:
     """Run the command; returns the exit code (1: a stage fell below --accuracy-floor). Prints a summary
     of the curve to stdout (one JSON object with ``--json``); progress bars only on a terminal."""
     from dsr1.progress import enabled
-    from dsr1.pruning.runner import PruneRun
+    from dsr1.tasks.prune.runner import PruneRun
 
     settings = settings_from_args(args)
     as_json = getattr(args, "json", False)
@@ -131,7 +131,7 @@ def summary(report: dict[str, Any], output_dir: str, code: int) -> dict[str, Any
     """What ``--json`` prints: where the outputs are, and the curve's rows (``curve.csv``'s columns)."""
     from pathlib import Path
 
-    from dsr1.pruning.report import curve_rows
+    from dsr1.tasks.prune.report import curve_rows
 
     out = Path(output_dir).expanduser()
     return {

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from dsr1.errors import Dsr1Error, did_you_mean, quote
 
@@ -29,6 +30,20 @@ LogitsProcessor = Callable[[list[int], Any], Any]
 
 #: most top logprobs one token may ask for (OpenAI's and vLLM's default limit).
 MAX_LOGPROBS = 20
+
+#: field → (low, high or None, low included, high included, what a bad value is told)
+RANGES: dict[str, tuple[float, float | None, bool, bool, str]] = {
+    "temperature": (0, None, True, True, "must be >= 0 (0 = greedy)"),
+    "top_k": (0, None, True, True, "must be an integer >= 0 (0 turns it off)"),
+    "top_p": (0, 1, False, True, "must be in (0, 1] (1 turns it off)"),
+    "min_p": (0, 1, True, True, "must be in [0, 1] (0 turns it off)"),
+    "repetition_penalty": (0, None, False, True, "must be > 0 (1 turns it off)"),
+    "presence_penalty": (-2, 2, True, True, "must be in [-2, 2] (0 turns it off)"),
+    "frequency_penalty": (-2, 2, True, True, "must be in [-2, 2] (0 turns it off)"),
+    "seed": (0, 2**64, True, False, "must be an integer in [0, 2**64) or None"),
+    "max_tokens": (1, None, True, True, "must be an integer >= 1 or None"),
+    "logprobs": (0, MAX_LOGPROBS, True, True, f"must be an integer in [0, {MAX_LOGPROBS}] or None"),
+}
 #: ``generation_config.json`` keys that give sampling defaults (eos/pad ids are the engine's business).
 GENERATION_CONFIG_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -102,60 +117,18 @@ class SamplingParams(BaseModel):
             return []
         return [value] if isinstance(value, str) else value
 
-    @field_validator("temperature")
+    @field_validator(*RANGES)
     @classmethod
-    def _check_temperature(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be >= 0 (0 = greedy)")
-        return value
-
-    @field_validator("top_k")
-    @classmethod
-    def _check_top_k(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be an integer >= 0 (0 turns it off)")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _check_top_p(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError("must be in (0, 1] (1 turns it off)")
-        return value
-
-    @field_validator("min_p")
-    @classmethod
-    def _check_min_p(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("must be in [0, 1] (0 turns it off)")
-        return value
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _check_repetition_penalty(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0 (1 turns it off)")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _check_openai_penalty(cls, value: float) -> float:
-        if not -2 <= value <= 2:
-            raise ValueError("must be in [-2, 2] (0 turns it off)")
-        return value
-
-    @field_validator("seed")
-    @classmethod
-    def _check_seed(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value < 2**64:
-            raise ValueError("must be an integer in [0, 2**64) or None")
-        return value
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _check_max_tokens(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be an integer >= 1 or None")
+    def _check_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        low, high, closed_low, closed_high, message = RANGES[str(info.field_name)]
+        if value is None:  # only the fields typed `| None` get here with None
+            return value
+        if value != value:  # NaN compares false with everything: it would pass both bounds
+            raise ValueError(message)
+        below = value < low if closed_low else value <= low
+        above = high is not None and (value > high if closed_high else value >= high)
+        if below or above:
+            raise ValueError(message)
         return value
 
     @field_validator("stop")
@@ -170,13 +143,6 @@ class SamplingParams(BaseModel):
     def _check_stop_token_ids(cls, value: list[int]) -> list[int]:
         if any(t < 0 for t in value):
             raise ValueError("must hold token ids >= 0")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value <= MAX_LOGPROBS:
-            raise ValueError(f"must be an integer in [0, {MAX_LOGPROBS}] or None")
         return value
 
     # --- derived ----------------------------------------------------------------------------

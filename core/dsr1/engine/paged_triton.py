@@ -76,7 +76,13 @@ def _kernel() -> Any:
     return paged_decode_split
 
 
-def splits_for(max_tiles: int, rows_times_heads: int, sms: int = 132) -> int:
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (asked once per device)."""
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def splits_for(max_tiles: int, rows_times_heads: int, sms: int) -> int:
     """One split per (row, KV head) unless those leave most of the GPU idle on long rows.
 
     On the H200 (``bench/results/engine/paged-tune-h200.json``) one split won at every batch
@@ -105,7 +111,7 @@ def paged_decode(
     block_g = max(MIN_DOT, 1 << (g - 1).bit_length())
     max_blocks = tables.shape[1]
     tile = max(bs, tile)
-    splits = splits or splits_for(max_blocks * bs // tile, b * hkv)
+    splits = splits or splits_for(max_blocks * bs // tile, b * hkv, multiprocessors(q.device))
     launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     acc = torch.empty((b, hkv, splits, block_g, d), dtype=torch.float32, device=q.device)
     m = torch.empty((b, hkv, splits, block_g), dtype=torch.float32, device=q.device)

@@ -93,10 +93,11 @@ class PagedRunner:
         if self.static_decode is not None and prefills:
             # short chunks (a prefix-cache hit's suffix, a short prompt) run as decode rows of the
             # captured step, one row per token, instead of an eager forward of their own
-            short = [s for s in prefills if self.static_decode.as_rows(s)]
+            short, long = [], []
+            for s in prefills:
+                (short if self.static_decode.as_rows(s) else long).append(s)
             if short and self.static_decode.fits([*decodes, *short]):
-                decodes = [*decodes, *short]
-                prefills = [s for s in prefills if not self.static_decode.as_rows(s)]
+                decodes, prefills = [*decodes, *short], long
         out: dict[str, Sampled] = {}
         with torch.inference_mode():
             for group, forward in ((decodes, self._decode), (prefills, self._prefill)):

@@ -160,9 +160,8 @@ class CudaGraphOptions(CompileOptions):
 
     #: compile the static step with ``torch.compile`` (fusion) before capturing it.
     compile: bool = False
-    #: largest batch that runs the compiled step; larger ones capture the eager kernels. On the
-    #: H200 (Qwen2-7B shape, torch 2.11) inductor's step won at batch 1 (213 vs 175 tok/s) and
-    #: lost above it (batch 8: 1,009 vs 1,275; batch 128: 2,489 vs 15,300 tok/s).
+    #: largest batch that runs the compiled step; larger ones capture the eager kernels: on the
+    #: H200 inductor's step won only at batch 1 (bench/results/decode-h200/README.md).
     compile_max_batch: int = Field(default=1, ge=1)
     #: capture a CUDA graph (off: run the static step eagerly, e.g. to compare outputs).
     capture: bool = True

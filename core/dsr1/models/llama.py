@@ -411,7 +411,7 @@ class LlamaOptions(LoadOptions):
     fuse: bool = True
     #: memory layout of linear weights: ``nk`` (out, in) as stored, ``kn`` the transpose kept contiguous
     #: (``weight`` stays an (out, in) view), ``auto`` = ``kn`` on CPU, where MKL's small-batch matmul reads
-    #: that layout faster (tiny-125m, batch 8 decode: 37 → 28 ms of matmuls per step), else ``nk``.
+    #: that layout faster at small batches (plugins/devices/cpu/README.md), else ``nk``.
     #: On CPU with fp32 weights, ``auto`` also hands the linear layers to the device's own kernel before
     #: the first generate (the cpu device's panel kernel), or else repacks them for oneDNN while
     #: generating 2+ rows and back to ``kn`` for one row (:meth:`LlamaForCausalLM.prepare_batch`,

@@ -17,7 +17,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -25,10 +25,9 @@ from pydantic import BaseModel, ConfigDict
 from dsr1 import progress
 from dsr1.errors import Dsr1Error
 from dsr1.input_files import is_regular, kind, list_dir, open_regular, probe, read_text
+from dsr1.interfaces import GraphSteps
+from dsr1.models.common import Dsr1Model, ModelRuntime
 from dsr1.outputs import plan_output
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from dsr1.models.common import Dsr1Model
 
 #: Files copied along with the weights by ``save_pretrained``.
 TOKENIZER_FILES = (
@@ -459,9 +458,6 @@ def choose_dtype(options: LoadOptions, pipeline: Any, reader: CheckpointReader) 
 def finish_model(model: Dsr1Model, pipeline: Any) -> Dsr1Model:
     """The steps after weights are assigned: quantize, place, graph pass. Binds the model's
     :class:`~dsr1.models.common.ModelRuntime` (the one place it is set) with the pass's steps."""
-    from dsr1.interfaces import GraphSteps
-    from dsr1.models.common import ModelRuntime
-
     model.requires_grad_(False)  # an inference engine: no autograd graph behind model(**inputs)
     runtime = model.bind_runtime(ModelRuntime(pipeline))  # quant and pool plugins may read model.pipeline
     pipeline.prune_(model)  # before quant: a quantized layer is no longer an nn.Linear to prune
@@ -504,14 +500,26 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
         os.fsync(f.fileno())
 
 
+#: ``model_type`` of a dir written by ``dsr1 quantize`` (the real one is ``quantization_config.model_type``):
+#: transformers' ``AutoModel`` and a dsr1 without this hook refuse an unknown model type, so
+#: neither can load the integer tensors as plain weights. :mod:`dsr1.quantization.checkpoint` loads such a dir.
+QUANTIZED_MODEL_TYPE = "dsr1_quantized"
+
+
+def quantized_hf_config(config: dict[str, Any], quantization_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a quantized save: the marker model type, the real one kept in the config."""
+    real = config["model_type"] if config.get("model_type") != QUANTIZED_MODEL_TYPE else (
+        config.get("quantization_config") or {}).get("model_type")
+    return {**config, "model_type": QUANTIZED_MODEL_TYPE,
+            "quantization_config": {**quantization_config, "model_type": real}}
+
+
 def write_model_dir(model: Dsr1Model, directory: Path) -> None:
     """``config.json``, ``model.safetensors`` and the tokenizer files of ``model``, into ``directory``."""
     config = dict(model.config)
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     if getattr(model, "quantization_config", None):  # integer weights: config.json must say so
-        from dsr1.quantization.checkpoint import quantized_hf_config
-
         config = quantized_hf_config(config, model.quantization_config)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_safetensors(directory / "model.safetensors", model.hf_state_dict(), {"format": "pt"})

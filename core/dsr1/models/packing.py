@@ -14,7 +14,7 @@ At a few rows per matmul (decode at batch 2-32) MKL's ``sgemm`` repacks the weig
 call and stays compute-bound; oneDNN's matmul on a weight reordered once into its blocked
 layout does not. At one row MKL's matrix-vector product already streams at DRAM bandwidth
 and oneDNN's is slower (the measured per-step times of both on tiny-125m are in
-``bench/results/cpu-linear-kernels.json``, made by ``bench/cpu_linear_kernels.py``).
+``bench/results/cpu-linear-kernels.json``, made by ``python -m dsr1.benchmarks.cpu_linear_kernels``).
 
 So the CPU ``auto`` layout follows the batch (``LlamaForCausalLM.prepare_batch``): every fp32
 linear layer is packed before a generate of 2 or more rows and goes back to ``kn`` before one

@@ -1,35 +1,8 @@
-"""Progressive pruning: the engine side of ``dsr1 prune``.
+"""What pruning shares below its plugins and drivers: masks and scores (:mod:`.masks`), calibration
+statistics (:mod:`.calibration`), sparsity and accuracy metrics (:mod:`.metrics`), evaluation and
+calibration text (:mod:`.data`), and pruning while a model loads (:mod:`.at_load`, the ``pruning:``
+config key).
 
-Strategies are ``dsr1.pruning`` plugins (:class:`dsr1.interfaces.Pruner`); this package drives
-them: :mod:`.schedule` (settings and stages), :mod:`.data` (held-out and calibration text),
-:mod:`.metrics` (sparsity, perplexity, embedding fidelity), :mod:`.recover` (fine-tuning between
-stages), :mod:`.speed` (the bench code on each saved stage), :mod:`.report` (report.json, curve.csv,
-curve.png) and :mod:`.runner` (the stage loop, atomic stage dirs, Ctrl-C).
-
-Strategies need nothing beyond :class:`~dsr1.interfaces.Pruner`, whose ``skipped`` dict (layer
-name → why the last ``prune_`` left it alone) is copied into each stage of the report. One optional
-extra is read when present (duck-typed): ``pruner.report_notes(device) -> list[str]`` (caveats the report should carry, e.g. semi24's
-"dense with zeros on CPU"). Capabilities the runner reads: ``min_sparsity:X`` (progressive
-stages start there) and ``activation_aware`` / ``calibration`` (calibration text must be usable).
-
-Only the modules a command uses are imported; importing this package imports nothing heavy.
+Plugins reach the first three through :mod:`dsr1_sdk.pruning`; the ``dsr1 prune`` driver is
+:mod:`dsr1.tasks.prune`.
 """
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from dsr1.pruning.schedule import PruneSettings
-
-
-def prune(settings: PruneSettings | dict[str, Any], command: str = "", quiet: bool = False) -> int:
-    """Run a pruning job (``dsr1 prune`` in Python); returns the exit code (1: below the accuracy floor)."""
-    from dsr1.pruning.runner import PruneRun
-    from dsr1.pruning.schedule import PruneSettings
-
-    if not isinstance(settings, PruneSettings):
-        settings = PruneSettings.model_validate(settings)
-    return PruneRun(settings, command, quiet=quiet).run()
-
-
-__all__ = ["prune"]

@@ -7,7 +7,7 @@ the pipeline is resolved, so ``dsr1 config check`` says so and no weight is read
 :func:`prune_at_load` runs in the builder's finishing steps, after the weights are assigned and
 before the quant plugin and the pool's final placement (a quantized layer is no longer an
 ``nn.Linear``, so pruning after it would find nothing to prune). It calls the same
-``Pruner.prune_`` as ``dsr1 prune`` (:func:`dsr1.pruning.runner.prune_stage`) with the same
+``Pruner.prune_`` as ``dsr1 prune`` (:func:`dsr1.tasks.prune.runner.prune_stage`) with the same
 calibration text (:mod:`dsr1.pruning.data`).
 """
 from __future__ import annotations

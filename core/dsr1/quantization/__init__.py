@@ -1,4 +1,4 @@
-"""What the quant plugins share: quantization math, quantized-layer plumbing, checkpoints, evaluation.
+"""What the quant plugins share: quantization math, quantized-layer plumbing, checkpoints.
 
 * :mod:`.schemes` - int8 per channel, int4 group-wise, fp8 e4m3 and per-token activation
   quantization in plain torch: the reference every kernel is checked against.
@@ -6,10 +6,11 @@
   ``nn.Linear`` layers one at a time, the per-layer precision map.
 * :mod:`.policy` - :class:`~.policy.StaticQuantPolicy`, the shape of the static policies.
 * :mod:`.checkpoint` - loading dirs written by ``dsr1 quantize`` (``quantization_config``).
-* :mod:`.evaluate` - perplexity, per-layer SQNR on live activations, embedding cosine.
-* :mod:`.bench` - ``python -m dsr1.quantization.bench``: the accuracy and speed figures.
 
-The kernels themselves live in the plugins (``dsr1-quant-int8`` ...), one policy per package.
+Plugins reach the first three through :mod:`dsr1_sdk.quant`. The accuracy and speed figures are
+the benchmark library's (:mod:`dsr1.benchmarks.quant`, :mod:`dsr1.benchmarks.quant_accuracy`); the
+``dsr1 quantize`` driver is :mod:`dsr1.tasks.quantize`. The kernels themselves live in the plugins
+(``dsr1-quant-int8`` ...), one policy per package.
 """
 from __future__ import annotations
 

@@ -27,6 +27,9 @@ from torch import nn
 
 from dsr1.config import EngineConfig, PluginChoice
 from dsr1.errors import Dsr1Error
+from dsr1.models.loading import QUANTIZED_MODEL_TYPE as QUANTIZED_MODEL_TYPE  # the writer's marker, read here
+from dsr1.models.loading import CheckpointReader, LoadOptions
+from dsr1.models.loading import quantized_hf_config as quantized_hf_config
 from dsr1.quantization.modules import QuantizedLinear
 from dsr1.quantization.policy import FORMAT_VERSION, QUANT_METHOD
 from dsr1.quantization.schemes import fp8_dequantize, int4_dequantize, int8_dequantize, unpack_nibbles
@@ -61,20 +64,6 @@ FORMATS: dict[str, Format] = {
         lambda s: s["qweight"],
     ),
 }
-
-
-#: ``model_type`` of a dir written by ``dsr1 quantize`` (the real one is ``quantization_config.model_type``):
-#: transformers' ``AutoModel`` and a dsr1 without this hook refuse an unknown model type, so
-#: neither can load the integer tensors as plain weights.
-QUANTIZED_MODEL_TYPE = "dsr1_quantized"
-
-
-def quantized_hf_config(config: dict[str, Any], quantization_config: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` of a quantized save: the marker model type, the real one kept in the config."""
-    real = config["model_type"] if config.get("model_type") != QUANTIZED_MODEL_TYPE else (
-        config.get("quantization_config") or {}).get("model_type")
-    return {**config, "model_type": QUANTIZED_MODEL_TYPE,
-            "quantization_config": {**quantization_config, "model_type": real}}
 
 
 def prepare_quantized(
@@ -221,8 +210,6 @@ def load_quantized_state_(model: nn.Module, reader: DequantizedReader) -> None:
 
 def build_quantized(builder: Any, model_dir: Path, hf: dict[str, Any], pipeline: Any) -> Any:
     """Build the model of a ``dsr1 quantize`` dir with its policy (``pipeline.quant``)."""
-    from dsr1.models.loading import CheckpointReader, LoadOptions
-
     build_from = getattr(builder, "build_from", None)
     if build_from is None:
         raise Dsr1Error(f"model builder {type(builder).__name__} cannot load quantized checkpoints (it has no "

@@ -8,6 +8,7 @@ device. With ``--probe`` a device plugin is also instantiated and probed.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -97,10 +98,10 @@ def _run(args: list[str]) -> tuple[int, str, str]:
                               text=True, env=env, timeout=300, check=False)
         return proc.returncode, proc.stdout, proc.stderr
     if _ZYGOTE is not None and (_ZYGOTE.poll() is not None or env != _ZYGOTE_ENV):  # a test changed the path or env
-        _ZYGOTE.stdin.close()  # type: ignore[union-attr]
-        _ZYGOTE.wait()
-        _ZYGOTE = None
+        _stop_zygote()
     if _ZYGOTE is None:
+        if not _ZYGOTE_ENV:
+            atexit.register(_stop_zygote)
         _ZYGOTE_ENV.clear()
         _ZYGOTE_ENV.update(env)
         _ZYGOTE = subprocess.Popen([sys.executable, "-m", "dsr1_sdk.testing.isolation", "--zygote"], text=True,
@@ -113,6 +114,17 @@ def _run(args: list[str]) -> tuple[int, str, str]:
         return 1, "", f"the isolation helper exited with {_ZYGOTE.wait()}"
     rc, out, err = json.loads(line)
     return int(rc), str(out), str(err)
+
+
+def _stop_zygote() -> None:
+    global _ZYGOTE
+    if _ZYGOTE is None:
+        return
+    for pipe in (_ZYGOTE.stdin, _ZYGOTE.stdout):
+        if pipe is not None:
+            pipe.close()  # its stdin at EOF: the helper leaves its loop
+    _ZYGOTE.wait(30)
+    _ZYGOTE = None
 
 
 def _zygote() -> int:

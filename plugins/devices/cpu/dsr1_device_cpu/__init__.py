@@ -2,8 +2,9 @@
 
 Always available. Memory comes from ``/proc/meminfo`` (``MemTotal``, ``MemAvailable``),
 capped by the cgroup v2 limit when the process runs in a container with a smaller one;
-elsewhere from psutil when it is installed, else from ``sysconf``. The ``threads`` option
-sets torch's intra-op thread count when the engine builds the device (never at import).
+elsewhere from psutil when it is installed (the ``psutil`` extra: ``pip install
+'dsr1-device-cpu[psutil]'``, for macOS), else from ``sysconf``. The ``threads`` option sets
+torch's intra-op thread count when the engine builds the device (never at import).
 
 ``return_freed_weights`` (glibc only): while the engine loads or relayouts weights
 (:meth:`CpuDevice.relayout_memory`), buffers of 1 MiB and more are mapped on their own and go
@@ -105,7 +106,7 @@ def read_memory() -> MemoryInfo:
     found = _meminfo()
     if found is None:
         try:
-            import psutil  # optional: not a dependency
+            import psutil  # the optional `psutil` extra
 
             vm = psutil.virtual_memory()
             found = (int(vm.total), int(vm.available))

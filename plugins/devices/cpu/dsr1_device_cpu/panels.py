@@ -6,7 +6,7 @@ each panel once per call, takes up to 8 input rows in one pass over it (two pane
 sizes that overlaps the weight stream with the multiply-adds, which neither MKL (the ``kn``
 layout) nor oneDNN (its packed layout) does at a few rows. tiny-125m's 49 matmuls of one forward
 (400 MB of fp32 weights, from DRAM up to 16 rows), 2-core Xeon with AVX-512, torch 2.13,
-huge-page allocations on, medians in ms (``bench/cpu_linear_kernels.py``,
+huge-page allocations on, medians in ms (``python -m dsr1.benchmarks.cpu_linear_kernels``,
 ``bench/results/cpu-linear-kernels.json``):
 
 =========  ===============  ===============  ==================
@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsr1.models.packing import PackedLinear
 from dsr1_sdk import Dsr1Error
+from dsr1_sdk.layers import PackedLinear
 
 SOURCE = Path(__file__).with_name("panel_gemm.cpp")
 #: the extension's module name (torch caches the build under it).

@@ -22,10 +22,16 @@ from typing import Any, Literal
 
 import torch
 
-from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
-from dsr1.pruning.masks import check_sparsity, n_m_mask, wanda_score
-from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginSpec, Pruner, PruningOptions, hookimpl
+from dsr1_sdk.pruning import (
+    block_groups,
+    check_sparsity,
+    input_norms,
+    n_m_mask,
+    prunable_linears,
+    usable_batches,
+    wanda_score,
+)
 
 __all__ = ["Semi24Options", "Semi24Pruner", "dsr1_pruning", "is_2_4", "to_sparse_semi_structured_"]
 

@@ -34,11 +34,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dsr1.errors import Dsr1Error
-from dsr1.pruning.calibration import input_norms, usable_batches
-from dsr1.pruning.masks import check_sparsity, lowest_k_mask, n_pruned, wanda_score
-from dsr1.pruning.metrics import prunable_linears
-from dsr1_sdk import Field, PluginSpec, Pruner, PruningOptions, hookimpl
+from dsr1_sdk import Dsr1Error, Field, PluginSpec, Pruner, PruningOptions, hookimpl
+from dsr1_sdk.pruning import (
+    check_sparsity,
+    input_norms,
+    lowest_k_mask,
+    n_pruned,
+    prunable_linears,
+    usable_batches,
+    wanda_score,
+)
 
 __all__ = ["StructuredOptions", "StructuredPruner", "dsr1_pruning"]
 

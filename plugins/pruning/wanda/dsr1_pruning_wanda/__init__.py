@@ -17,10 +17,16 @@ from collections.abc import Iterable
 
 import torch
 
-from dsr1.pruning.calibration import block_groups, input_norms, usable_batches
-from dsr1.pruning.masks import check_sparsity, row_balanced_mask, wanda_score
-from dsr1.pruning.metrics import prunable_linears
 from dsr1_sdk import Field, PluginSpec, Pruner, PruningOptions, hookimpl
+from dsr1_sdk.pruning import (
+    block_groups,
+    check_sparsity,
+    input_norms,
+    prunable_linears,
+    row_balanced_mask,
+    usable_batches,
+    wanda_score,
+)
 
 __all__ = ["WandaOptions", "WandaPruner", "dsr1_pruning"]
 

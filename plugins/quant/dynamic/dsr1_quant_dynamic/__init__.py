@@ -18,16 +18,22 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dsr1.interfaces import QuantPolicy
-from dsr1.quantization.modules import DTYPES, cast_floats_, precision_map, refuse_unless_valid, replace_linears_
-from dsr1.quantization.schemes import int8_dequantize, int8_error_bound, int8_per_channel
 from dsr1_quant_dynamic.controller import PrecisionController
 from dsr1_quant_dynamic.layer import DynamicLinear
 from dsr1_quant_int8 import CudaKernel, cuda_kernel_problems
-from dsr1_sdk import PluginSpec, hookimpl
+from dsr1_sdk import BaseModel, ConfigDict, Field, PluginSpec, QuantPolicy, hookimpl
+from dsr1_sdk.quant import (
+    DTYPES,
+    cast_floats_,
+    int8_dequantize,
+    int8_error_bound,
+    int8_per_channel,
+    precision_map,
+    refuse_unless_valid,
+    replace_linears_,
+)
 
 __all__ = ["DynamicLinear", "DynamicOptions", "DynamicPrecision", "PrecisionController", "dsr1_quant"]
 

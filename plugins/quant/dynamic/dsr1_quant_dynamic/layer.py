@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1.quantization.modules import QuantizedLinear
-from dsr1.quantization.schemes import int8_dequantize, int8_per_channel
 from dsr1_quant_int8 import int8_weight_only_linear
+from dsr1_sdk.quant import QuantizedLinear, int8_dequantize, int8_per_channel
 
 Mode = Literal["observe", "hp", "int8"]
 HP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -22,11 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1.errors import Dsr1Error
-from dsr1.quantization.modules import QuantizedLinear, flat, linear_layers
-from dsr1.quantization.policy import StaticQuantPolicy
-from dsr1.quantization.schemes import FP8_E4M3_MAX, fp8_dequantize, fp8_error_bound, fp8_per_channel
-from dsr1_sdk import PluginSpec, hookimpl
+from dsr1_sdk import Dsr1Error, PluginSpec, hookimpl
+from dsr1_sdk.quant import (
+    FP8_E4M3_MAX,
+    QuantizedLinear,
+    StaticQuantPolicy,
+    flat,
+    fp8_dequantize,
+    fp8_error_bound,
+    fp8_per_channel,
+    linear_layers,
+)
 
 __all__ = ["Fp8E4M3", "Fp8Linear", "dsr1_quant", "fp8_linear"]
 

@@ -23,21 +23,24 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from dsr1.errors import Dsr1Error
-from dsr1.quantization.modules import QuantizedLinear, device_type, flat, linear_layers, refuse_unless_valid
-from dsr1.quantization.policy import QuantOptions, StaticQuantPolicy
-from dsr1.quantization.schemes import (
+from dsr1_quant_int4 import kernels
+from dsr1_sdk import Dsr1Error, Field, PluginSpec, hookimpl
+from dsr1_sdk.quant import (
+    QuantizedLinear,
+    QuantOptions,
+    StaticQuantPolicy,
+    device_type,
+    flat,
     int4_dequantize,
     int4_error_bound,
     int4_groupwise,
+    linear_layers,
     pack_nibbles,
+    refuse_unless_valid,
     unpack_nibbles,
 )
-from dsr1_quant_int4 import kernels
-from dsr1_sdk import PluginSpec, hookimpl
 
 __all__ = ["Int4Options", "Int4WeightOnly", "Int4WeightOnlyLinear", "dsr1_quant"]
 

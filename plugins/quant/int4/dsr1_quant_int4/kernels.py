@@ -11,7 +11,7 @@ zero per ``group`` input columns, ``scales_and_zeros`` laid out ``(in / group, o
   Written, not measured here (no device budget).
 
 A checkpoint must not depend on those layouts, so a layer saves the canonical nibbles
-(:func:`dsr1.quantization.schemes.pack_nibbles`). Packing is a permutation of 4-bit values;
+(:func:`dsr1_sdk.quant.pack_nibbles`). Packing is a permutation of 4-bit values;
 :func:`unpack` recovers the original order by packing the digits of each element's index
 (base 16, one pack per digit) and reading where each digit landed: whatever the layout, and
 checked to be a permutation.

@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1.quantization.modules import Int8PerChannelLinear, QuantizedLinear, flat
-from dsr1.quantization.policy import Int8PerChannelPolicy, QuantOptions
 from dsr1_sdk import PluginSpec, hookimpl
+from dsr1_sdk.quant import Int8PerChannelLinear, Int8PerChannelPolicy, QuantizedLinear, QuantOptions, flat
 
 __all__ = ["CudaKernel", "Int8WeightOnly", "Int8WeightOnlyLinear", "cuda_kernel_problems", "dsr1_quant",
            "int8_weight_only_linear"]

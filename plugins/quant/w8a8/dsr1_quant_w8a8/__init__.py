@@ -16,11 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1.errors import Dsr1Error
-from dsr1.quantization.modules import Int8PerChannelLinear, QuantizedLinear, device_type, flat, linear_layers
-from dsr1.quantization.policy import Int8PerChannelPolicy
-from dsr1.quantization.schemes import int8_per_token
-from dsr1_sdk import PluginSpec, hookimpl
+from dsr1_sdk import Dsr1Error, PluginSpec, hookimpl
+from dsr1_sdk.quant import (
+    Int8PerChannelLinear,
+    Int8PerChannelPolicy,
+    QuantizedLinear,
+    device_type,
+    flat,
+    int8_per_token,
+    linear_layers,
+)
 
 __all__ = ["W8A8Dynamic", "W8A8Linear", "dsr1_quant"]
 
