@@ -57,7 +57,7 @@ def test_unknown_model_type_is_one_line_listing_the_known_ones() -> None:
     msg = str(err.value)
     assert "\n" not in msg
     assert msg == "unknown model_type 'gpt_neox' in config.json; the installed model plugins build: bert, llama, " \
-                  "mistral, qwen2"
+                  "mistral, qwen2, qwen3"
 
 
 def _toy_checkpoint(tmp_path: Path, model_type: str) -> Path:
@@ -73,7 +73,7 @@ def test_a_plugin_builds_the_type_it_declares_whatever_its_name(
     fake_plugin("model", "toy", TOY)
     with pytest.raises(Dsr1Error, match="^toy builder reached$"):
         AutoModel.from_pretrained(_toy_checkpoint(tmp_path, "toyformer"))
-    with pytest.raises(Dsr1Error, match=r"build: bert, llama, mistral, qwen2, toyformer$"):
+    with pytest.raises(Dsr1Error, match=r"build: bert, llama, mistral, qwen2, qwen3, toyformer$"):
         AutoModel.from_pretrained(_toy_checkpoint(tmp_path, "toy"))  # the plugin's name is not a type
 
 

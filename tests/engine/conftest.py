@@ -133,6 +133,9 @@ TINY: dict[str, dict[str, Any]] = {
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", extra=dict(tie_word_embeddings=False)),
     "qwen2-tied": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", extra=dict(tie_word_embeddings=True)),
     "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", extra=dict(sliding_window=6, head_dim=16)),
+    # norms drawn away from 1 (transformers initialises them to ones): a q/k norm loaded wrong shows
+    "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", extra=dict(tie_word_embeddings=False, head_dim=16),
+                  noisy_norms=True),
 }
 
 
@@ -148,6 +151,11 @@ def make_checkpoint(out: Path, kind: str, vocab: int = 400, seed: int = 0, token
     )
     torch.manual_seed(seed)
     model = getattr(transformers, spec["cls"])(cfg).eval()
+    if spec.get("noisy_norms"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer:
         write_tokenizer(out)

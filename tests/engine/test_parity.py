@@ -88,3 +88,24 @@ def test_minilm_matches_transformers_and_sentence_transformers(monkeypatch: pyte
     cos = torch.nn.functional.cosine_similarity(emb, out.sentence_embedding)
     assert cos.min() >= 0.9999
     assert torch.allclose(model.encode(texts), out.sentence_embedding, atol=1e-5)
+
+
+def test_qwen3_qk_norm_is_exercised_on_every_path(ckpts: dict[str, Path]) -> None:
+    """Qwen3's per-head q/k norms: dropping them changes the logits; the unfused reference layers and the
+    paged engine (continuous scheduler) agree with the fused default."""
+    enc = padded_batch(ckpts["qwen3"])
+    fast = AutoModel.from_pretrained(ckpts["qwen3"])
+    slow = AutoModel.from_pretrained(ckpts["qwen3"], {"model": {"name": "llama", "options": {"fuse": False}}})
+    assert not torch.allclose(fast.model.layers[0].self_attn.q_norm.weight, torch.ones(16))  # trained-looking
+    real = enc["attention_mask"].bool()
+    with torch.inference_mode():
+        want = fast(**enc).logits
+        torch.testing.assert_close(slow(**enc).logits[real], want[real], atol=1e-5, rtol=0)
+        for layer in fast.model.layers:
+            layer.self_attn.qk_norm = False
+        assert (fast(**enc).logits - want)[real].abs().max() > 1e-3
+        for layer in fast.model.layers:
+            layer.self_attn.qk_norm = True
+    paged = AutoModel.from_pretrained(ckpts["qwen3"], scheduler="continuous", kvcache="paged")
+    assert torch.equal(paged.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=12),
+                       fast.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=12))

@@ -1,5 +1,6 @@
 """The ``llama`` architecture: Llama 2/3 (llama3 rope scaling), Mistral (sliding window),
-Qwen2 (qkv bias, tied or untied embeddings). DeepSeek-R1-Distill-{Qwen,Llama} use these.
+Qwen2 (qkv bias, tied or untied embeddings), Qwen3 (a per-head RMSNorm on q and k before rope).
+DeepSeek-R1-Distill-{Qwen,Llama} use these.
 
 Data flows: token ids → embed → N × [RMSNorm → attention (+ rope, KV cache, plugin) →
 residual → RMSNorm → SwiGLU MLP → residual] → RMSNorm → lm_head → logits.
@@ -63,6 +64,8 @@ class LlamaArgs:
     context_length: int
     rope: dict[str, Any]
     qkv_bias: bool
+    #: Qwen3: an RMSNorm over each head's query and key (before rope)
+    qk_norm: bool
     o_bias: bool
     mlp_bias: bool
     tie_embeddings: bool
@@ -80,14 +83,14 @@ class LlamaArgs:
         if act not in ("silu", "swish"):
             raise Dsr1Error(f"config.json: hidden_act {act!r} is not supported by the llama builder (silu only)")
         window = hf.get("sliding_window")
-        if mt == "qwen2" and not hf.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
             window = None
         layer_types = hf.get("layer_types")
         if window is None:
             windows: tuple[int | None, ...] = (None,) * n_layers
         elif layer_types:
             windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-        elif mt == "qwen2":
+        elif mt in ("qwen2", "qwen3"):
             first = int(hf.get("max_window_layers", n_layers))
             windows = tuple(int(window) if i >= first else None for i in range(n_layers))
         else:
@@ -105,6 +108,7 @@ class LlamaArgs:
             context_length=int(hf.get("max_position_embeddings", 2048)),
             rope=rope_parameters(dict(hf)),
             qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
+            qk_norm=mt == "qwen3",
             o_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -122,6 +126,9 @@ class LlamaArgs:
                 out[p + f"self_attn.{name}_proj.weight"] = (rows, c)
                 if self.qkv_bias:
                     out[p + f"self_attn.{name}_proj.bias"] = (rows,)
+            if self.qk_norm:
+                out[p + "self_attn.q_norm.weight"] = (d,)
+                out[p + "self_attn.k_norm.weight"] = (d,)
             out[p + "self_attn.o_proj.weight"] = (c, h * d)
             if self.o_bias:
                 out[p + "self_attn.o_proj.bias"] = (c,)
@@ -162,6 +169,9 @@ class LlamaAttention(nn.Module):
             self.k_proj = nn.Linear(c, self.kv * self.d, bias=a.qkv_bias)
             self.v_proj = nn.Linear(c, self.kv * self.d, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, c, bias=a.o_bias)
+        self.qk_norm = a.qk_norm
+        if a.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.d, a.eps), RMSNorm(self.d, a.eps)
 
     def forward(
         self,
@@ -176,13 +186,19 @@ class LlamaAttention(nn.Module):
         h, kv, d = self.h, self.kv, self.d
         if self.fused:
             qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d)  # (B, T, H + 2Hkv, D)
-            qk = apply_rope_fast(qkv[:, :, : h + kv], cos, sin)  # (B, T, H + Hkv, D): one rope for q and k
+            qk = qkv[:, :, : h + kv]  # (B, T, H + Hkv, D)
+            if self.qk_norm:
+                qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
+            qk = apply_rope_fast(qk, cos, sin)  # (B, T, H + Hkv, D): one rope for q and k
             q = qk[:, :, :h].transpose(1, 2)  # (B, H, T, D)
             k = qk[:, :, h:].transpose(1, 2)  # (B, Hkv, T, D)
             v = qkv[:, :, h + kv :].transpose(1, 2)  # (B, Hkv, T, D)
         else:  # reference path, module for module as transformers
-            q = apply_rope(self.q_proj(x).view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, T, D)
-            k = apply_rope(self.k_proj(x).view(b, t, kv, d), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
+            q, k = self.q_proj(x).view(b, t, h, d), self.k_proj(x).view(b, t, kv, d)  # (B, T, H|Hkv, D)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, D)
+            k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
             v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         if isinstance(cache, AttentionContext):  # the engine's rows at their own positions (paged pool)
             o = cache.attend(self.layer, q, k, v, self.attn, self.scale, self.window is not None)  # (B, H, T, D)
@@ -506,6 +522,6 @@ def dsr1_model() -> PluginSpec:
         family="model",
         impl=LlamaBuilder,
         options=LlamaOptions,
-        capabilities=frozenset({"model_type:llama", "model_type:mistral", "model_type:qwen2"}),
+        capabilities=frozenset({"model_type:llama", "model_type:mistral", "model_type:qwen2", "model_type:qwen3"}),
         description="Llama 2/3, Mistral and Qwen2 decoder-only LMs (fused qkv and gate/up at load)",
     )

@@ -214,7 +214,7 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise Dsr1Error(f"{cfg_path} must hold a JSON object")
     if "model_type" not in data:
-        raise Dsr1Error(f"{cfg_path} has no 'model_type'; supported: bert, llama, mistral, qwen2")
+        raise Dsr1Error(f"{cfg_path} has no 'model_type'; supported: bert, llama, mistral, qwen2, qwen3")
     return data
 
 
