@@ -151,3 +151,15 @@ def test_generate_runs_on_the_engine_when_the_config_picks_continuous(reference:
     wrong = AutoModel.from_pretrained("dsr1-tiny", scheduler="continuous")  # kvcache contiguous
     with pytest.raises(Dsr1Error, match="kvcache 'contiguous' has no 'paged' capability"):
         wrong.generate(ids, mask, max_new_tokens=4)
+
+
+def test_a_running_output_is_a_snapshot_that_later_steps_do_not_change() -> None:
+    from dsr1.engine.engine import Prefix
+
+    ids = [5, 6, 7]
+    view = Prefix(ids)
+    ids.append(8)  # the engine appends the next step's token
+    assert len(view) == 3 and list(view) == [5, 6, 7] and view == [5, 6, 7] and view != [5, 6, 7, 8]
+    assert view[-1] == 7 and view[1:] == [6, 7] and view[-2:] == [6, 7] and view[:10] == [5, 6, 7]
+    with pytest.raises(IndexError):
+        view[3]

@@ -123,8 +123,6 @@ class SamplingParams(BaseModel):
         low, high, closed_low, closed_high, message = RANGES[str(info.field_name)]
         if value is None:  # only the fields typed `| None` get here with None
             return value
-        if value != value:  # NaN compares false with everything: it would pass both bounds
-            raise ValueError(message)
         below = value < low if closed_low else value <= low
         above = high is not None and (value > high if closed_high else value >= high)
         if below or above:
