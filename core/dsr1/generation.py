@@ -97,12 +97,16 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     ignore_eos: bool = False,
+    max_thinking_tokens: int | None = None,
 ) -> Any:
     """Generate up to ``max_new_tokens`` per row.
 
     Returns a ``(batch, prompt + new)`` LongTensor, or with ``stream=True`` an iterator of
     text pieces (one prompt only; needs ``model.tokenizer``). ``ignore_eos`` forces the full
     length (benchmarks). ``stop`` strings end a row once its new text contains one.
+    ``max_thinking_tokens`` bounds a reasoning model's thinking block: once it holds that many
+    tokens, ``</think>`` is forced and the answer follows (a tokenizer without thinking markers:
+    a :class:`~dsr1.decoding.reasoning.ThinkingBudgetWarning`, and no budget).
 
     Thread-safe by serialisation: calls on one model run one at a time under ``model.run_lock``
     (a stream holds it from its first piece until it ends or is closed); inputs are checked
@@ -114,6 +118,11 @@ def generate(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise Dsr1Error(f"seed must be an integer in [0, 2**64), got {str(seed)[:40]}")
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
+    if max_thinking_tokens is not None:
+        from dsr1.decoding.reasoning import with_thinking_ids
+
+        params = with_thinking_ids(SamplingParams(**params.model_dump(exclude_unset=True),
+                                                  max_thinking_tokens=max_thinking_tokens), model.runtime.tokenizer)
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     runtime = model.runtime
     if (stream or stops) and runtime.tokenizer is None:

@@ -136,6 +136,23 @@ TINY: dict[str, dict[str, Any]] = {
     # norms drawn away from 1 (transformers initialises them to ones): a q/k norm loaded wrong shows
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", extra=dict(tie_word_embeddings=False, head_dim=16),
                   noisy_norms=True),
+    # layer 0 MoE (8 experts, top 2, renormalised), layer 1 dense (mlp_only_layers)
+    "qwen3_moe": dict(cls="Qwen3MoeForCausalLM", cfg="Qwen3MoeConfig", noisy_norms=True, extra=dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[1])),
+    # MLA with a q LoRA, YaRN rope, grouped sigmoid routing with a correction bias, a dense first layer
+    "deepseek_v3": dict(cls="DeepseekV3ForCausalLM", cfg="DeepseekV3Config", noisy_norms=True, extra=dict(
+        num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+        moe_intermediate_size=32, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                      "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})),
+    # MLA without a q LoRA (V2-Lite), softmax routing limited to the best groups, two shared experts
+    "deepseek_v2": dict(cls="DeepseekV2ForCausalLM", cfg="DeepseekV2Config", noisy_norms=True, extra=dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, n_shared_experts=2, moe_intermediate_size=32, first_k_dense_replace=1,
+        routed_scaling_factor=1.5)),
 }
 
 
@@ -144,18 +161,21 @@ def make_checkpoint(out: Path, kind: str, vocab: int = 400, seed: int = 0, token
     import transformers
 
     spec = TINY[kind]
-    cfg = getattr(transformers, spec["cfg"])(
+    args: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **spec["extra"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    cfg = getattr(transformers, spec["cfg"])(**{**args, **spec["extra"]})
     torch.manual_seed(seed)
     model = getattr(transformers, spec["cls"])(cfg).eval()
-    if spec.get("noisy_norms"):
+    if spec.get("noisy_norms"):  # also the MoE routers: transformers zeroes their bias, and ties pick arbitrarily
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in [*model.named_parameters(), *model.named_buffers()]:
                 if name.endswith("norm.weight"):
                     p.uniform_(0.5, 1.5)
+                elif name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+                    p.normal_(0.0, 0.5)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer:
         write_tokenizer(out)

@@ -32,6 +32,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},
     },
+    # DeepSeek-V2-Lite's config.json: MLA (kv_lora_rank 512, no q LoRA), 64 routed + 2 shared experts, 6 active
+    "deepseek-v2-lite": {
+        "model_type": "deepseek_v2", "hidden_size": 2048, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "intermediate_size": 10944, "moe_intermediate_size": 1408, "vocab_size": 102400,
+        "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+        "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001, "hidden_act": "silu",
+        "architectures": ["DeepseekV2ForCausalLM"],
+    },
 }
 
 
@@ -69,12 +83,14 @@ class RandomWeights:
 def random_weights(shape: str, dtype: Any, device: Any) -> tuple[dict[str, Any], RandomWeights]:
     """The HF config of a built-in ``shape`` and a reader of random weights for it."""
     from dsr1.errors import Dsr1Error, did_you_mean
+    from dsr1.models.deepseek import DeepseekArgs
     from dsr1.models.llama import LlamaArgs
 
     if shape not in SHAPES:
         raise Dsr1Error(f"unknown shape {shape!r}" + did_you_mean(shape, SHAPES))
     hf = dict(SHAPES[shape])
-    return hf, RandomWeights(LlamaArgs.from_hf(hf).hf_tensor_shapes(), dtype, device)
+    args = DeepseekArgs if hf["model_type"].startswith("deepseek") else LlamaArgs
+    return hf, RandomWeights(args.from_hf(hf).hf_tensor_shapes(), dtype, device)
 
 
 def build_random(builder: Any, hf: dict[str, Any], reader: RandomWeights, pipeline: Any) -> Any:

@@ -125,6 +125,15 @@ def report(args: Any, device: str, threads: int, spec: dict[str, Any], results: 
                   "batch1_decode_floor_tok_s": round(bandwidth * 1e9 / streamed, 1)},
         "results": results,
     }
+    active = results[0]["dsr1"].get("active_bytes")
+    if active:  # MoE: a token reads only its experts' weights
+        streamed = active
+        out["floor"].update(active_bytes_per_token=active,
+                            batch1_decode_floor_tok_s=round(bandwidth * 1e9 / active, 1))
+        for row in results:
+            if row["batch_size"] == 1:
+                row["dsr1"]["share_of_floor"] = round(row["dsr1"]["decode_tok_s"] / out["floor"][
+                    "batch1_decode_floor_tok_s"], 3)
     text = write_report(out, args.output)
     if args.json:
         print(text)
@@ -223,6 +232,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     gathered = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
     streamed = sum(p.numel() * p.element_size() for i, p in params.items() if i not in gathered)
+    active = active_bytes(model, hf_cfg, streamed)
     del params  # no reference to the weights beyond the model's (it may relayout them: dsr1.models.packing)
     b, p, n = int(spec["batch_size"]), int(spec["prompt_len"]), int(spec["new_tokens"])
     vocab = int(hf_cfg["vocab_size"])
@@ -259,7 +269,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else maxrss_mb()) - base
     out = {
         **figures, "peak_mem_mb": peak, "weight_bytes": weight_bytes,
-        "streamed_bytes": streamed,
+        "streamed_bytes": streamed, "active_bytes": active,
         "times_1": t1, "times_n": tn, "extra_reps": extra,
         "other_processes_cpu_pct": others,
         "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
@@ -297,6 +307,26 @@ def load_dsr1(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype: 
     return model, gen
 
 
+def _stacked_experts(reader: Any, name: str, n_experts: int) -> Any:
+    """A transformers 5 stacked expert parameter from the checkpoint-layout tensors of ``reader``."""
+
+    from dsr1.models.moe import expert_sources, stack_experts
+
+    sources, how = expert_sources(name.rsplit("experts.", 1)[0], n_experts)[name]
+    return stack_experts([reader.tensor(s) for s in sources], how)
+
+
+def active_bytes(model: Any, hf_cfg: dict[str, Any], streamed: int) -> int | None:
+    """Weight bytes one token reads at batch 1 in a mixture-of-experts model: everything streamed but the
+    experts it is not routed to (None: a dense model)."""
+    experts = int(hf_cfg.get("n_routed_experts") or hf_cfg.get("num_experts") or hf_cfg.get("num_local_experts") or 0)
+    if not experts:
+        return None
+    k = int(hf_cfg["num_experts_per_tok"])
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    return int(streamed - expert_bytes * (experts - k) / experts)
+
+
 def load_hf(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype: Any, device: Any) -> tuple[Any, Any]:
     """transformers' model of ``spec`` on the same weights, and its greedy generate call (no eos)."""
     import torch
@@ -313,6 +343,8 @@ def load_hf(spec: dict[str, Any], hf_cfg: dict[str, Any], reader: Any, dtype: An
             for name, param in model.state_dict().items():
                 if name in reader.shapes:
                     param.copy_(reader.tensor(name))
+                elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # transformers 5 stacks experts
+                    param.copy_(_stacked_experts(reader, name, param.shape[0]))
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

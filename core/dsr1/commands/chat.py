@@ -5,6 +5,10 @@ The answer streams as it is generated, through the same engine loop the server u
 waiting for the current answer: the request is aborted, its KV blocks freed, and the prompt
 comes back. The history is rendered with the model's chat template every turn; when it no
 longer leaves room for an answer, the oldest exchanges are dropped (the system prompt stays).
+
+A reasoning model (its tokenizer has ``<think>``/``</think>`` tokens) shows its thinking apart
+from the answer: dim and italic on a terminal, after a ``thinking:`` line elsewhere, and only the
+answer goes back into the history (as DeepSeek-R1's template expects).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-thinking-tokens", type=int,
+                   help="a reasoning model's thinking budget per answer: then </think> is forced (default: none)")
     p.set_defaults(func=run)
 
 
@@ -85,12 +91,16 @@ def run(args: argparse.Namespace) -> int:
     sampling: dict[str, Any] = {}
     if args.temperature is not None:
         sampling.update(temperature=args.temperature, do_sample=args.temperature > 0)
-    for name in ("top_p", "top_k", "seed"):
+    for name in ("top_p", "top_k", "seed", "max_thinking_tokens"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
     base = engine.default_params.model_dump(exclude_unset=True)
     SamplingParams(**{**base, **sampling})  # a bad value fails now, not at the first message
     convo = Conversation(tokenizer, engine.max_model_len, args.max_tokens, args.system)
+    from dsr1.decoding.reasoning import ThinkMarkers, thinking_ids
+
+    if thinking_ids(tokenizer) is not None:  # a reasoning model: its thinking is shown apart
+        engine.reasoning = ThinkMarkers()
     if sys.stdin.isatty():
         # Ctrl-C stops an answer: a chat started from a job that ignores SIGINT (a shell's background
         # job, some launchers) inherits the ignore, and Python then raises no KeyboardInterrupt
@@ -137,18 +147,54 @@ def run(args: argparse.Namespace) -> int:
         async_engine.shutdown()
 
 
+#: how thinking is set apart: dim italic on a terminal (ANSI), a labelled line elsewhere.
+THINK_STYLE, THINK_RESET = "\x1b[2;3m", "\x1b[0m"
+THINK_LABEL, ANSWER_LABEL = "thinking: ", "\nanswer: "
+
+
+class _Shown:
+    """Writes a reasoning model's deltas: thinking set apart from the answer."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.thinking, self.thought = tty, False, False
+
+    def write(self, reasoning: str, answer: str) -> None:
+        if reasoning:
+            if not self.thinking:
+                sys.stdout.write(THINK_STYLE if self.tty else THINK_LABEL)
+                self.thinking = self.thought = True
+            sys.stdout.write(reasoning)
+        if answer:
+            self.end_thinking()
+            sys.stdout.write(answer)
+
+    def end_thinking(self) -> None:
+        if self.thinking:
+            sys.stdout.write(THINK_RESET + "\n" if self.tty else ANSWER_LABEL)
+            self.thinking = False
+
+
 def _answer(engine: Any, ids: list[int], params: Any) -> str:
-    """Stream one answer to stdout; Ctrl-C stops it (what came so far is kept as the answer)."""
+    """Stream one answer to stdout; Ctrl-C stops it (what came so far is kept as the answer).
+    A reasoning model's thinking is shown, but only its answer is returned (for the history)."""
     stream = engine.stream_sync(ids, params)
     text = ""
+    shown = _Shown(sys.stdout.isatty())
     try:
         for out in stream:
-            sys.stdout.write(out.delta)
+            if out.answer_delta is not None:
+                shown.write(out.reasoning_delta or "", out.answer_delta)
+                text = out.answer or ""
+            else:
+                sys.stdout.write(out.delta)
+                text = out.text
             sys.stdout.flush()
-            text = out.text
     except KeyboardInterrupt:
         stream.close()  # aborts the request: its KV blocks are freed now
+        shown.end_thinking()
         sys.stdout.write(" [stopped]")
+    if shown.tty and shown.thinking:
+        sys.stdout.write(THINK_RESET)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return text

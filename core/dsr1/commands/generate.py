@@ -22,6 +22,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    p.add_argument("--max-thinking-tokens", type=int, default=None,
+                   help="a reasoning model's thinking budget: after this many tokens in the <think> block, "
+                        "</think> is forced and the answer follows (default: no budget)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--quiet", action="store_true", help="no progress bar while the model loads")
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     # every argument is checked before the model loads and before anything is printed
     check_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                  args.temperature > 0)
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise Dsr1Error(f"--max-thinking-tokens must be an integer >= 0, got {args.max_thinking_tokens}")
     from dsr1.auto import AutoModel, AutoTokenizer
     from dsr1.progress import progress
 
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_thinking_tokens=args.max_thinking_tokens,
     )
     monitor = model.pipeline.monitor
     if args.json:
@@ -76,10 +82,13 @@ def run(args: argparse.Namespace) -> int:
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         eos = set(model.generation_defaults.get("eos_token_id") or [])
         stats = monitor.generation_stats()  # the Monitor interface: any monitor plugin works here
+        text = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
         report = {
             "model": args.model,
             "prompt": args.prompt,
-            "text": tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True),
+            "text": text,
+            # a reasoning model's <think> block and the answer after it (null, null: no thinking markers)
+            **_reasoning(tokenizer, enc["input_ids"][0].tolist(), text),
             "prompt_tokens": int(enc["input_ids"].shape[1]),
             "new_tokens": stats.decode_tokens if stats.decode_tokens is not None else len(new),
             "timings": {  # null: the monitor did not measure it
@@ -109,6 +118,17 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _reasoning(tokenizer: Any, prompt_ids: list[int], text: str) -> dict[str, str | None]:
+    """``reasoning`` and ``answer`` of ``text`` when the tokenizer has thinking markers."""
+    from dsr1.decoding.reasoning import split_reasoning, starts_in_thinking, thinking_ids
+
+    if thinking_ids(tokenizer) is None:
+        return {"reasoning": None, "answer": None}
+    prompt_tail = tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
+    reasoning, answer = split_reasoning(text, in_thinking=starts_in_thinking(prompt_tail))
+    return {"reasoning": reasoning, "answer": answer}
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

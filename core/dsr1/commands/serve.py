@@ -29,6 +29,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from free memory)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM lets running requests finish before aborting them (default 30)")
+    p.add_argument("--reasoning-parser", metavar="NAME",
+                   help="a reasoning model's thinking markers: chat replies carry the <think> block as "
+                        "reasoning_content and the answer as content (deepseek_r1, qwen3; default: off)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level; info and debug log every request (default warning)")
     p.set_defaults(func=run)
@@ -44,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.shape) != bool(args.random_weights):
         raise Dsr1Error("--shape and --random-weights go together: a built-in shape has no trained weights "
                         "(e.g. dsr1 serve --shape tiny-125m --random-weights)")
+    if args.reasoning_parser is not None:
+        from dsr1.decoding.reasoning import parser_markers
+
+        parser_markers(args.reasoning_parser)  # a bad name: one line, before anything loads
     if args.api_key is None:  # read here, not as the option's default: --help would print it
         args.api_key = os.environ.get("DSR1_API_KEY")
     if args.api_key is not None and not args.api_key.strip():
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     name = args.served_model_name or (args.shape if args.shape else args.model)
     state = ServeState(ServeSettings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                     drain_timeout_s=args.drain_timeout))
+                                     drain_timeout_s=args.drain_timeout,
+                                     reasoning_parser=args.reasoning_parser))
     serve(state, lambda: _engine(args), args.host, args.port, args.log_level)
     if state.load_error is not None:
         err = state.load_error
@@ -82,4 +90,8 @@ def _engine(args: argparse.Namespace) -> Any:
         engine = Engine.from_pretrained(args.model, args.config, num_blocks=args.num_blocks)
     if not hasattr(engine.model, "generate"):
         raise Dsr1Error(f"model {args.model!r} is an encoder; it cannot generate")
+    if args.reasoning_parser is not None:
+        from dsr1.decoding.reasoning import parser_markers
+
+        engine.reasoning = parser_markers(args.reasoning_parser)
     return AsyncEngine(engine)

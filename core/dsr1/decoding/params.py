@@ -43,6 +43,7 @@ RANGES: dict[str, tuple[float, float | None, bool, bool, str]] = {
     "seed": (0, 2**64, True, False, "must be an integer in [0, 2**64) or None"),
     "max_tokens": (1, None, True, True, "must be an integer >= 1 or None"),
     "logprobs": (0, MAX_LOGPROBS, True, True, f"must be an integer in [0, {MAX_LOGPROBS}] or None"),
+    "max_thinking_tokens": (0, None, True, True, "must be an integer >= 0 or None (None: no budget)"),
 }
 #: ``generation_config.json`` keys that give sampling defaults (eos/pad ids are the engine's business).
 GENERATION_CONFIG_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -97,6 +98,14 @@ class SamplingParams(BaseModel):
     logprobs: Int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    #: most tokens a thinking block may hold before its end marker is forced (reasoning models;
+    #: :mod:`dsr1.decoding.reasoning`). ``None``: no budget. Needs the markers' ids below, which the
+    #: engine and ``model.generate`` fill from the tokenizer (a tokenizer without markers: a warning,
+    #: and the budget is dropped).
+    max_thinking_tokens: Int | None = None
+    #: the ids that open and close a thinking block, for ``max_thinking_tokens`` (empty: from the tokenizer).
+    think_start_ids: list[Int] = Field(default_factory=list)
+    think_end_ids: list[Int] = Field(default_factory=list)
     #: ``(output_ids, logits (V,)) -> logits (V,)`` callables, applied in order (not serialised).
     logits_processors: list[LogitsProcessor] = Field(default_factory=list, exclude=True)
 
@@ -136,7 +145,7 @@ class SamplingParams(BaseModel):
             raise ValueError("must hold non-empty strings (an empty one would stop before the first token)")
         return value
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "think_start_ids", "think_end_ids")
     @classmethod
     def _check_stop_token_ids(cls, value: list[int]) -> list[int]:
         if any(t < 0 for t in value):

@@ -9,6 +9,10 @@ Two steps come from elsewhere and run first: a request's logits processors (vLLM
 ``(output_ids, logits (V,)) -> logits (V,)`` hook for constrained output, applied before
 everything else, per row) and OpenAI's presence/frequency penalties over the output ids
 (after the repetition penalty, as vLLM orders them).
+
+One step comes last: a request with a thinking budget (``max_thinking_tokens``) gets the end
+marker's ids forced once its thinking block is full (:func:`dsr1.decoding.reasoning.forced_token`);
+requests without one pay a ``None`` check.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dsr1.decoding.reasoning import budget_window, forced_token
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Decoder, SamplingParams
@@ -101,6 +106,18 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def force_thinking_end(tokens: torch.Tensor, rows: Sequence[Sequence[int]], params: SamplingParams) -> torch.Tensor:
+    """``tokens`` ``(B,)`` with the end marker's next id where a row's thinking block is full;
+    ``rows[i]`` are row ``i``'s last ids (prompt then output, :func:`budget_window` of them)."""
+    budget = params.max_thinking_tokens
+    assert budget is not None
+    for i, ids in enumerate(rows):
+        forced = forced_token(ids, budget, params.think_start_ids, params.think_end_ids)
+        if forced is not None:
+            tokens[i] = forced
+    return tokens
+
+
 def process(
     logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams,
     outputs: Sequence[Sequence[int]] | None,
@@ -134,9 +151,37 @@ class SamplingDecoder(Decoder):
     ) -> torch.Tensor:
         logits = process(logits, generated, params, outputs)
         if params.greedy:
-            return logits.max(dim=-1).indices  # (B,): the first maximum, as argmax, in a faster CPU kernel
-        probs = warp(logits, params).softmax(dim=-1)  # (B, V)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            tokens = logits.max(dim=-1).indices  # (B,): the first maximum, as argmax, in a faster CPU kernel
+        else:
+            probs = warp(logits, params).softmax(dim=-1)  # (B, V)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        if params.max_thinking_tokens is not None and params.think_end_ids and generated.shape[1]:
+            # generated: (B, L) prompt + output ids (a whole batch sharing these params)
+            w = budget_window(params.max_thinking_tokens, params.think_start_ids, params.think_end_ids)
+            tokens = force_thinking_end(tokens, generated[:, -w:].tolist(), params)
+        return tokens
+
+    def next_tokens(
+        self,
+        logits: torch.Tensor,
+        outputs: Sequence[list[int]],
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        tokens = super().next_tokens(logits, outputs, prompts, params, generators)
+        for i, p in enumerate(params):
+            if p.max_thinking_tokens is None or not p.think_end_ids:
+                continue
+            w = budget_window(p.max_thinking_tokens, p.think_start_ids, p.think_end_ids)
+            out = outputs[i]
+            tail = list(out[-w:])
+            if len(tail) < w:
+                tail = [*prompts[i][len(tail) - w:], *tail]
+            forced = forced_token(tail, p.max_thinking_tokens, p.think_start_ids, p.think_end_ids)
+            if forced is not None:
+                tokens[i] = forced
+        return tokens
 
     def generated_ids(
         self, like: torch.Tensor, prompt: Sequence[int], output: Sequence[int], params: SamplingParams
@@ -156,7 +201,7 @@ def dsr1_decoding() -> PluginSpec:
         impl=SamplingDecoder,
         capabilities=frozenset({
             "greedy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-            "frequency_penalty", "logits_processors", "logprobs", "per_row_params", "seeded",
+            "frequency_penalty", "logits_processors", "logprobs", "per_row_params", "seeded", "thinking_budget",
         }),
         description="greedy, temperature, top-k, top-p, min-p, repetition/presence/frequency penalties and "
                     "logits processors (transformers and OpenAI semantics), per request",

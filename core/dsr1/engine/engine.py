@@ -11,6 +11,11 @@ execute and update). One engine serves any number of requests that arrive at any
         for out in engine.step():
             print(out.delta, end="")
 
+Reasoning models: with ``engine.reasoning`` set (a :class:`~dsr1.decoding.reasoning.ThinkMarkers`),
+each output also carries its text split into ``reasoning`` and ``answer`` (and their deltas); a
+prompt that ends with the start marker (DeepSeek-R1's template) starts the output in the thinking
+block. A request's ``max_thinking_tokens`` gets the markers' ids from the tokenizer here.
+
 An engine is driven by one thread at a time (:class:`~dsr1.engine.async_engine.AsyncEngine`
 runs it in a background thread and is safe to call from any number of coroutines).
 """
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dsr1.decoding.detokenize import IncrementalDetokenizer, StopChecker
+from dsr1.decoding.reasoning import ReasoningParser, ThinkMarkers, starts_in_thinking, with_thinking_ids
 from dsr1.engine.batch_runner import BatchRunner
 from dsr1.engine.blocks import BlockManager
 from dsr1.engine.paged import PagedKV
@@ -62,10 +68,20 @@ class RequestOutput:
     arrival: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    #: with ``Engine.reasoning`` set: ``text`` split into the thinking block(s) and the answer, and
+    #: this step's share of each (``text`` and ``delta`` still hold both); None otherwise.
+    reasoning: str | None = None
+    reasoning_delta: str | None = None
+    answer: str | None = None
+    answer_delta: str | None = None
 
     def after(self, earlier: RequestOutput) -> RequestOutput:
         """This output joined with the one before it, as if both steps' tokens came in this one."""
-        return dataclasses.replace(self, new_ids=earlier.new_ids + self.new_ids, delta=earlier.delta + self.delta)
+        joined = dataclasses.replace(self, new_ids=earlier.new_ids + self.new_ids, delta=earlier.delta + self.delta)
+        if self.reasoning_delta is not None:
+            joined.reasoning_delta = (earlier.reasoning_delta or "") + self.reasoning_delta
+            joined.answer_delta = (earlier.answer_delta or "") + (self.answer_delta or "")
+        return joined
 
 
 class _Appended(Sequence[int]):
@@ -125,6 +141,10 @@ class _Tracked:
     text: str = ""
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     first_token_time: float | None = None
+    #: the reasoning split (``Engine.reasoning`` set), and the split deltas not yet handed out
+    parser: ReasoningParser | None = None
+    reasoning_delta: str = ""
+    answer_delta: str = ""
 
 
 class Engine:
@@ -179,6 +199,8 @@ class Engine:
         eos = defaults.get("eos_token_id") if eos_ids is None else list(eos_ids)
         self.eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         self.default_params = SamplingParams.from_generation_config(defaults)
+        #: thinking markers: outputs split into reasoning and answer (None: text only, as for plain models)
+        self.reasoning: ThinkMarkers | None = None
         self.tracked: dict[str, _Tracked] = {}
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -212,7 +234,8 @@ class Engine:
 
     def _default_blocks(self, block_size: int) -> int:
         a = self.model.args
-        per_block = PagedKV.bytes_per_block(a.n_layers, block_size, a.n_kv_heads, a.head_dim, self.model.dtype)
+        per_block = PagedKV.bytes_per_block(a.n_layers, block_size, a.n_kv_heads, a.head_dim, self.model.dtype,
+                                            getattr(a, "kv_shared", False))
         device = self.pipeline.device
         if self.model.device.type == "cpu":
             budget = CPU_KV_BYTES
@@ -242,6 +265,8 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise Dsr1Error("stop strings need a tokenizer to read the text: load the model from a dir with "
                             "tokenizer.json, or use stop_token_ids")
+        if params.max_thinking_tokens is not None:
+            params = with_thinking_ids(params, self.tokenizer, self.reasoning or ThinkMarkers())
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         if max_tokens < 1:
@@ -251,7 +276,12 @@ class Engine:
         self.scheduler.add(request)  # refuses what can never fit, and ids in use
         text = self.tokenizer is not None and (self.detokenize or bool(params.stop))
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if text else None
-        self.tracked[rid] = _Tracked(params, detok, StopChecker(params, self.eos_ids))
+        tracked = _Tracked(params, detok, StopChecker(params, self.eos_ids))
+        if self.reasoning is not None and detok is not None:
+            # the prompt's tail as text: does it open the thinking block (DeepSeek-R1's template)?
+            tail = str(self.tokenizer.decode(ids[-8:], skip_special_tokens=False))
+            tracked.parser = ReasoningParser(self.reasoning, starts_in_thinking(tail, self.reasoning))
+        self.tracked[rid] = tracked
         self.requests[rid] = request
         return rid
 
@@ -314,6 +344,10 @@ class Engine:
             t.logprobs.append((s.logprob, s.top or []))
         reason, visible = t.stop.check(_Appended(request.output_ids, s.token), t.detok)  # feeds the detokenizer
         delta, t.text = visible[len(t.text):], visible  # the visible text only grows
+        if t.parser is not None:
+            r, a = t.parser.feed(delta)
+            t.reasoning_delta += r
+            t.answer_delta += a
         return delta, reason
 
     def _output(self, request: Request, new_ids: list[int], delta: str, finished: bool) -> RequestOutput:
@@ -327,6 +361,11 @@ class Engine:
             logprobs=snapshot(t.logprobs) if t.params.logprobs is not None else None, arrival=request.arrival,
             first_token_time=t.first_token_time, finished_time=time.monotonic() if finished else None,
         )
+        if t.parser is not None:
+            r, a = t.parser.flush() if finished else ("", "")
+            out.reasoning, out.answer = t.parser.reasoning, t.parser.answer
+            out.reasoning_delta, out.answer_delta = t.reasoning_delta + r, t.answer_delta + a
+            t.reasoning_delta = t.answer_delta = ""
         if finished:
             del self.tracked[request.request_id]
             del self.requests[request.request_id]

@@ -31,25 +31,31 @@ DecodeKernel = Callable[..., torch.Tensor]
 
 
 class PagedKV:
-    """Key and value pools of every layer: ``(num_blocks, block_size, Hkv, D)`` each."""
+    """Key and value pools of every layer: ``(num_blocks, block_size, Hkv, D)`` each.
+
+    ``shared``: keys and values are the same vectors (multi-head latent attention caches one
+    latent per token that serves as both), so ``v`` is ``k`` and the pool holds one copy."""
 
     def __init__(
         self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, shared: bool = False,
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
         # zeros, not empty: a masked slot's value still meets a zero weight, and 0 * NaN garbage is NaN
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = self.k if shared else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.shared = shared
 
     @staticmethod
-    def bytes_per_block(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * n_layers * block_size * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        shared: bool = False) -> int:
+        pools = 1 if shared else 2
+        return pools * n_layers * block_size * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in (self.k if self.shared else (*self.k, *self.v)))
 
 
 class PagedStep(AttentionContext):
@@ -104,7 +110,8 @@ class PagedStep(AttentionContext):
         k_pool = kv.k[layer].view(-1, kv.n_kv_heads, kv.head_dim)  # (NB_all * bs, Hkv, D)
         v_pool = kv.v[layer].view(-1, kv.n_kv_heads, kv.head_dim)
         k_pool.index_copy_(0, self.slots, k.transpose(1, 2)[self.real])  # (N, Hkv, D) rows of real tokens
-        v_pool.index_copy_(0, self.slots, v.transpose(1, 2)[self.real])
+        if not kv.shared:
+            v_pool.index_copy_(0, self.slots, v.transpose(1, 2)[self.real])
         window = self.window if windowed else None
         if self.decode_kernel is not None:
             o = self.decode_kernel(q[:, :, 0], kv.k[layer], kv.v[layer], self.table32, self.lens32, scale, window)

@@ -60,7 +60,8 @@ class PagedRunner:
         self.model, self.decoder = model, decoder
         self.device = model.device
         # one block past the manager's: the scratch block that a graph's padding rows write to
-        self.kv = PagedKV(a.n_layers, num_blocks + 1, block_size, a.n_kv_heads, a.head_dim, model.dtype, self.device)
+        self.kv = PagedKV(a.n_layers, num_blocks + 1, block_size, a.n_kv_heads, a.head_dim, model.dtype, self.device,
+                          shared=getattr(a, "kv_shared", False))
         model.rope.ensure(max_model_len, model.dtype)
         if decode_kernel == "auto":
             decode_kernel = cuda_decode_kernel(self.device, a.head_dim, block_size)

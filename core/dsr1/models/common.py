@@ -73,9 +73,31 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class GatedMLP(nn.Module):
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``; ``fused`` keeps gate and up as one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+            self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:  # reference path, as transformers
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 × (B, T, F) views
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no (B, T, F) temporaries
+
+
 # --- rotary position embedding --------------------------------------------------------------
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +134,47 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int, max_positions: int) -> 
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif rope_type == "yarn":
+        return _yarn(params, inv_freq, dim, base, max_positions)
     return inv_freq, 1.0
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched ``factor`` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(
+    params: dict[str, Any], inv_freq: torch.Tensor, dim: int, base: float, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071) as transformers computes it: frequencies that rotate fewer than
+    ``beta_slow`` times over the original context are interpolated by ``factor``, those that rotate
+    more than ``beta_fast`` times are kept, with a linear ramp between; cos/sin are scaled by the
+    attention factor (DeepSeek: the ratio of two mscales)."""
+    old_len = float(params.get("original_max_position_embeddings") or max_positions)
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else max_positions / old_len
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all))
+        else:
+            attention = yarn_mscale(factor)
+    beta_fast, beta_slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension whose wavelength fits ``rotations`` times
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # (D/2,)
+    keep = 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
 
 class RotaryEmbedding:
@@ -484,11 +546,59 @@ class CausalLM(Dsr1Model):
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
         cache: Any,
     ) -> torch.Tensor:
-        """One decode step with static shapes only (what graph ``cudagraph`` captures); logits ``(B, V)``."""
-        raise NotImplementedError(f"{type(self).__name__} has no static decode step")
+        """One decode step with static shapes only (what a CUDA graph captures).
+
+        ``input_ids``/``positions`` ``(B, 1)``; ``slot`` ``(1,)`` the cache slot this token
+        takes; ``key_valid`` ``(B, Tcap)`` False at prompt padding. Attention runs over the
+        whole preallocated cache with slots after ``slot`` masked. Returns logits ``(B, V)``.
+        """
+        slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (Tcap,)
+        seen = key_valid & (slots <= slot)  # (B, Tcap)
+        window_mask = None
+        if self.min_window is not None:
+            window_mask = (seen & (slots > slot - self.min_window))[:, None, None, :]  # (B, 1, 1, Tcap)
+        return self.forward_step(input_ids, positions, slot, cache, seen[:, None, None, :], window_mask, True)  # type: ignore[arg-type]
+
+    @holds_run_lock  # a generate in another thread may be repacking the linear layers
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Logits of every position ``(B, T, V)``, without a cache (like transformers' ``model(**inputs)``)."""
+        input_ids = _as_ids(input_ids)
+        b, t = input_ids.shape
+        self.rope.ensure(t, self.dtype)
+        mask = window_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens 0..
+            if not bool(attention_mask.all()):
+                key_valid = attention_mask.bool()
+                mask = build_mask(key_valid, t, 0)
+                if self.min_window is not None:
+                    window_mask = build_mask(key_valid, t, 0, self.min_window)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        if window_mask is None and self.min_window is not None and t > self.min_window:
+            window_mask = build_mask(torch.ones(b, t, dtype=torch.bool, device=input_ids.device), t, 0, self.min_window)
+        logits = self.forward_step(input_ids, position_ids, 0, None, mask, window_mask, last_only=False)
+        return CausalLMOutput(logits=logits)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Generate like transformers' ``generate``; see :func:`dsr1.generation.generate`."""
         from dsr1.generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _as_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise Dsr1Error(f"empty prompt: input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    return input_ids

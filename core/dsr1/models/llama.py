@@ -1,5 +1,6 @@
 """The ``llama`` architecture: Llama 2/3 (llama3 rope scaling), Mistral (sliding window),
-Qwen2 (qkv bias, tied or untied embeddings), Qwen3 (a per-head RMSNorm on q and k before rope).
+Qwen2 (qkv bias, tied or untied embeddings), Qwen3 (a per-head RMSNorm on q and k before rope),
+Qwen3-MoE (Qwen3 with mixture-of-experts MLPs, :mod:`dsr1.models.moe`).
 DeepSeek-R1-Distill-{Qwen,Llama} use these.
 
 Data flows: token ids → embed → N × [RMSNorm → attention (+ rope, KV cache, plugin) →
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsr1.errors import Dsr1Error
@@ -26,18 +26,17 @@ from dsr1.interfaces import AttentionContext, CacheShape, KVCache, ModelBuilder
 from dsr1.models.common import (
     AttentionCall,
     CausalLM,
-    CausalLMOutput,
+    GatedMLP,
     RMSNorm,
     RotaryEmbedding,
     apply_rope,
     apply_rope_fast,
     bind_attention,
-    build_mask,
-    holds_run_lock,
     rope_inv_freq,
     rope_parameters,
 )
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
+from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
 from dsr1.specs import PluginSpec
 
@@ -70,6 +69,10 @@ class LlamaArgs:
     mlp_bias: bool
     tie_embeddings: bool
     windows: tuple[int | None, ...]
+    #: Qwen3-MoE: the experts of the sparse layers (None: every layer dense)
+    moe: MoEArgs | None = None
+    #: layers that keep a dense MLP although the model has experts
+    dense_layers: frozenset[int] = frozenset()
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> LlamaArgs:
@@ -83,18 +86,24 @@ class LlamaArgs:
         if act not in ("silu", "swish"):
             raise Dsr1Error(f"config.json: hidden_act {act!r} is not supported by the llama builder (silu only)")
         window = hf.get("sliding_window")
-        if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
             window = None
         layer_types = hf.get("layer_types")
         if window is None:
             windows: tuple[int | None, ...] = (None,) * n_layers
         elif layer_types:
             windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-        elif mt in ("qwen2", "qwen3"):
+        elif mt in ("qwen2", "qwen3", "qwen3_moe"):
             first = int(hf.get("max_window_layers", n_layers))
             windows = tuple(int(window) if i >= first else None for i in range(n_layers))
         else:
             windows = (int(window),) * n_layers
+        moe, dense = None, frozenset[int]()
+        if mt == "qwen3_moe":
+            moe = MoEArgs.from_hf(dict(hf), "greedy", router_fp32=False)
+            step = int(hf.get("decoder_sparse_step") or 1)
+            dense = frozenset(i for i in range(n_layers)
+                              if i in set(hf.get("mlp_only_layers") or ()) or (i + 1) % step)
         return cls(
             model_type=mt,
             vocab_size=int(_need(hf, "vocab_size")),
@@ -108,12 +117,17 @@ class LlamaArgs:
             context_length=int(hf.get("max_position_embeddings", 2048)),
             rope=rope_parameters(dict(hf)),
             qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in ("qwen3", "qwen3_moe"),
             o_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             windows=windows,
+            moe=moe,
+            dense_layers=dense,
         )
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.dense_layers
 
     def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the transformers checkpoint, with its shape."""
@@ -133,6 +147,14 @@ class LlamaArgs:
             if self.o_bias:
                 out[p + "self_attn.o_proj.bias"] = (c,)
             out[p + "post_attention_layernorm.weight"] = (c,)
+            if self.is_moe(i):
+                assert self.moe is not None
+                fe = self.moe.intermediate_size
+                out[p + "mlp.gate.weight"] = (self.moe.n_experts, c)
+                for e in range(self.moe.n_experts):
+                    for name, shape in (("gate", (fe, c)), ("up", (fe, c)), ("down", (c, fe))):
+                        out[p + f"mlp.experts.{e}.{name}_proj.weight"] = shape
+                continue
             for name, shape in (("gate", (f, c)), ("up", (f, c)), ("down", (c, f))):
                 out[p + f"mlp.{name}_proj.weight"] = shape
                 if self.mlp_bias:
@@ -225,34 +247,17 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, t, h * d))  # (B, T, C)
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, fused: bool) -> None:
-        super().__init__()
-        c, f = a.hidden_size, a.intermediate_size
-        self.fused = fused
-        if fused:
-            self.gate_up_proj = nn.Linear(c, 2 * f, bias=a.mlp_bias)
-        else:
-            self.gate_proj = nn.Linear(c, f, bias=a.mlp_bias)
-            self.up_proj = nn.Linear(c, f, bias=a.mlp_bias)
-        self.down_proj = nn.Linear(f, c, bias=a.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:  # reference path, as transformers
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 × (B, T, F) views
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no (B, T, F) temporaries
-
-
 class LlamaBlock(nn.Module):
     def __init__(self, a: LlamaArgs, layer: int, attn: AttentionCall, fused: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.eps)
         self.self_attn = LlamaAttention(a, layer, attn, fused)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.eps)
-        self.mlp = LlamaMLP(a, fused)
+        if a.is_moe(layer):
+            assert a.moe is not None
+            self.mlp: nn.Module = SparseMoE(a.moe, grouped=fused)
+        else:
+            self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, a.mlp_bias, fused)
         self.windowed = a.windows[layer] is not None and not attn.recurrent
 
     def forward(
@@ -344,51 +349,6 @@ class LlamaForCausalLM(CausalLM):
             x = x[:, -1]  # (B, C)
         return self.lm_head(self.model.norm(x))  # (B, V) or (B, T, V)
 
-    def decode_static(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
-        cache: KVCache,
-    ) -> torch.Tensor:
-        """One decode step with static shapes only (what a CUDA graph captures).
-
-        ``input_ids``/``positions`` ``(B, 1)``; ``slot`` ``(1,)`` the cache slot this token
-        takes; ``key_valid`` ``(B, Tcap)`` False at prompt padding. Attention runs over the
-        whole preallocated cache with slots after ``slot`` masked. Returns logits ``(B, V)``.
-        """
-        slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (Tcap,)
-        seen = key_valid & (slots <= slot)  # (B, Tcap)
-        window_mask = None
-        if self.min_window is not None:
-            window_mask = (seen & (slots > slot - self.min_window))[:, None, None, :]  # (B, 1, 1, Tcap)
-        return self.forward_step(input_ids, positions, slot, cache, seen[:, None, None, :], window_mask, True)  # type: ignore[arg-type]
-
-    @holds_run_lock  # a generate in another thread may be repacking the linear layers
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> CausalLMOutput:
-        """Logits of every position ``(B, T, V)``, without a cache (like transformers' ``model(**inputs)``)."""
-        input_ids = _as_ids(input_ids)
-        b, t = input_ids.shape
-        self.rope.ensure(t, self.dtype)
-        mask = window_mask = None
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(input_ids.device)
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens 0..
-            if not bool(attention_mask.all()):
-                key_valid = attention_mask.bool()
-                mask = build_mask(key_valid, t, 0)
-                if self.min_window is not None:
-                    window_mask = build_mask(key_valid, t, 0, self.min_window)
-        if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        if window_mask is None and self.min_window is not None and t > self.min_window:
-            window_mask = build_mask(torch.ones(b, t, dtype=torch.bool, device=input_ids.device), t, 0, self.min_window)
-        logits = self.forward_step(input_ids, position_ids, 0, None, mask, window_mask, last_only=False)
-        return CausalLMOutput(logits=logits)
-
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         a = self.args
         split = {
@@ -397,6 +357,9 @@ class LlamaForCausalLM(CausalLM):
         }
         for name, t in self.state_dict().items():
             if a.tie_embeddings and name == "lm_head.weight":
+                continue
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                yield from unstack_experts(name, t)
                 continue
             m = _FUSED_RE.match(name)
             if m is None:
@@ -407,16 +370,6 @@ class LlamaForCausalLM(CausalLM):
             parts = t.split(sizes, dim=0) if t.dim() and t.shape[0] == sum(sizes) else [t] * len(sizes)
             for part_name, part in zip(FUSED[fused], parts):
                 yield f"{prefix}{part_name}.{suffix}", part
-
-
-def _as_ids(input_ids: Any) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise Dsr1Error(f"empty prompt: input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
-    return input_ids
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -480,6 +433,10 @@ def _read_state(
     for name in order:
         if a.tie_embeddings and name == "lm_head.weight":
             continue
+        if a.moe is not None and "experts." in name:  # checkpoints hold one tensor per expert: stack them
+            sources, how = expert_sources(name.rsplit("experts.", 1)[0], a.moe.n_experts)[name]
+            state[name] = stack_experts([reader.read(names[s], dtype, device) for s in sources], how)
+            continue
         m = _FUSED_RE.match(name)
         if m is None:
             parts = [reader.read(names[name], dtype, device)]
@@ -522,6 +479,7 @@ def dsr1_model() -> PluginSpec:
         family="model",
         impl=LlamaBuilder,
         options=LlamaOptions,
-        capabilities=frozenset({"model_type:llama", "model_type:mistral", "model_type:qwen2", "model_type:qwen3"}),
-        description="Llama 2/3, Mistral and Qwen2 decoder-only LMs (fused qkv and gate/up at load)",
+        capabilities=frozenset({"model_type:llama", "model_type:mistral", "model_type:qwen2", "model_type:qwen3",
+                                "model_type:qwen3_moe"}),
+        description="Llama 2/3, Mistral, Qwen2, Qwen3 and Qwen3-MoE decoder-only LMs (fused qkv and gate/up at load)",
     )

@@ -125,9 +125,10 @@ def replace_linears_(
 
 
 def cast_floats_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating parameters and buffers to ``dtype``, except inside quantized layers (they set their own)."""
+    """Cast floating parameters and buffers to ``dtype``, except inside quantized layers (they set their own)
+    and modules that keep their dtype (``keeps_dtype``: an MoE router's fp32 scores pick the experts)."""
     for module in model.modules():
-        if isinstance(module, QuantizedLinear):  # no child modules: their tensors are theirs alone
+        if isinstance(module, QuantizedLinear) or getattr(module, "keeps_dtype", False):
             continue
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_floating_point() and p.dtype != dtype:
@@ -138,15 +139,22 @@ def cast_floats_(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def precision_map(model: nn.Module) -> dict[str, str]:
-    """Every linear layer of ``model`` and the precision it runs in now (``"int8"``, ``"bf16"`` ...)."""
+    """Every linear layer (and stack of MoE experts) of ``model`` and the precision it runs in now
+    (``"int8"``, ``"bf16"`` ...)."""
     out: dict[str, str] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             out[name] = m.precision
-        elif isinstance(m, nn.Linear):
-            out[name] = str(m.weight.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+        elif isinstance(m, nn.Linear) or getattr(m, "stacked_experts", False):
+            weight = m.weight if isinstance(m, nn.Linear) else m.down_proj
+            out[name] = str(weight.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
                 "float32", "fp32").replace("float16", "fp16")
     return out
+
+
+def unquantized_experts(model: nn.Module) -> list[str]:
+    """Names of the MoE expert stacks of ``model`` (no policy quantizes them yet: they stay in floating point)."""
+    return [name for name, m in model.named_modules() if getattr(m, "stacked_experts", False)]
 
 
 def device_type(model: nn.Module) -> str:

@@ -9,6 +9,7 @@ norms) to the compute dtype, and records what it did on the model
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -24,6 +25,7 @@ from dsr1.quantization.modules import (
     precision_map,
     refuse_unless_valid,
     replace_linears_,
+    unquantized_experts,
 )
 from dsr1.quantization.schemes import int8_dequantize, int8_error_bound, int8_per_channel
 
@@ -73,6 +75,11 @@ class StaticQuantPolicy(QuantPolicy):
             cast_floats_(model, self.compute_dtype())
         if not names:
             raise Dsr1Error(f"quant {self.name!r} found no linear layer to quantize (skip={self.options.skip})")
+        experts = unquantized_experts(model)
+        if experts:  # said, not silent: the precision map lists them too
+            warnings.warn(f"quant {self.name!r}: the routed experts of {len(experts)} MoE layer(s) stay in "
+                          f"{self.options.compute_dtype} (stacked experts are not quantized yet; attention, shared "
+                          "experts and dense layers are)", stacklevel=2)
         model.quantization_config = self.quantization_config()
         return model
 

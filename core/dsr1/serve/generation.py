@@ -145,7 +145,8 @@ class Generation:
         except Dsr1Error as err:  # the engine refused it (ids outside the vocabulary, larger than the pool)
             raise BadRequest(str(err)) from None
         want_logprobs = (req.logprobs is not None) if not chat else bool(req.logprobs)
-        return stream, Reply("chat" if chat else "completion", state.settings.model_name, tokenizer, want_logprobs)
+        return stream, Reply("chat" if chat else "completion", state.settings.model_name, tokenizer, want_logprobs,
+                             reasoning=chat and engine.engine.reasoning is not None)
 
     # --- the response ----------------------------------------------------------------------------
 

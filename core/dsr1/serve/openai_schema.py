@@ -5,7 +5,9 @@ that names the field (``extra="forbid"``), so a client never believes a setting 
 did not. Fields that OpenAI defines but dsr1 supports only at their default (``n``, ``best_of``,
 ``echo``, ``logit_bias``, ``response_format``) are declared so that the default is accepted and
 any other value is a 400 saying so. ``top_k``, ``min_p``, ``repetition_penalty``,
-``stop_token_ids`` and ``ignore_eos`` are extensions (vLLM's names).
+``stop_token_ids`` and ``ignore_eos`` are extensions (vLLM's names), and so is
+``max_thinking_tokens``: a reasoning model's thinking budget (a model without thinking markers
+ignores it, with a warning in the server's log).
 
 Sampling defaults: a field left out takes the model's ``generation_config.json`` value, so a
 checkpoint without sampling defaults decodes greedily unless the request sets ``temperature > 0``.
@@ -70,6 +72,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None  # extension
     ignore_eos: bool = False  # extension
+    max_thinking_tokens: Int | None = Field(default=None, ge=0)  # extension: the thinking budget
     n: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -216,7 +219,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, defaults: Sa
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     try:
         return SamplingParams(**fields, stop=stops, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
-                              logprobs=logprobs)
+                              logprobs=logprobs, max_thinking_tokens=req.max_thinking_tokens)
     except Dsr1Error as err:  # a value SamplingParams refuses: its one line names the parameter
         raise BadRequest(str(err)) from None
 

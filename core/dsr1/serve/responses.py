@@ -1,7 +1,9 @@
 """OpenAI response bodies and server-sent-event chunks, built from the engine's ``RequestOutput``.
 
 Plain dicts in the field layout of OpenAI's API (``choices``, ``finish_reason``, ``usage``,
-``logprobs``), so the official client parses them. ``finish_reason`` is the engine's:
+``logprobs``), so the official client parses them. With a reasoning parser on (``dsr1 serve
+--reasoning-parser``), a chat message or delta carries the thinking as ``reasoning_content`` and
+only the answer as ``content`` (DeepSeek's API and vLLM's field). ``finish_reason`` is the engine's:
 ``stop`` (eos, a stop string or id), ``length``, or ``abort`` (the client went away or a drain's
 deadline passed; vLLM's name, since OpenAI has none for it).
 """
@@ -47,6 +49,8 @@ class Reply:
     sent_logprobs: int = 0
     text_offset: int = 0
     role_sent: bool = False
+    #: chat with a reasoning parser: the thinking goes to ``reasoning_content``
+    reasoning: bool = False
 
     def __post_init__(self) -> None:
         self.id = new_id("cmpl" if self.kind == "completion" else "chatcmpl")
@@ -88,8 +92,11 @@ class Reply:
         """The non-streaming body of a finished request."""
         lp = self._logprobs(out, final=True)
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                                      "logprobs": lp, "finish_reason": out.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": out.text}
+            if self.reasoning and out.answer is not None:
+                message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning or None}
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": lp,
+                                      "finish_reason": out.finish_reason}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
@@ -105,6 +112,10 @@ class Reply:
         reason = out.finish_reason if out.finished else None
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": out.delta}
+            if self.reasoning and out.answer_delta is not None:
+                delta = {"content": out.answer_delta} if out.answer_delta or not out.reasoning_delta else {}
+                if out.reasoning_delta:
+                    delta["reasoning_content"] = out.reasoning_delta
             if not self.role_sent:  # the role rides on the first token's chunk, so its arrival is the TTFT
                 delta = {"role": "assistant", **delta}
                 self.role_sent = True

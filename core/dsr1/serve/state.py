@@ -26,6 +26,8 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
     #: largest request body taken (413 beyond).
     max_body_bytes: int = 16 << 20
+    #: ``--reasoning-parser``: chat replies carry the thinking as ``reasoning_content`` (None: off).
+    reasoning_parser: str | None = None
 
 
 class ServeState:

@@ -1,0 +1,250 @@
+"""Mixture-of-experts layers (Qwen3-MoE, DeepSeek-V2/V3): a router picks ``k`` experts per token,
+the experts are SwiGLU MLPs whose outputs are summed with the router's weights.
+
+Shapes: ``N`` tokens (batch × time flattened), ``C`` hidden, ``E`` experts, ``F`` expert
+intermediate size, ``k`` experts per token.
+
+Experts are stored stacked, ``gate_up_proj`` ``(E, 2F, C)`` and ``down_proj`` ``(E, C, F)`` (what
+transformers 5 keeps in memory; checkpoints hold one ``experts.{e}.{gate,up,down}_proj`` per
+expert and the builders stack them at load). Two ways to run them:
+
+* the reference path loops over the experts that got tokens, as transformers does: clear, and
+  the oracle the fast path is tested against; it reads the routing on the host each layer;
+* the grouped path sorts the ``N·k`` (token, expert) pairs by expert and runs each projection as
+  one grouped GEMM (``torch._grouped_mm``) with the group offsets on the device: no host sync, so
+  a CUDA graph can capture it, and only the experts that got tokens are read.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsr1.errors import Dsr1Error
+
+#: how a router turns scores into the top-k experts (the ``topk_method`` of DeepSeek's configs):
+#: ``greedy`` softmax then top-k (Qwen3-MoE, DeepSeek-V2-Lite); ``group_limited_greedy`` only from the
+#: ``topk_group`` groups with the highest expert score (DeepSeek-V2); ``noaux_tc`` sigmoid scores plus a
+#: load-balancing bias, groups ranked by their two best experts (DeepSeek-V3/R1).
+ROUTINGS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    n_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    routing: Literal["greedy", "group_limited_greedy", "noaux_tc"]
+    n_group: int
+    topk_group: int
+    #: renormalise the k chosen weights to sum to 1
+    norm_topk_prob: bool
+    #: multiplies the routed experts' weights (DeepSeek)
+    routed_scaling_factor: float
+    #: router logits in fp32 with an fp32 gate weight (DeepSeek keeps the gate in fp32)
+    router_fp32: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], routing: str, router_fp32: bool) -> MoEArgs:
+        e = int(hf.get("n_routed_experts") or hf.get("num_experts") or hf.get("num_local_experts") or 0)
+        k = int(hf.get("num_experts_per_tok") or 0)
+        if e < 1 or not 1 <= k <= e:
+            raise Dsr1Error(f"config.json: num_experts_per_tok {k} must be between 1 and the expert count {e}")
+        if routing not in ROUTINGS:
+            raise Dsr1Error(f"config.json: topk_method {routing!r} is not supported; supported: {', '.join(ROUTINGS)}")
+        groups = int(hf.get("n_group") or 1) if routing != "greedy" else 1
+        topk_group = int(hf.get("topk_group") or groups) if routing != "greedy" else 1
+        if e % groups or not 1 <= topk_group <= groups:
+            raise Dsr1Error(f"config.json: n_group {groups} must divide the {e} experts and topk_group {topk_group} "
+                            f"must be between 1 and n_group")
+        if routing == "noaux_tc" and e // groups < 2:
+            raise Dsr1Error(f"config.json: noaux_tc routing ranks groups by their two best experts; n_group {groups} "
+                            f"leaves {e // groups} expert per group")
+        if topk_group * (e // groups) < k:
+            raise Dsr1Error(f"config.json: topk_group {topk_group} groups of {e // groups} experts hold fewer than "
+                            f"num_experts_per_tok {k}")
+        return cls(
+            n_experts=e, top_k=k, hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+            routing=routing,  # type: ignore[arg-type]  # checked against ROUTINGS above
+            n_group=groups, topk_group=topk_group,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+            router_fp32=router_fp32,
+        )
+
+
+class Router(nn.Module):
+    """Token → (weights ``(N, k)`` fp32, expert ids ``(N, k)``); see :data:`ROUTINGS`."""
+
+    def __init__(self, a: MoEArgs) -> None:
+        super().__init__()
+        self.a = a
+        #: quant policies leave an fp32 gate in fp32 (DeepSeek: its scores pick the experts)
+        self.keeps_dtype = a.router_fp32
+        self.weight = nn.Parameter(torch.empty(a.n_experts, a.hidden_size))
+        if a.routing == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(a.n_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.a
+        if a.router_fp32:
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        else:
+            logits = F.linear(x, self.weight)  # (N, E) in the model dtype, as Qwen3-MoE
+        if a.routing == "noaux_tc":
+            scores = logits.sigmoid()
+            choice = self._limit_groups(scores + self.e_score_correction_bias.float(), float("-inf"))
+            ids = choice.topk(a.top_k, dim=-1, sorted=False)[1]  # (N, k)
+            weights = scores.gather(1, ids)  # the bias picks experts but does not weigh them
+        else:
+            scores = logits.softmax(dim=-1, dtype=torch.float32)  # (N, E)
+            if a.routing == "group_limited_greedy":
+                scores = self._limit_groups(scores, 0.0)
+            weights, ids = scores.topk(a.top_k, dim=-1, sorted=False)
+        if a.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if not a.router_fp32:
+            weights = weights.to(logits.dtype)  # Qwen3-MoE rounds the weights to the model dtype
+        return weights * a.routed_scaling_factor, ids
+
+    def _limit_groups(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
+        """``scores`` ``(N, E)`` with every expert outside the ``topk_group`` best groups set to ``fill``."""
+        a = self.a
+        if a.n_group == 1:
+            return scores
+        grouped = scores.view(-1, a.n_group, a.n_experts // a.n_group)  # (N, G, E/G)
+        if a.routing == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N, G): sum of each group's two best
+        else:
+            group_score = grouped.max(dim=-1).values  # (N, G)
+        best = group_score.topk(a.topk_group, dim=-1, sorted=False)[1]  # (N, topk_group)
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return grouped.masked_fill(~keep[..., None], fill).view_as(scores)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs ``x``'s dtype on its device (CPU: any float; CUDA: bf16, sm90+)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _capability(x.device.index or 0) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+class Experts(nn.Module):
+    """``E`` SwiGLU experts, stacked; ``forward(x, weights, ids)`` → ``(N, C)``."""
+
+    #: what quant policies and the precision map recognise (they see no ``nn.Linear`` here)
+    stacked_experts = True
+
+    def __init__(self, a: MoEArgs, grouped: bool) -> None:
+        super().__init__()
+        self.n, self.f, self.grouped = a.n_experts, a.intermediate_size, grouped
+        self.gate_up_proj = nn.Parameter(torch.empty(a.n_experts, 2 * a.intermediate_size, a.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(a.n_experts, a.hidden_size, a.intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.grouped and grouped_mm_supported(x):
+            return self.forward_grouped(x, weights, ids)
+        if self.grouped and x.device.type != "cpu":  # no host sync either (a CUDA graph can capture it)
+            return self.forward_gathered(x, weights, ids)
+        return self.reference(x, weights, ids)
+
+    def reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Expert by expert over the tokens routed to it, as transformers does."""
+        out = torch.zeros_like(x)  # (N, C)
+        hit = torch.zeros(self.n, dtype=torch.bool, device=ids.device).scatter_(0, ids.flatten(), True)
+        for e in hit.nonzero().flatten().tolist():
+            token, slot = torch.where(ids == e)  # (n_e,) each
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)  # 2 × (n_e, F)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # (n_e, C)
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sorted by expert, each projection one grouped GEMM; group ends computed on the device."""
+        n, k = ids.shape
+        flat = ids.flatten()  # (N·k,)
+        order = flat.argsort(stable=True)  # (N·k,): pairs grouped by expert
+        token = order // k  # (N·k,) the token of each sorted pair
+        counts = torch.zeros(self.n, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))  # (E,)
+        ends = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert's group
+        gate_up = torch._grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs=ends)  # (N·k, 2F)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up  # (N·k, F)
+        y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)  # (N·k, C)
+        y = y * weights.flatten()[order, None]  # fp32 weights: the product is fp32, as in the reference
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, C)
+
+
+    def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair against a gathered copy of its expert's weights: no host sync and any
+        dtype, but it copies the chosen experts' weights (the path where grouped GEMMs do not run)."""
+        n, k = ids.shape
+        flat = ids.flatten()  # (N·k,)
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]  # (N·k, C, 1)
+        gate, up = torch.bmm(self.gate_up_proj[flat], xs)[..., 0].chunk(2, dim=-1)  # 2 × (N·k, F)
+        y = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None])[..., 0]  # (N·k, C)
+        return (y * weights.flatten()[:, None]).view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, C)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts (+ DeepSeek's always-on shared experts, a plain SwiGLU MLP)."""
+
+    def __init__(self, a: MoEArgs, grouped: bool, shared: nn.Module | None = None) -> None:
+        super().__init__()
+        self.gate = Router(a)
+        self.experts = Experts(a, grouped)
+        if shared is not None:
+            self.shared_experts = shared
+        self.has_shared = shared is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        weights, ids = self.gate(flat)
+        out = self.experts(flat, weights, ids).view(shape)
+        if self.has_shared:
+            out = out + self.shared_experts(x)
+        return out
+
+
+def expert_sources(prefix: str, n_experts: int) -> dict[str, tuple[list[str], str]]:
+    """Stacked parameter → (the checkpoint tensors it is built from, how): ``gate_up`` stacks each expert's
+    gate and up projections concatenated, ``down`` stacks the down projections."""
+    p = f"{prefix}experts."
+    return {
+        p + "gate_up_proj": ([f"{p}{e}.{w}_proj.weight" for e in range(n_experts) for w in ("gate", "up")], "gate_up"),
+        p + "down_proj": ([f"{p}{e}.down_proj.weight" for e in range(n_experts)], "down"),
+    }
+
+
+def stack_experts(parts: list[torch.Tensor], how: str) -> torch.Tensor:
+    """Checkpoint tensors in :func:`expert_sources` order → the stacked parameter."""
+    if how == "gate_up":
+        return torch.stack([torch.cat(parts[i : i + 2], dim=0) for i in range(0, len(parts), 2)])  # (E, 2F, C)
+    return torch.stack(parts)  # (E, C, F)
+
+
+def unstack_experts(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A stacked parameter → the checkpoint's per-expert tensors (for ``hf_state_dict``)."""
+    p = name.rsplit("experts.", 1)[0] + "experts."
+    if name.endswith("gate_up_proj"):
+        out = []
+        for e, w in enumerate(t):
+            gate, up = w.chunk(2, dim=0)
+            out += [(f"{p}{e}.gate_proj.weight", gate), (f"{p}{e}.up_proj.weight", up)]
+        return out
+    return [(f"{p}{e}.down_proj.weight", w) for e, w in enumerate(t)]
