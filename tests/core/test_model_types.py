@@ -44,6 +44,7 @@ BROKEN = "raise ImportError('this builder is broken')\n"
 
 
 @pytest.mark.parametrize(("model_type", "builder"), [("llama", "llama"), ("mistral", "llama"), ("qwen2", "llama"),
+                                                     ("qwen3_moe", "llama"), ("deepseek_v3", "deepseek"),
                                                      ("bert", "bert")])
 def test_builtin_builders_are_found_by_their_declared_types(model_type: str, builder: str) -> None:
     registry = PluginRegistry()
@@ -56,8 +57,8 @@ def test_unknown_model_type_is_one_line_listing_the_known_ones() -> None:
         builder_for(PluginRegistry(), "gpt_neox")
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg == "unknown model_type 'gpt_neox' in config.json; the installed model plugins build: bert, llama, " \
-                  "mistral, qwen2, qwen3"
+    assert msg == "unknown model_type 'gpt_neox' in config.json; the installed model plugins build: bert, " \
+                  "deepseek_v2, deepseek_v3, llama, mistral, qwen2, qwen3, qwen3_moe"
 
 
 def _toy_checkpoint(tmp_path: Path, model_type: str) -> Path:
@@ -73,7 +74,8 @@ def test_a_plugin_builds_the_type_it_declares_whatever_its_name(
     fake_plugin("model", "toy", TOY)
     with pytest.raises(Dsr1Error, match="^toy builder reached$"):
         AutoModel.from_pretrained(_toy_checkpoint(tmp_path, "toyformer"))
-    with pytest.raises(Dsr1Error, match=r"build: bert, llama, mistral, qwen2, qwen3, toyformer$"):
+    with pytest.raises(Dsr1Error, match=r"build: bert, deepseek_v2, deepseek_v3, llama, mistral, qwen2, qwen3, qwen3_moe, "
+                                         r"toyformer$"):
         AutoModel.from_pretrained(_toy_checkpoint(tmp_path, "toy"))  # the plugin's name is not a type
 
 

@@ -92,6 +92,46 @@ def test_grouped_experts_match_the_loop() -> None:
         torch.testing.assert_close(experts.forward_gathered(x, weights, ids), want)
 
 
+@pytest.mark.parametrize("pairs", [1, 6, 37, 5000])
+def test_counting_order_is_the_stable_sort(pairs: int) -> None:
+    """Decode-sized steps order the pairs by counting; the result is the stable sort's, with the group ends."""
+    from dsr1.models.moe import sort_by_expert
+
+    flat = torch.randint(0, 8, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    order, ends = sort_by_expert(flat, 8)
+    assert torch.equal(order, flat.argsort(stable=True))
+    assert torch.equal(ends, torch.bincount(flat, minlength=8).cumsum(0).to(torch.int32))
+
+
+def _triton_runs() -> bool:
+    import importlib.util
+    import os
+
+    return importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or
+                                                                os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_runs(), reason="needs Triton and CUDA (or TRITON_INTERPRET=1)")
+def test_triton_gemv_experts_match_the_loop() -> None:
+    """The decode kernel: each pair against its expert's rows, repeated experts and odd sizes included."""
+    from dsr1.models.moe_triton import moe_gemv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    a = MoEArgs.from_hf({"n_routed_experts": 6, "num_experts_per_tok": 2, "hidden_size": 40,
+                         "moe_intermediate_size": 24}, "greedy", router_fp32=False)
+    experts = Experts(a, grouped=True).to(device)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    x = torch.randn(3, 40, device=device)
+    ids = torch.tensor([[5, 1], [1, 0], [5, 2]], device=device)
+    weights = torch.rand(3, 2, device=device)
+    with torch.no_grad():
+        w = experts.gate_up_proj
+        torch.testing.assert_close(moe_gemv(x, ids[:, 0], w), torch.einsum("pnk,pk->pn", w[ids[:, 0]], x))
+        torch.testing.assert_close(experts.forward_gemv(x, weights, ids), experts.reference(x, weights, ids))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["deepseek_v3", "qwen3_moe"])
 def test_cuda_paths_and_captured_decode(ckpts: dict[str, Path], kind: str) -> None:

@@ -12,7 +12,10 @@ expert and the builders stack them at load). Two ways to run them:
   the oracle the fast path is tested against; it reads the routing on the host each layer;
 * the grouped path sorts the ``N·k`` (token, expert) pairs by expert and runs each projection as
   one grouped GEMM (``torch._grouped_mm``) with the group offsets on the device: no host sync, so
-  a CUDA graph can capture it, and only the experts that got tokens are read.
+  a CUDA graph can capture it, and only the experts that got tokens are read;
+* on CUDA, a decode step's few pairs go to a Triton matrix-vector kernel instead
+  (:mod:`dsr1.models.moe_triton`): a grouped GEMM reads weights well below bandwidth when each
+  group holds one row.
 """
 from __future__ import annotations
 
@@ -25,6 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsr1.errors import Dsr1Error
+
+#: (token, expert) pairs up to which a CUDA step runs the experts as matrix-vector products (decode sizes).
+GEMV_MAX_PAIRS = 64
+#: pairs up to which they are ordered by counting (a few small kernels) rather than by a sort.
+COUNT_SORT_MAX_PAIRS = 4096
 
 #: how a router turns scores into the top-k experts (the ``topk_method`` of DeepSeek's configs):
 #: ``greedy`` softmax then top-k (Qwen3-MoE, DeepSeek-V2-Lite); ``group_limited_greedy`` only from the
@@ -155,6 +163,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(a.n_experts, a.hidden_size, a.intermediate_size))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.grouped and x.is_cuda and ids.numel() <= GEMV_MAX_PAIRS and _triton():
+            return self.forward_gemv(x, weights, ids)
         if self.grouped and grouped_mm_supported(x):
             return self.forward_grouped(x, weights, ids)
         if self.grouped and x.device.type != "cpu":  # no host sync either (a CUDA graph can capture it)
@@ -175,12 +185,8 @@ class Experts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sorted by expert, each projection one grouped GEMM; group ends computed on the device."""
         n, k = ids.shape
-        flat = ids.flatten()  # (N·k,)
-        order = flat.argsort(stable=True)  # (N·k,): pairs grouped by expert
+        order, ends = sort_by_expert(ids.flatten(), self.n)  # (N·k,) pairs grouped by expert; (E,) group ends
         token = order // k  # (N·k,) the token of each sorted pair
-        counts = torch.zeros(self.n, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))  # (E,)
-        ends = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert's group
         gate_up = torch._grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs=ends)  # (N·k, 2F)
         gate, up = gate_up.chunk(2, dim=-1)
         h = F.silu(gate) * up  # (N·k, F)
@@ -188,6 +194,17 @@ class Experts(nn.Module):
         y = y * weights.flatten()[order, None]  # fp32 weights: the product is fp32, as in the reference
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, C)
 
+
+    def forward_gemv(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair as matrix-vector products over its expert's weights (Triton, CUDA)."""
+        from dsr1.models.moe_triton import moe_gemv
+
+        n, k = ids.shape
+        flat = ids.flatten()  # (N·k,)
+        xs = x.repeat_interleave(k, dim=0)  # (N·k, C): pair i is token i // k
+        gate, up = moe_gemv(xs, flat, self.gate_up_proj).chunk(2, dim=-1)  # 2 × (N·k, F)
+        y = moe_gemv(F.silu(gate) * up, flat, self.down_proj)  # (N·k, C)
+        return (y * weights.flatten()[:, None]).view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, C)
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each (token, expert) pair against a gathered copy of its expert's weights: no host sync and any
@@ -198,6 +215,30 @@ class Experts(nn.Module):
         gate, up = torch.bmm(self.gate_up_proj[flat], xs)[..., 0].chunk(2, dim=-1)  # 2 × (N·k, F)
         y = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None])[..., 0]  # (N·k, C)
         return (y * weights.flatten()[:, None]).view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, C)
+
+
+def sort_by_expert(flat: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs' order grouped by expert (stable) ``(P,)`` and each expert's end row ``(E,)`` int32.
+
+    Up to :data:`COUNT_SORT_MAX_PAIRS` pairs by counting: a pair's place is its expert's start plus
+    how many earlier pairs chose the same expert (small elementwise kernels that compile fuses; a
+    device sort of a decode step's pairs costs more than the rest of the routing)."""
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # (E,)
+    ends = counts.cumsum(0)  # (E,)
+    if flat.numel() > COUNT_SORT_MAX_PAIRS:
+        return flat.argsort(stable=True), ends.to(torch.int32)
+    onehot = F.one_hot(flat, n_experts)  # (P, E)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) earlier pairs of the same expert
+    dest = ends[flat] - counts[flat] + rank  # (P,) each pair's row in expert order
+    order = torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
+    return order, ends.to(torch.int32)
+
+
+def _triton() -> bool:
+    from dsr1.models.moe_triton import available
+
+    return available()
 
 
 class SparseMoE(nn.Module):
