@@ -5,7 +5,7 @@ WHEELS=".engine-whl .test-whl"
 PLUGINS="attention/sdpa devices/cpu devices/cuda"
 part=${1:-all}
 if [ "$part" = all ] || [ "$part" = test ]; then
-  step 240 pytest tests/engine/test_moe_mla.py -k "cuda or gemv"
+  step 240 pytest tests/engine/test_moe_mla.py -k "${TESTS:-cuda or gemv}"
 fi
 if [ "$part" = all ] || [ "$part" = modes ]; then
   step 300 decode_modes --shape deepseek-v2-lite --batch-size "${2:-1,32}" --modes "${3:-eager,cudagraph}" --new-tokens 64 \
@@ -13,6 +13,6 @@ if [ "$part" = all ] || [ "$part" = modes ]; then
 fi
 if [ "$part" = all ] || [ "$part" = bench ]; then
   step 580 dsr1 bench --shape deepseek-v2-lite --random-weights --compare hf --device cuda \
-    --config bench/configs/fused-moe.json --batch-size "${2:-1,8,32}" --prompt-len 128 --new-tokens 64 --reps 1 \
+    --config bench/configs/fused.json --batch-size "${2:-1,8,32}" --prompt-len 128 --new-tokens 64 --reps 1 \
     --output "$OUT/deepseek-v2-lite-h200.json"
 fi

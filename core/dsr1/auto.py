@@ -70,7 +70,9 @@ class AutoModel:
         hf = read_hf_config(model_dir)
         cfg = load_config(config, **overrides)
         registry = registry if registry is not None else PluginRegistry.from_env()
-        quantized = hf.get("quantization_config") is not None  # written by `dsr1 quantize`: never load as plain weights
+        qc = hf.get("quantization_config")
+        # written by `dsr1 quantize`: never load as plain weights; DeepSeek's block fp8 the reader dequantizes
+        quantized = qc is not None and not (isinstance(qc, dict) and qc.get("quant_method") == "fp8")
         if quantized:
             from dsr1.quantization.checkpoint import build_quantized, prepare_quantized
 

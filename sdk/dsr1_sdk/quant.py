@@ -18,6 +18,11 @@ whose module layout is not an API: import these names from here, never from ``ds
   :func:`replace_linears_`, :func:`cast_floats_`, :func:`precision_map`, :func:`device_type`,
   :func:`refuse_unless_valid` (a policy's own ``validate`` reasons as one error), :func:`flat`
   (``(..., K)`` → ``(M, K)`` for the aten kernels) and :data:`DTYPES` (``"bf16"`` → ``torch.bfloat16`` ...).
+* Block-scaled fp8 checkpoints (DeepSeek's ``quant_method: fp8`` with ``weight_block_size``):
+  :func:`block_fp8_reader` (the checkpoint a model was built from, when it is one: its
+  ``read_block_fp8(name, device)`` gives a weight's stored e4m3 values and block scales),
+  :func:`block_dequantize`, :func:`block_quantize`, :func:`block_row_scales`, and
+  :func:`hf_sources` / :func:`fused_modules` (the checkpoint layers behind a fused model layer).
 * Policies: :class:`QuantOptions` (``compute_dtype``, ``skip``), :class:`StaticQuantPolicy` (set
   ``name``, ``distribution`` and ``FORMAT``, implement ``make_layer``) and
   :class:`Int8PerChannelPolicy`. The family base :class:`~dsr1_sdk.QuantPolicy` is in ``dsr1_sdk``.
@@ -26,6 +31,11 @@ This module imports torch; ``import dsr1_sdk`` does not, so only quant plugins p
 """
 from __future__ import annotations
 
+from dsr1.models.fp8_blocks import dequantize as block_dequantize
+from dsr1.models.fp8_blocks import quantize as block_quantize
+from dsr1.models.fp8_blocks import row_scales as block_row_scales
+from dsr1.models.loading import block_fp8_reader
+from dsr1.quantization.checkpoint import fused_modules, hf_sources
 from dsr1.quantization.modules import (
     DTYPES,
     Int8PerChannelLinear,
@@ -68,12 +78,18 @@ __all__ = [
     "QuantOptions",
     "QuantizedLinear",
     "StaticQuantPolicy",
+    "block_dequantize",
+    "block_fp8_reader",
+    "block_quantize",
+    "block_row_scales",
     "cast_floats_",
     "device_type",
     "flat",
     "fp8_dequantize",
     "fp8_error_bound",
     "fp8_per_channel",
+    "fused_modules",
+    "hf_sources",
     "int4_dequantize",
     "int4_error_bound",
     "int4_groupwise",

@@ -13,6 +13,7 @@ import torch
 from dsr1.auto import AutoModel
 from dsr1.errors import Dsr1Error
 from dsr1.models.moe import Experts, MoEArgs, Router
+from dsr1.quantization.schemes import int8_per_channel
 
 from .conftest import hf_model, padded_batch
 
@@ -128,7 +129,9 @@ def test_triton_gemv_experts_match_the_loop() -> None:
     weights = torch.rand(3, 2, device=device)
     with torch.no_grad():
         w = experts.gate_up_proj
-        torch.testing.assert_close(moe_gemv(x, ids[:, 0], w), torch.einsum("pnk,pk->pn", w[ids[:, 0]], x))
+        torch.testing.assert_close(moe_gemv(x, ids[:, 0], w, None), torch.einsum("pnk,pk->pn", w[ids[:, 0]], x))
+        torch.testing.assert_close(experts.forward_gemv(x, weights, ids), experts.reference(x, weights, ids))
+        experts.quantize_(lambda w: int8_per_channel(w, torch.float32))  # int8 rows, one scale each
         torch.testing.assert_close(experts.forward_gemv(x, weights, ids), experts.reference(x, weights, ids))
 
 
@@ -205,18 +208,58 @@ def test_bench_gives_transformers_the_same_random_weights(ckpts: dict[str, Path]
     assert active_bytes(theirs, hf_cfg, streamed) == int(streamed - experts * 5 / 8)  # 3 of 8 experts read
 
 
-def test_quant_policy_says_the_experts_stay_unquantized(ckpts: dict[str, Path]) -> None:
-    """A quant policy on an MoE model quantizes the linear layers, leaves the fp32 router alone and says (a
-    warning, the precision map) that the stacked experts stay in floating point."""
-    model = AutoModel.from_pretrained(ckpts["deepseek_v3"])
-    names = model.pipeline.registry.names("quant")
-    if "int8" not in names:
-        pytest.skip("dsr1-quant-int8 is not installed")
-    with pytest.warns(UserWarning, match=r"routed experts of 1 MoE layer\(s\) stay in bf16"):
-        q = AutoModel.from_pretrained(ckpts["deepseek_v3"], quant="int8")
-    layers = q.pipeline.quant.precision_map(q)
-    assert layers["model.layers.1.mlp.experts"] == "bf16" and layers["model.layers.1.self_attn.o_proj"] == "int8"
-    assert q.model.layers[1].mlp.gate.weight.dtype == torch.float32
+def test_int8_quantizes_the_experts_and_int4_says_it_does_not(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """int8 (weight-only) also quantizes the stacked experts, per output row, leaving the fp32 router alone; the
+    logits stay near the float model's. A policy that does not quantize experts says so (a warning, the
+    precision map). A model with quantized experts is not saved (one line) rather than saved wrong."""
+    names = AutoModel.from_pretrained(ckpts["deepseek_v3"]).pipeline.registry.names("quant")
+    if not {"int8", "int4"} <= set(names):
+        pytest.skip("dsr1-quant-int8 and dsr1-quant-int4 are not both installed")
     enc = padded_batch(ckpts["deepseek_v3"])
-    out = q.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4)
-    assert out.shape == (4, enc["input_ids"].shape[1] + 4)
+    real = enc["attention_mask"].bool()
+    plain = AutoModel.from_pretrained(ckpts["deepseek_v3"], quant="fp32")
+    q = AutoModel.from_pretrained(ckpts["deepseek_v3"], quant={"name": "int8", "options": {"compute_dtype": "fp32"}})
+    experts = q.model.layers[1].mlp.experts
+    assert experts.quantized and experts.gate_up_proj_q.dtype == torch.int8 and not hasattr(experts, "gate_up_proj")
+    layers = q.pipeline.quant.precision_map(q)
+    assert layers["model.layers.1.mlp.experts"] == "int8 (weight-only)"
+    assert layers["model.layers.1.self_attn.o_proj"] == "int8"
+    assert q.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    with torch.inference_mode():
+        want, got = plain(**enc).logits[real], q(**enc).logits[real]
+    assert (got - want).abs().mean() < 0.05 * want.abs().mean()  # int8 rows: close (a near-tie may reroute a token)
+    ref = AutoModel.from_pretrained(ckpts["deepseek_v3"], {"model": {"name": "deepseek", "options": {"fuse": False}},
+                                                           "quant": {"name": "int8", "options": {"compute_dtype": "fp32"}}})
+    with torch.inference_mode():  # grouped (dequantized stacks) and reference (per expert) int8 paths agree
+        torch.testing.assert_close(ref(**enc).logits[real], got, atol=1e-4, rtol=0)
+    with pytest.raises(Dsr1Error, match="experts are quantized is not supported") as err:
+        q.save_pretrained(tmp_path / "q")
+    assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match=r"routed experts of 1 MoE layer\(s\) stay in bf16"):
+        q4 = AutoModel.from_pretrained(ckpts["deepseek_v3"], quant="int4")
+    assert q4.pipeline.quant.precision_map(q4)["model.layers.1.mlp.experts"] == "bf16"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_experts_run_their_dequantized_weights(scheme: str) -> None:
+    """Experts quantized per output row (the int8 and fp8 policies' schemes) compute with exactly their
+    dequantized weights, on the reference and grouped paths (the fp8 policy itself needs an fp8 GPU)."""
+    from dsr1.quantization.schemes import fp8_per_channel
+
+    torch.manual_seed(3)
+    a = MoEArgs.from_hf({"n_routed_experts": 4, "num_experts_per_tok": 2, "hidden_size": 16,
+                         "moe_intermediate_size": 8}, "greedy", router_fp32=False)
+    experts = Experts(a, grouped=True)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    quantize = fp8_per_channel if scheme == "fp8" else (lambda w: int8_per_channel(w, torch.float32))
+    experts.quantize_(quantize)
+    assert experts.gate_up_proj_q.dtype == (torch.float8_e4m3fn if scheme == "fp8" else torch.int8)
+    plain = Experts(a, grouped=True)
+    with torch.no_grad():
+        plain.gate_up_proj.copy_(experts.weight("gate_up_proj", torch.float32))
+        plain.down_proj.copy_(experts.weight("down_proj", torch.float32))
+        x, ids, weights = torch.randn(5, 16), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+        want = plain.reference(x, weights, ids)
+        torch.testing.assert_close(experts.reference(x, weights, ids), want)
+        torch.testing.assert_close(experts.forward_grouped(x, weights, ids), want)

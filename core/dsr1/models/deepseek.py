@@ -379,12 +379,12 @@ class DeepseekForCausalLM(CausalLM):
         for name, t in self.state_dict().items():
             if a.tie_embeddings and name == "lm_head.weight":
                 continue
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            if ".experts." in name and not re.search(r"experts\.\d", name):  # stacked experts
                 yield from unstack_experts(name, t)
-            elif name.endswith("gate_up_proj.weight"):
-                gate, up = t.chunk(2, dim=0)
-                yield name.replace("gate_up_proj", "gate_proj"), gate
-                yield name.replace("gate_up_proj", "up_proj"), up
+            elif ".gate_up_proj." in name:  # the weight, or a quantized layer's qweight/scales (rows split too)
+                halves = t.chunk(2, dim=0) if t.dim() and t.shape[0] % 2 == 0 else (t, t)
+                yield name.replace("gate_up_proj", "gate_proj"), halves[0]
+                yield name.replace("gate_up_proj", "up_proj"), halves[1]
             else:
                 yield name, _permute_rope_rows(a, name, t, inverse=True)
 
@@ -392,6 +392,11 @@ class DeepseekForCausalLM(CausalLM):
 # --- building -----------------------------------------------------------------------------------
 
 _GATE_UP = re.compile(r"^(.+)\.gate_up_proj\.weight$")
+#: fused module → the checkpoint modules it concatenates (what quant checkpoints and the fp8 plugin read).
+FUSED: dict[str, tuple[str, ...]] = {
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "shared_experts.gate_up_proj": ("shared_experts.gate_proj", "shared_experts.up_proj"),
+}
 
 
 def _rope_perm(dr: int) -> torch.Tensor:

@@ -358,7 +358,7 @@ class LlamaForCausalLM(CausalLM):
         for name, t in self.state_dict().items():
             if a.tie_embeddings and name == "lm_head.weight":
                 continue
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            if ".experts." in name and not re.search(r"experts\.\d", name):  # stacked experts
                 yield from unstack_experts(name, t)
                 continue
             m = _FUSED_RE.match(name)

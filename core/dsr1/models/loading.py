@@ -5,6 +5,9 @@
 * :class:`CheckpointReader` indexes ``model.safetensors`` (or shards + index json, or an
   opted-in pickle checkpoint) without reading tensor data, validates it, then reads one
   tensor at a time straight into its final dtype and device (no second copy of the model).
+* :func:`block_fp8_config` recognises DeepSeek's block-scaled fp8 checkpoints
+  (``quantization_config.quant_method: fp8``); the reader dequantizes their weights as read
+  and hides the ``*.weight_scale_inv`` companions (the block math is :mod:`dsr1.models.fp8_blocks`).
 * :func:`save_pretrained` writes ``config.json`` + ``model.safetensors`` (+ tokenizer
   files) into a temporary directory and renames it into place: nothing is half-written.
 """
@@ -26,6 +29,7 @@ from dsr1 import progress
 from dsr1.errors import Dsr1Error
 from dsr1.input_files import is_regular, kind, list_dir, open_regular, probe, read_text
 from dsr1.interfaces import GraphSteps
+from dsr1.models import fp8_blocks
 from dsr1.models.common import Dsr1Model, ModelRuntime
 from dsr1.outputs import plan_output
 
@@ -218,6 +222,55 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+# --- block-scaled fp8 checkpoints (DeepSeek's) ----------------------------------------------------
+
+#: ``quantization_config.quant_method`` values dsr1 loads: block fp8 here, ``dsr1`` in :mod:`dsr1.quantization.checkpoint`.
+QUANT_METHODS = ("fp8", "dsr1")
+#: companion of a block-fp8 weight ``X.weight``: ``X.weight_scale_inv``.
+SCALE_SUFFIX = "_scale_inv"
+
+
+def block_fp8_config(hf: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The ``weight_block_size`` of a block-fp8 checkpoint's ``config.json``, validated; ``None`` for a
+    plain one (no ``quantization_config``) or a ``dsr1 quantize`` dir. One-line errors name the field."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, Mapping):
+        raise Dsr1Error(f"config.json quantization_config must be a JSON object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method == "dsr1":
+        return None
+    if method not in QUANT_METHODS:
+        raise Dsr1Error(f"config.json quantization_config.quant_method {method!r} is not supported; use 'fp8' "
+                        f"(block-scaled e4m3, DeepSeek's) or 'dsr1' (written by `dsr1 quantize`)")
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise Dsr1Error(f"config.json quantization_config.fmt {fmt!r} is not supported; block fp8 supports 'e4m3'")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise Dsr1Error(f"config.json quantization_config.activation_scheme {scheme!r} is not supported; block fp8 "
+                        f"supports 'dynamic'")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, list | tuple) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise Dsr1Error(f"config.json quantization_config.weight_block_size must be two positive ints "
+                        f"[rows, columns] (DeepSeek's is [128, 128]), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def _dir_block_fp8(model_dir: Path) -> tuple[int, int] | None:
+    """:func:`block_fp8_config` of the ``config.json`` beside the weights (none there: a plain checkpoint)."""
+    path = model_dir / "config.json"
+    if probe(path, "model file") is None:
+        return None
+    try:
+        hf = json.loads(read_text(path, "model file"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Dsr1Error(f"{path} is not valid JSON: {err}") from None
+    return block_fp8_config(hf) if isinstance(hf, dict) else None
+
+
 # --- reading checkpoints -----------------------------------------------------------------------
 
 
@@ -280,7 +333,12 @@ def _nonfinite(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 class CheckpointReader:
-    """The tensors of one model directory, indexed without reading their data."""
+    """The tensors of one model directory, indexed without reading their data.
+
+    A block-fp8 checkpoint (:func:`block_fp8_config` of the ``config.json`` beside the weights)
+    reads like a plain one: ``names()`` hides the ``*.weight_scale_inv`` companions and ``read``
+    dequantizes each e4m3 weight with its block scales; :meth:`read_block_fp8` gives the stored pair.
+    """
 
     def __init__(self, model_dir: Path, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
         self.model_dir = model_dir
@@ -288,6 +346,10 @@ class CheckpointReader:
         self.entries: dict[str, _Entry] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._files: dict[Path, BinaryIO] = {}
+        #: ``weight_block_size`` of a block-fp8 checkpoint, else ``None``.
+        self.block: tuple[int, int] | None = _dir_block_fp8(model_dir)
+        #: block-fp8 weight name → the name of its scales.
+        self._scales: dict[str, str] = {}
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
         # is_regular raises for a FIFO/directory/loop in place of a weights file instead of skipping it
@@ -301,6 +363,7 @@ class CheckpointReader:
         if files:
             for file in files:
                 self.entries.update(_read_safetensors_header(file))
+            self._index_blocks()
             return
         pickles = [model_dir / n for n in listing if n.endswith((".bin", ".pt", ".pth"))]
         for file in pickles:
@@ -320,6 +383,41 @@ class CheckpointReader:
             if not isinstance(state, Mapping):
                 raise Dsr1Error(f"pickle checkpoint {str(file)!r} does not hold a state dict")
             self._pickled.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+        self._index_blocks()
+
+    def _stored_dtype(self, name: str) -> torch.dtype:
+        return self._pickled[name].dtype if name in self._pickled else self.entries[name].dtype
+
+    def _index_blocks(self) -> None:
+        """Pair every e4m3 weight of a block-fp8 checkpoint with its scales, checking both (one-line errors)."""
+        if self.block is None:
+            return
+        raw = set(self.entries) | set(self._pickled)
+        where = f"block-fp8 checkpoint in {str(self.model_dir)!r}"
+        for name in sorted(raw):
+            if name.endswith(SCALE_SUFFIX):
+                weight = name.removesuffix(SCALE_SUFFIX)
+                if weight not in raw:
+                    raise Dsr1Error(f"{where} has scales {name!r} but no tensor {weight!r}")
+                if self._stored_dtype(weight) != torch.float8_e4m3fn:
+                    raise Dsr1Error(f"{where} has scales {name!r}, but {weight!r} is stored in "
+                                    f"{str(self._stored_dtype(weight)).removeprefix('torch.')}, not float8_e4m3fn")
+                continue
+            if self._stored_dtype(name) != torch.float8_e4m3fn:
+                continue
+            scale, shape = name + SCALE_SUFFIX, self.shape(name)
+            if scale not in raw:
+                raise Dsr1Error(f"{where}: float8 tensor {name!r} has no {scale!r} (its block scales)")
+            if len(shape) != 2:
+                raise Dsr1Error(f"{where}: float8 tensor {name!r} has shape {shape}; block scales fit (out, in) "
+                                f"weights only")
+            want, got = fp8_blocks.scale_shape(shape, self.block), tuple(self.shape(scale))
+            if got != want:
+                raise Dsr1Error(f"{where}: {scale!r} has shape {got}, but weight {name!r} {shape} in blocks of "
+                                f"{list(self.block)} needs {want}")
+            if not self._stored_dtype(scale).is_floating_point:
+                raise Dsr1Error(f"{where}: {scale!r} is {self._stored_dtype(scale)}, not a float tensor")
+            self._scales[name] = scale
 
     def _index_files(self, index: Path) -> list[Path]:
         try:
@@ -339,7 +437,8 @@ class CheckpointReader:
         return files
 
     def names(self) -> set[str]:
-        return set(self.entries) | set(self._pickled)
+        """The tensors a model builder matches (block-fp8 scales hidden: they belong to their weight)."""
+        return (set(self.entries) | set(self._pickled)) - set(self._scales.values())
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._pickled:
@@ -349,30 +448,62 @@ class CheckpointReader:
     def float_dtype(self) -> torch.dtype | None:
         """The dtype most of the checkpoint's floating-point bytes are stored in."""
         weight: dict[torch.dtype, int] = {}
-        for e in self.entries.values():
-            if e.dtype.is_floating_point:
+        quantized = set(self._scales) | set(self._scales.values())  # block fp8: the rest says the compute dtype
+        for name, e in self.entries.items():
+            if e.dtype.is_floating_point and name not in quantized:
                 weight[e.dtype] = weight.get(e.dtype, 0) + e.end - e.begin
-        for t in self._pickled.values():
-            if t.is_floating_point():
+        for name, t in self._pickled.items():
+            if t.is_floating_point() and name not in quantized:
                 weight[t.dtype] = weight.get(t.dtype, 0) + t.numel() * t.element_size()
         return max(weight, key=lambda d: weight[d]) if weight else None
 
-    def read(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-        """One tensor, floating-point ones cast to ``dtype``, on ``device``."""
+    def _stored(self, name: str) -> torch.Tensor:
+        """One tensor as stored, on the CPU."""
         if name in self._pickled:
-            t = self._pickled.pop(name)
-        else:
-            e = self.entries[name]
-            t = torch.empty(e.shape, dtype=e.dtype)
-            f = self._files.get(e.file)
-            if f is None:
-                f = self._files[e.file] = open_regular(e.file, "weights file")
-            f.seek(e.begin)
-            if e.end > e.begin:
-                buf = t.reshape(-1).view(torch.uint8).numpy()
-                got = f.readinto(buf)  # type: ignore[attr-defined]  # straight into the tensor's memory
-                if got != e.end - e.begin:
-                    raise Dsr1Error(f"safetensors file {str(e.file)!r} is truncated while reading {name!r}")
+            return self._pickled.pop(name)
+        e = self.entries[name]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        f = self._files.get(e.file)
+        if f is None:
+            f = self._files[e.file] = open_regular(e.file, "weights file")
+        f.seek(e.begin)
+        if e.end > e.begin:
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            got = f.readinto(buf)  # type: ignore[attr-defined]  # straight into the tensor's memory
+            if got != e.end - e.begin:
+                raise Dsr1Error(f"safetensors file {str(e.file)!r} is truncated while reading {name!r}")
+        return t
+
+    def _advance(self, nbytes: int) -> None:
+        progress.advance(nbytes, total=lambda: sum(e.end - e.begin for e in self.entries.values()))
+
+    def read_block_fp8(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A block-fp8 weight as stored: e4m3 ``(out, in)`` and its fp32 scales ``(ceil(out / bo), ceil(in / bi))``
+        (``self.block``), on ``device``; ``None`` for a tensor stored plain."""
+        scale = self._scales.get(name)
+        if scale is None:
+            return None
+        q, s = self._stored(name), self._stored(scale).float()
+        if not self.allow_nonfinite:
+            for n, t in ((name, q), (scale, s)):
+                if _nonfinite(t) is not None:
+                    self._refuse_nonfinite(n, t, t)
+        self._advance(q.nbytes + s.nbytes)
+        return q.to(device), s.to(device)
+
+    def read(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        """One tensor, floating-point ones cast to ``dtype``, on ``device``.
+
+        A block-fp8 weight is dequantized on ``device`` (``dtype=None``: fp32, where its products are exact).
+        """
+        pair = self.read_block_fp8(name, device)
+        if pair is not None:
+            assert self.block is not None  # _scales is filled only for a block-fp8 checkpoint
+            t = fp8_blocks.dequantize(*pair, self.block, dtype or torch.float32)
+            if not self.allow_nonfinite and _nonfinite(t) is not None:  # finite as stored: the cast overflowed
+                self._refuse_nonfinite(name, pair[0], t)
+            return t
+        t = self._stored(name)
         stored = t
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
@@ -380,7 +511,7 @@ class CheckpointReader:
         # checked as placed: one pass, on the accelerator when there is one; it also catches a cast that overflows
         if not self.allow_nonfinite and _nonfinite(t) is not None:
             self._refuse_nonfinite(name, stored, t)
-        progress.advance(stored.nbytes, total=lambda: sum(e.end - e.begin for e in self.entries.values()))
+        self._advance(stored.nbytes)
         return t
 
     def _refuse_nonfinite(self, name: str, stored: torch.Tensor, placed: torch.Tensor) -> None:
@@ -403,6 +534,22 @@ class CheckpointReader:
             f.close()
         self._files.clear()
         self._pickled.clear()
+
+
+def block_fp8_reader(model: Dsr1Model) -> CheckpointReader | None:
+    """A reader of the block-fp8 checkpoint ``model`` was built from (for the fp8 quant plugin, which keeps
+    the stored e4m3 weights and scales instead of re-quantizing the dequantized ones); ``None`` when the
+    model was not built from a block-fp8 checkpoint dir. The caller closes it."""
+    if not isinstance(model, Dsr1Model):
+        return None
+    try:
+        model_dir = model.pipeline.model_dir
+    except AttributeError:  # no runtime bound: not built by a model builder from a checkpoint dir
+        return None
+    if model_dir is None or block_fp8_config(model.config) is None:
+        return None
+    # the builder has read these tensors already, refusing NaN/Inf unless the user allowed them
+    return CheckpointReader(Path(model_dir), allow_nonfinite=True)
 
 
 def check_names(

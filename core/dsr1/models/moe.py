@@ -20,6 +20,7 @@ expert and the builders stack them at load). Two ways to run them:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ from dsr1.errors import Dsr1Error
 
 #: (token, expert) pairs up to which a CUDA step runs the experts as matrix-vector products (decode sizes).
 GEMV_MAX_PAIRS = 64
+#: the same for quantized experts, whose other CUDA paths dequantize whole stacks every step.
+INT8_GEMV_MAX_PAIRS = 2048
 #: pairs up to which they are ordered by counting (a few small kernels) rather than by a sort.
 COUNT_SORT_MAX_PAIRS = 4096
 
@@ -161,10 +164,38 @@ class Experts(nn.Module):
         self.n, self.f, self.grouped = a.n_experts, a.intermediate_size, grouped
         self.gate_up_proj = nn.Parameter(torch.empty(a.n_experts, 2 * a.intermediate_size, a.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(a.n_experts, a.hidden_size, a.intermediate_size))
+        #: weight-only quantized (:meth:`quantize_`): ``{name}_q`` (int8 or fp8) and ``{name}_scale`` per output row
+        self.quantized = False
+
+    def quantize_(self, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Weight-only quantization: every expert's rows through ``quantize`` (``(rows, in)`` → int8 or fp8
+        ``(rows, in)`` and scales ``(rows,)``: a quant policy's scheme); the floating-point stacks are dropped."""
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name).detach()  # (E, N, K)
+            e, n, k = w.shape
+            q, scale = quantize(w.reshape(e * n, k))
+            delattr(self, name)
+            self.register_buffer(f"{name}_q", q.view(e, n, k))
+            self.register_buffer(f"{name}_scale", scale.view(e, n))
+        self.quantized = True
+
+    def weight(self, name: str, dtype: torch.dtype, e: int | None = None) -> torch.Tensor:
+        """Expert ``e``'s weight (None: the whole stack) of ``name`` in ``dtype`` (dequantized if quantized)."""
+        if not self.quantized:
+            w = getattr(self, name)
+            return w if e is None else w[e]
+        q, scale = getattr(self, f"{name}_q"), getattr(self, f"{name}_scale")
+        if e is not None:
+            q, scale = q[e], scale[e]
+        return (q.float() * scale.float()[..., None]).to(dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.grouped and x.is_cuda and ids.numel() <= GEMV_MAX_PAIRS and _triton():
+        # quantized on CUDA: the kernel reads the quantized rows (dequantizing whole stacks per step costs more)
+        gemv_pairs = INT8_GEMV_MAX_PAIRS if self.quantized else GEMV_MAX_PAIRS
+        if self.grouped and x.is_cuda and ids.numel() <= gemv_pairs and _triton():
             return self.forward_gemv(x, weights, ids)
+        if self.quantized and x.device.type == "cpu":
+            return self.reference(x, weights, ids)  # only the experts that got tokens are dequantized
         if self.grouped and grouped_mm_supported(x):
             return self.forward_grouped(x, weights, ids)
         if self.grouped and x.device.type != "cpu":  # no host sync either (a CUDA graph can capture it)
@@ -177,8 +208,8 @@ class Experts(nn.Module):
         hit = torch.zeros(self.n, dtype=torch.bool, device=ids.device).scatter_(0, ids.flatten(), True)
         for e in hit.nonzero().flatten().tolist():
             token, slot = torch.where(ids == e)  # (n_e,) each
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)  # 2 × (n_e, F)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # (n_e, C)
+            gate, up = F.linear(x[token], self.weight("gate_up_proj", x.dtype, e)).chunk(2, dim=-1)  # 2 × (n_e, F)
+            y = F.linear(F.silu(gate) * up, self.weight("down_proj", x.dtype, e))  # (n_e, C)
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -187,13 +218,13 @@ class Experts(nn.Module):
         n, k = ids.shape
         order, ends = sort_by_expert(ids.flatten(), self.n)  # (N·k,) pairs grouped by expert; (E,) group ends
         token = order // k  # (N·k,) the token of each sorted pair
-        gate_up = torch._grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs=ends)  # (N·k, 2F)
+        w13, w2 = self.weight("gate_up_proj", x.dtype), self.weight("down_proj", x.dtype)
+        gate_up = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=ends)  # (N·k, 2F)
         gate, up = gate_up.chunk(2, dim=-1)
         h = F.silu(gate) * up  # (N·k, F)
-        y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)  # (N·k, C)
+        y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # (N·k, C)
         y = y * weights.flatten()[order, None]  # fp32 weights: the product is fp32, as in the reference
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, C)
-
 
     def forward_gemv(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each (token, expert) pair as matrix-vector products over its expert's weights (Triton, CUDA)."""
@@ -202,8 +233,12 @@ class Experts(nn.Module):
         n, k = ids.shape
         flat = ids.flatten()  # (N·k,)
         xs = x.repeat_interleave(k, dim=0)  # (N·k, C): pair i is token i // k
-        gate, up = moe_gemv(xs, flat, self.gate_up_proj).chunk(2, dim=-1)  # 2 × (N·k, F)
-        y = moe_gemv(F.silu(gate) * up, flat, self.down_proj)  # (N·k, C)
+        if self.quantized:
+            gate, up = moe_gemv(xs, flat, self.gate_up_proj_q, self.gate_up_proj_scale).chunk(2, dim=-1)
+            y = moe_gemv(F.silu(gate) * up, flat, self.down_proj_q, self.down_proj_scale)  # (N·k, C)
+        else:
+            gate, up = moe_gemv(xs, flat, self.gate_up_proj, None).chunk(2, dim=-1)  # 2 × (N·k, F)
+            y = moe_gemv(F.silu(gate) * up, flat, self.down_proj, None)  # (N·k, C)
         return (y * weights.flatten()[:, None]).view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, C)
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -212,8 +247,9 @@ class Experts(nn.Module):
         n, k = ids.shape
         flat = ids.flatten()  # (N·k,)
         xs = x.repeat_interleave(k, dim=0)[:, :, None]  # (N·k, C, 1)
-        gate, up = torch.bmm(self.gate_up_proj[flat], xs)[..., 0].chunk(2, dim=-1)  # 2 × (N·k, F)
-        y = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None])[..., 0]  # (N·k, C)
+        w13, w2 = self.weight("gate_up_proj", x.dtype), self.weight("down_proj", x.dtype)
+        gate, up = torch.bmm(w13[flat], xs)[..., 0].chunk(2, dim=-1)  # 2 × (N·k, F)
+        y = torch.bmm(w2[flat], (F.silu(gate) * up)[:, :, None])[..., 0]  # (N·k, C)
         return (y * weights.flatten()[:, None]).view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, C)
 
 
@@ -281,6 +317,9 @@ def stack_experts(parts: list[torch.Tensor], how: str) -> torch.Tensor:
 
 def unstack_experts(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """A stacked parameter → the checkpoint's per-expert tensors (for ``hf_state_dict``)."""
+    if name.endswith(("_q", "_scale")):
+        raise Dsr1Error("saving a model whose MoE experts are quantized is not supported; save it unquantized "
+                        "and pick the quant policy when loading")
     p = name.rsplit("experts.", 1)[0] + "experts."
     if name.endswith("gate_up_proj"):
         out = []

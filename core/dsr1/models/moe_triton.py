@@ -27,8 +27,8 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def moe_gemv(x_ptr, ids_ptr, w_ptr, y_ptr,
-                 N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def moe_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr,
+                 N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SCALED: tl.constexpr):
         p = tl.program_id(0)  # the (token, expert) pair
         nb = tl.program_id(1)  # the block of output rows
         e = tl.load(ids_ptr + p).to(tl.int64)
@@ -42,26 +42,30 @@ def _kernel() -> Any:
             w = tl.load(base + rows[:, None] * K + c[None, :], mask=(rows[:, None] < N) & (c[None, :] < K),
                         other=0.0).to(tl.float32)  # (BN, BK)
             acc += tl.sum(w * x[None, :], axis=1)
+        if SCALED:  # int8 rows: one scale per output row of the expert
+            acc *= tl.load(s_ptr + e * N + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + p * N + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     return moe_gemv
 
 
 @torch.library.custom_op("dsr1::moe_gemv", mutates_args=())
-def moe_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(P, K)`` times the ``(N, K)`` weight of expert ``ids[p]`` of ``weight`` ``(E, N, K)`` → ``(P, N)``."""
+def moe_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``(P, K)`` times the ``(N, K)`` weight of expert ``ids[p]`` of ``weight`` ``(E, N, K)`` → ``(P, N)``;
+    with ``scale`` ``(E, N)`` the weight is int8 and row ``n`` of expert ``e`` is ``weight[e, n] * scale[e, n]``."""
     import triton
 
     p, k = x.shape
     n = weight.shape[1]
     y = torch.empty((p, n), dtype=x.dtype, device=x.device)
     grid = (p, triton.cdiv(n, BLOCK_N))
-    _kernel()[grid](x.contiguous(), ids.contiguous(), weight, y, N=n, K=k, BN=BLOCK_N, BK=BLOCK_K)
+    _kernel()[grid](x.contiguous(), ids.contiguous(), weight, weight if scale is None else scale, y, N=n, K=k,
+                    BN=BLOCK_N, BK=BLOCK_K, SCALED=scale is not None)
     return y
 
 
 @moe_gemv.register_fake
-def _(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[1]))
 
 

@@ -145,6 +145,9 @@ def precision_map(model: nn.Module) -> dict[str, str]:
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             out[name] = m.precision
+        elif getattr(m, "stacked_experts", False) and m.quantized:
+            kind = "int8" if m.down_proj_q.dtype == torch.int8 else "fp8"
+            out[name] = f"{kind} (weight-only)"
         elif isinstance(m, nn.Linear) or getattr(m, "stacked_experts", False):
             weight = m.weight if isinstance(m, nn.Linear) else m.down_proj
             out[name] = str(weight.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
@@ -152,9 +155,10 @@ def precision_map(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def unquantized_experts(model: nn.Module) -> list[str]:
-    """Names of the MoE expert stacks of ``model`` (no policy quantizes them yet: they stay in floating point)."""
-    return [name for name, m in model.named_modules() if getattr(m, "stacked_experts", False)]
+def unquantized_experts(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
+    """The MoE expert stacks of ``model`` still in floating point, except those ``skip`` names (fnmatch)."""
+    return [(name, m) for name, m in model.named_modules() if getattr(m, "stacked_experts", False)
+            and not m.quantized and not any(fnmatch.fnmatch(name, pattern) for pattern in skip)]
 
 
 def device_type(model: nn.Module) -> str:

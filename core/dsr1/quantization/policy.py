@@ -64,6 +64,10 @@ class StaticQuantPolicy(QuantPolicy):
     def compute_dtype(self) -> torch.dtype:
         return DTYPES[self.options.compute_dtype]
 
+    def quantize_experts_(self, name: str, experts: nn.Module) -> None:
+        """Quantize one stack of MoE experts (``stacked_experts`` modules: :class:`dsr1.models.moe.Experts`) in
+        place, or leave it in floating point (the default; ``quantize_`` then says so)."""
+
     def check_layers(self, model: nn.Module) -> None:
         """Raise a one-line error naming the first layer this policy cannot quantize (before touching any)."""
 
@@ -72,14 +76,16 @@ class StaticQuantPolicy(QuantPolicy):
         self.check_layers(model)
         with torch.no_grad():
             names = replace_linears_(model, self.make_layer, self.options.skip)
+            for name, experts in unquantized_experts(model, self.options.skip):
+                self.quantize_experts_(name, experts)
             cast_floats_(model, self.compute_dtype())
         if not names:
             raise Dsr1Error(f"quant {self.name!r} found no linear layer to quantize (skip={self.options.skip})")
-        experts = unquantized_experts(model)
-        if experts:  # said, not silent: the precision map lists them too
-            warnings.warn(f"quant {self.name!r}: the routed experts of {len(experts)} MoE layer(s) stay in "
-                          f"{self.options.compute_dtype} (stacked experts are not quantized yet; attention, shared "
-                          "experts and dense layers are)", stacklevel=2)
+        left = unquantized_experts(model, self.options.skip)
+        if left:  # said, not silent: the precision map lists them too
+            warnings.warn(f"quant {self.name!r}: the routed experts of {len(left)} MoE layer(s) stay in "
+                          f"{self.options.compute_dtype} ({self.name} does not quantize stacked experts; attention, "
+                          "shared experts and dense layers are quantized)", stacklevel=2)
         model.quantization_config = self.quantization_config()
         return model
 
@@ -110,6 +116,10 @@ class Int8PerChannelPolicy(StaticQuantPolicy):
     def scale_dtype(self) -> torch.dtype:
         """The dtype the kernel reads the scales in (default: the compute dtype)."""
         return self.compute_dtype()
+
+    def quantize_experts_(self, name: str, experts: nn.Module) -> None:
+        """Experts take int8 weights per output row too (weight-only: activations stay in the compute dtype)."""
+        experts.quantize_(lambda w: int8_per_channel(w, self.scale_dtype()))
 
     def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
         q, scales = int8_per_channel(weight, self.scale_dtype())

@@ -12,9 +12,17 @@ GPU only: ``validate`` refuses every other device, and a GPU older than sm89, wi
 reason. Not measured (no device budget); the CPU tests check the quantization math, the
 reference path and the checkpoint layout. The weight is held as a uint8 view of its bytes,
 so ``model.to(dtype)`` never upcasts it.
+
+A model built from a block-scaled fp8 checkpoint (DeepSeek's ``quant_method: fp8`` with
+``weight_block_size``) keeps the checkpoint's own e4m3 values and block scales instead:
+re-quantizing its dequantized weights per channel would change them. Each fp8 layer becomes a
+:class:`BlockFp8Linear`; the layers the checkpoint stores in floating point stay so. That layer
+dequantizes per block on the fly (any device: the reference), or, on a GPU whose torch passes
+:func:`blockwise_kernel_works`, runs the blockwise ``torch._scaled_mm`` on DeepSeek's 128×128 grid.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -27,14 +35,23 @@ from dsr1_sdk.quant import (
     FP8_E4M3_MAX,
     QuantizedLinear,
     StaticQuantPolicy,
+    block_dequantize,
+    block_fp8_reader,
+    block_quantize,
+    block_row_scales,
+    cast_floats_,
     flat,
     fp8_dequantize,
     fp8_error_bound,
     fp8_per_channel,
+    fused_modules,
+    hf_sources,
     linear_layers,
+    replace_linears_,
 )
 
-__all__ = ["Fp8E4M3", "Fp8Linear", "dsr1_quant", "fp8_linear"]
+__all__ = ["BlockFp8Linear", "Fp8E4M3", "Fp8Linear", "block_fp8_linear", "blockwise_kernel_works", "dsr1_quant",
+           "fp8_linear", "kernel_grid"]
 
 #: compute capability ``torch._scaled_mm`` needs for e4m3.
 MIN_CAPABILITY = (8, 9)
@@ -100,6 +117,130 @@ class Fp8Linear(QuantizedLinear):
         self.qweight_bytes.copy_(q.view(torch.uint8))
 
 
+#: the block ``torch._scaled_mm`` takes blockwise weight scales for (DeepSeek's), with 1×128 activation blocks.
+KERNEL_BLOCK = 128
+_KERNEL_WORKS: dict[torch.device, bool] = {}
+
+
+def _e4m3_per_block(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, K)`` activations → e4m3 ``(M, K)`` and fp32 scales ``(M, K / 128)``, one per 128 columns of a row."""
+    m, k = x2.shape
+    xb = x2.float().view(m, k // KERNEL_BLOCK, KERNEL_BLOCK)  # (M, K/128, 128)
+    xs = (xb.abs().amax(dim=-1) / FP8_E4M3_MAX).clamp_min(1e-12)  # (M, K/128)
+    xq = (xb / xs[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).view(m, k)
+    return xq, xs
+
+
+def kernel_grid(grid: torch.Tensor) -> torch.Tensor:
+    """``(out/128, in/128)`` block scales as the kernel reads them: rows padded to a multiple of 4 floats
+    (the blockwise ``_scaled_mm`` reads them 16-byte aligned and checks nothing: unpadded rows give
+    garbage whenever ``in/128`` is not a multiple of 4). A dense tensor, so ``.to(device)`` keeps the padding."""
+    rows, cols = grid.shape
+    padded = torch.zeros(rows, -(-cols // 4) * 4, dtype=torch.float32, device=grid.device)  # (out/128, in/128 → 4k)
+    padded[:, :cols] = grid
+    return padded
+
+
+def block_fp8_linear(x: torch.Tensor, qweight: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``x (..., in)`` × e4m3 ``qweight (out, in)`` with 128×128 block scales on CUDA, ``grid`` as
+    :func:`kernel_grid` lays them out.
+
+    Activations are quantized per token and 128 columns (DeepSeek's scheme); ``torch._scaled_mm``
+    wants the activation scales outer-dim-major and the weight's as the transposed grid.
+    """
+    x2 = flat(x)  # (M, in)
+    m = x2.shape[0]
+    xq, xs = _e4m3_per_block(x2)
+    if m % 16:  # rows padded to the kernel's multiple of 16 (zeros, scale 1)
+        xq = F.pad(xq.view(torch.uint8), (0, 0, 0, 16 - m % 16)).view(torch.float8_e4m3fn)  # (M16, in)
+        xs = F.pad(xs, (0, 0, 0, 16 - m % 16), value=1.0)  # (M16, in/128)
+    scale_b = grid[:, : qweight.shape[1] // KERNEL_BLOCK].t()  # (in/128, out/128), rows 16-byte aligned
+    y = torch._scaled_mm(xq, qweight.t(), scale_a=xs.t().contiguous().t(), scale_b=scale_b,
+                         out_dtype=x.dtype)[:m]  # (M, out)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def blockwise_kernel_works(device: torch.device) -> bool:
+    """Whether this torch runs :func:`block_fp8_linear` on ``device`` and agrees with the reference: checked once
+    per device on small products (the blockwise ``_scaled_mm`` forms depend on the torch version and the GPU)."""
+    if device.type != "cuda":
+        return False
+    if device not in _KERNEL_WORKS:
+        _KERNEL_WORKS[device] = all(_kernel_agrees(device, *dims) for dims in ((3, 2, 5), (1, 3, 14), (40, 4, 4)))
+    return _KERNEL_WORKS[device]
+
+
+def _kernel_agrees(device: torch.device, m: int, out_blocks: int, in_blocks: int) -> bool:
+    """One ``(m, in) × (out, in)ᵀ`` product through the kernel against the fp32 reference."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_blocks * KERNEL_BLOCK, in_blocks * KERNEL_BLOCK, generator=gen)
+    x = torch.randn(m, in_blocks * KERNEL_BLOCK, generator=gen)
+    q, grid = block_quantize(w, (KERNEL_BLOCK, KERNEL_BLOCK))
+    want = x @ block_dequantize(q, grid, (KERNEL_BLOCK, KERNEL_BLOCK)).t()  # (m, out) fp32 reference
+    try:
+        got = block_fp8_linear(x.to(device, torch.bfloat16), q.to(device), kernel_grid(grid.to(device)))
+    except RuntimeError:  # this torch or GPU has no such blockwise form
+        return False
+    # activation rounding (e4m3) and the bf16 output stay well inside this
+    return bool((got.float().cpu() - want).norm() <= 0.05 * want.norm())
+
+
+class BlockFp8Linear(QuantizedLinear):
+    """A block-fp8 checkpoint's layer as stored: ``y = x · (qweight · s)ᵀ + b``.
+
+    ``qweight`` e4m3 ``(out, in)``; ``scales`` fp32 ``(out, ceil(in / block_cols))``, the checkpoint's
+    ``(ceil(out / bo), ceil(in / bi))`` block scales spread over the rows, so the parts of a fused
+    layer (q/k/v, gate/up) stack along the rows whatever their sizes. The reference path
+    dequantizes the weight to the compute dtype on the fly, on every device. On a GPU where
+    :func:`blockwise_kernel_works`, a layer whose scales form a 128×128 grid (DeepSeek's block,
+    dims and fused parts in multiples of 128) runs :func:`block_fp8_linear` on that grid instead.
+    """
+
+    FORMAT: ClassVar[str] = "fp8_e4m3_block"
+    precision = "fp8"
+
+    def __init__(self, linear: nn.Linear, qweight: torch.Tensor, scales: torch.Tensor, block_cols: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
+        self.block_cols = block_cols
+        device = linear.weight.device
+        self.register_buffer("qweight_bytes", qweight.view(torch.uint8).to(device), persistent=False)  # (out, in)
+        self.register_buffer("scales", scales.float().to(device))  # (out, ceil(in / block_cols)) fp32
+        grid = self._kernel_grid() if blockwise_kernel_works(device) else None
+        self.register_buffer("grid", grid, persistent=False)  # (out/128, in/128 padded) fp32, or None
+
+    def _kernel_grid(self) -> torch.Tensor | None:
+        """The 128×128 block scales behind the row scales, when there are such (each 128 rows share theirs)."""
+        out, nb = self.scales.shape
+        if self.block_cols != KERNEL_BLOCK or out % KERNEL_BLOCK or self.in_features % KERNEL_BLOCK:
+            return None
+        grid = self.scales[::KERNEL_BLOCK]  # (out/128, in/128)
+        same = self.scales.view(out // KERNEL_BLOCK, KERNEL_BLOCK, nb).eq(grid[:, None]).all()  # (out/128, 128, nb)
+        return kernel_grid(grid) if bool(same) else None
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The e4m3 weight ``(out, in)`` (a view of ``qweight_bytes``)."""
+        return self.qweight_bytes.view(torch.float8_e4m3fn)
+
+    def dequantize(self) -> torch.Tensor:
+        return block_dequantize(self.qweight, self.scales, (1, self.block_cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None and x.is_cuda:
+            y = block_fp8_linear(x, self.qweight, self.grid)
+            return y + self.bias if self.bias is not None else y
+        w = block_dequantize(self.qweight, self.scales, (1, self.block_cols), x.dtype)  # (out, in)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block_cols={self.block_cols}"
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # scales, bias
+        destination[prefix + "qweight"] = self.qweight
+
+
 class Fp8E4M3(StaticQuantPolicy):
     """float8 e4m3 weights and activations on NVIDIA GPUs of compute capability 8.9 or newer."""
 
@@ -130,6 +271,64 @@ class Fp8E4M3(StaticQuantPolicy):
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
         return Fp8Linear(linear, self.compute_dtype())
+
+    def quantize_experts_(self, name: str, experts: nn.Module) -> None:
+        """MoE experts take e4m3 weights per output row too (weight-only: activations stay in the compute dtype)."""
+        experts.quantize_(fp8_per_channel)
+
+    def quantize_(self, model: nn.Module) -> nn.Module:
+        """Per channel from the float weights; a model built from a block-fp8 checkpoint keeps its stored ones."""
+        reader = block_fp8_reader(model)
+        if reader is None:
+            return super().quantize_(model)
+        try:
+            return self._keep_blocks_(model, reader)
+        finally:
+            reader.close()
+
+    def _keep_blocks_(self, model: nn.Module, reader: Any) -> nn.Module:
+        """Each layer the checkpoint stores in block fp8 → :class:`BlockFp8Linear` with its stored values."""
+        fused, rows, cols = fused_modules(model), *reader.block
+        stored: dict[str, BlockFp8Linear] = {}
+        moved: list[str] = []  # layers whose weight the model builder rearranged after reading (rope rows ...)
+        with torch.no_grad():
+            for name, linear in linear_layers(model, self.options.skip):
+                sources = [f"{s}.weight" for s in hf_sources(name, fused)]
+                pairs = [reader.read_block_fp8(s, linear.weight.device) for s in sources]
+                if all(p is None for p in pairs):
+                    continue  # stored in floating point: the checkpoint's author kept it so
+                if any(p is None for p in pairs):
+                    plain = sources[pairs.index(None)]
+                    raise Dsr1Error(f"fused layer {name!r} mixes block-fp8 and floating-point parts in the checkpoint "
+                                    f"({plain!r} is not fp8): keep it in floating point with options.skip")
+                q = torch.cat([p[0] for p in pairs if p is not None], dim=0)  # (sum of outs, in)
+                scales = torch.cat([block_row_scales(p[1], (rows, cols), p[0].shape[0])
+                                    for p in pairs if p is not None], dim=0)  # (sum of outs, ceil(in / cols))
+                # the stored values are the model's only if the builder used them as read (fused by rows at most)
+                same = tuple(q.shape) == tuple(linear.weight.shape) and torch.equal(
+                    block_dequantize(q, scales, (1, cols), linear.weight.dtype), linear.weight)
+                if same:
+                    stored[name] = BlockFp8Linear(linear, q, scales, cols, self.compute_dtype())
+                else:
+                    moved.append(name)
+                del q, scales, pairs
+            if moved:  # said, not silent: the precision map lists them as floating point too
+                warnings.warn(f"quant {self.name!r}: {len(moved)} layer(s) differ from their block-fp8 checkpoint "
+                              f"tensors as the model builder laid them out (e.g. {moved[0]!r}); they keep the "
+                              f"dequantized weights in {self.options.compute_dtype}", stacklevel=2)
+            experts = [n for n, m in model.named_modules() if getattr(m, "stacked_experts", False)]
+            if experts:  # the MoE module stacks its experts at load: it has no block-fp8 layout (yet)
+                warnings.warn(f"quant {self.name!r}: the routed experts of {len(experts)} MoE layer(s) keep the "
+                              f"block-fp8 checkpoint's weights dequantized, in {self.options.compute_dtype}",
+                              stacklevel=2)
+            if not stored:
+                raise Dsr1Error(f"quant {self.name!r}: the block-fp8 checkpoint in {str(reader.model_dir)!r} "
+                                f"stores no linear layer of this model in fp8 (skip={self.options.skip})")
+            replace_linears_(model, lambda name, linear: stored.pop(name, linear), self.options.skip)
+            cast_floats_(model, self.compute_dtype())
+        model.quantization_config = {**self.quantization_config(), "format": BlockFp8Linear.FORMAT,
+                                     "weight_block_size": [rows, cols]}
+        return model
 
     def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
         q, scales = fp8_per_channel(weight)
