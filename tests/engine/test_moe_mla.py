@@ -93,17 +93,6 @@ def test_grouped_experts_match_the_loop() -> None:
         torch.testing.assert_close(experts.forward_gathered(x, weights, ids), want)
 
 
-@pytest.mark.parametrize("pairs", [1, 6, 37, 5000])
-def test_counting_order_is_the_stable_sort(pairs: int) -> None:
-    """Decode-sized steps order the pairs by counting; the result is the stable sort's, with the group ends."""
-    from dsr1.models.moe import sort_by_expert
-
-    flat = torch.randint(0, 8, (pairs,), generator=torch.Generator().manual_seed(pairs))
-    order, ends = sort_by_expert(flat, 8)
-    assert torch.equal(order, flat.argsort(stable=True))
-    assert torch.equal(ends, torch.bincount(flat, minlength=8).cumsum(0).to(torch.int32))
-
-
 def _triton_runs() -> bool:
     import importlib.util
     import os
@@ -114,7 +103,8 @@ def _triton_runs() -> bool:
 
 @pytest.mark.skipif(not _triton_runs(), reason="needs Triton and CUDA (or TRITON_INTERPRET=1)")
 def test_triton_gemv_experts_match_the_loop() -> None:
-    """The decode kernel: each pair against its expert's rows, repeated experts and odd sizes included."""
+    """The quantized experts' CUDA kernel: each pair against its expert's rows (float, then int8 with a scale per
+    row), repeated experts and odd sizes included."""
     from dsr1.models.moe_triton import moe_gemv
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

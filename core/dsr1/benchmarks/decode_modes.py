@@ -22,6 +22,7 @@ from typing import Any
 from dsr1.benchmarks.common import bandwidth_gbs
 from dsr1.benchmarks.cuda_timing import decode_rate, require_cuda, sync_time
 from dsr1.benchmarks.shapes import SHAPES, build_random, random_weights
+from dsr1.benchmarks.throughput import active_bytes
 
 MODES: dict[str, dict[str, Any] | None] = {
     "eager": None,
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     model, pipeline = build(args.shape, args.quant, args.model)
     bandwidth = bandwidth_gbs("cuda")
     streamed = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
+    streamed = active_bytes(model, model.config, streamed) or streamed  # MoE: a token reads only its experts
     vocab = int(model.args.vocab_size)
     rows = []
     for b in [int(x) for x in args.batch_size.split(",")]:

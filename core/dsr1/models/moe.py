@@ -13,9 +13,11 @@ expert and the builders stack them at load). Two ways to run them:
 * the grouped path sorts the ``N·k`` (token, expert) pairs by expert and runs each projection as
   one grouped GEMM (``torch._grouped_mm``) with the group offsets on the device: no host sync, so
   a CUDA graph can capture it, and only the experts that got tokens are read;
-* on CUDA, a decode step's few pairs go to a Triton matrix-vector kernel instead
-  (:mod:`dsr1.models.moe_triton`): a grouped GEMM reads weights well below bandwidth when each
-  group holds one row.
+* quantized experts (int8 or fp8 rows, :meth:`Experts.quantize_`) on CUDA go to a Triton
+  matrix-vector kernel that reads the quantized rows of the chosen experts
+  (:mod:`dsr1.models.moe_triton`); the other CUDA paths would dequantize whole stacks per step.
+  It is checked against the reference in Triton's interpreter on the CPU, and not yet timed on a
+  GPU, so float experts keep the grouped GEMM that was.
 """
 from __future__ import annotations
 
@@ -30,12 +32,9 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 
-#: (token, expert) pairs up to which a CUDA step runs the experts as matrix-vector products (decode sizes).
-GEMV_MAX_PAIRS = 64
-#: the same for quantized experts, whose other CUDA paths dequantize whole stacks every step.
-INT8_GEMV_MAX_PAIRS = 2048
-#: pairs up to which they are ordered by counting (a few small kernels) rather than by a sort.
-COUNT_SORT_MAX_PAIRS = 4096
+#: (token, expert) pairs up to which a CUDA step runs quantized experts as matrix-vector products; past it
+#: (long prefills) the stacks are dequantized for the grouped GEMM.
+GEMV_MAX_PAIRS = 2048
 
 #: how a router turns scores into the top-k experts (the ``topk_method`` of DeepSeek's configs):
 #: ``greedy`` softmax then top-k (Qwen3-MoE, DeepSeek-V2-Lite); ``group_limited_greedy`` only from the
@@ -191,8 +190,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # quantized on CUDA: the kernel reads the quantized rows (dequantizing whole stacks per step costs more)
-        gemv_pairs = INT8_GEMV_MAX_PAIRS if self.quantized else GEMV_MAX_PAIRS
-        if self.grouped and x.is_cuda and ids.numel() <= gemv_pairs and _triton():
+        if self.quantized and self.grouped and x.is_cuda and ids.numel() <= GEMV_MAX_PAIRS and _triton():
             return self.forward_gemv(x, weights, ids)
         if self.quantized and x.device.type == "cpu":
             return self.reference(x, weights, ids)  # only the experts that got tokens are dequantized
@@ -227,7 +225,7 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, C)
 
     def forward_gemv(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Each (token, expert) pair as matrix-vector products over its expert's weights (Triton, CUDA)."""
+        """Each (token, expert) pair as matrix-vector products over its expert's (quantized) weights (Triton)."""
         from dsr1.models.moe_triton import moe_gemv
 
         n, k = ids.shape
@@ -254,21 +252,10 @@ class Experts(nn.Module):
 
 
 def sort_by_expert(flat: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs' order grouped by expert (stable) ``(P,)`` and each expert's end row ``(E,)`` int32.
-
-    Up to :data:`COUNT_SORT_MAX_PAIRS` pairs by counting: a pair's place is its expert's start plus
-    how many earlier pairs chose the same expert (small elementwise kernels that compile fuses; a
-    device sort of a decode step's pairs costs more than the rest of the routing)."""
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))  # (E,)
-    ends = counts.cumsum(0)  # (E,)
-    if flat.numel() > COUNT_SORT_MAX_PAIRS:
-        return flat.argsort(stable=True), ends.to(torch.int32)
-    onehot = F.one_hot(flat, n_experts)  # (P, E)
-    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) earlier pairs of the same expert
-    dest = ends[flat] - counts[flat] + rank  # (P,) each pair's row in expert order
-    order = torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
-    return order, ends.to(torch.int32)
+    """The pairs' order grouped by expert (stable) ``(P,)`` and each expert's end row ``(E,)`` int32."""
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # (E,)
+    return flat.argsort(stable=True), counts.cumsum(0, dtype=torch.int32)
 
 
 def _triton() -> bool:

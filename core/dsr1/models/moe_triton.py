@@ -1,13 +1,12 @@
-"""Decode-sized MoE experts on CUDA: one Triton matrix-vector kernel over the chosen experts' weights.
+"""Quantized MoE experts on CUDA: one Triton matrix-vector kernel over the chosen experts' rows.
 
-At decode a step routes a handful of (token, expert) pairs. A grouped GEMM tiles each expert's
-rows for a matrix of many tokens and reads weights well below bandwidth when each group holds
-one row; this kernel instead gives each program one pair and a slice of its expert's output
-rows, streaming exactly those weights once (a pair that repeats an expert reads it again: fine
-for the few pairs of a decode step, which is the only place it is used,
-:data:`dsr1.models.moe.GEMV_MAX_PAIRS`). Registered as a torch custom op, so ``torch.compile``
-and CUDA-graph capture treat it as one opaque kernel. Its oracle is
-:meth:`dsr1.models.moe.Experts.reference`.
+Int8 or e4m3 expert stacks (:meth:`dsr1.models.moe.Experts.quantize_`) have no grouped GEMM; this
+kernel gives each program one (token, expert) pair and a slice of its expert's output rows,
+reads those quantized rows once and applies the row scales in registers (a pair that repeats an
+expert reads it again: fine at decode sizes, :data:`dsr1.models.moe.GEMV_MAX_PAIRS`). Registered
+as a torch custom op, so ``torch.compile`` and CUDA-graph capture treat it as one opaque kernel.
+Its oracle is :meth:`dsr1.models.moe.Experts.reference`; the tests run it in Triton's interpreter
+on the CPU (``TRITON_INTERPRET=1``) and on CUDA where there is one. It has not been timed on a GPU.
 """
 from __future__ import annotations
 
