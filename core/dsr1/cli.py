@@ -18,6 +18,7 @@ import io
 import os
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from dsr1 import __version__
 from dsr1.errors import Dsr1Error, quote
@@ -112,13 +113,49 @@ def os_error_line(err: OSError) -> str:
     return f"{shown}: {cause}"
 
 
+def launched_rank(environ: dict[str, str] | None = None) -> int | None:
+    """This process's rank when ``torchrun`` started several (``WORLD_SIZE`` above 1), else ``None``."""
+    env = os.environ if environ is None else environ
+    try:
+        size, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+    except ValueError:
+        return None  # dsr1.parallel.topology refuses it, with the values, when a model joins the ranks
+    return rank if size > 1 else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Under ``torchrun`` with several ranks only rank 0 prints; the others stay
+    silent except for their own errors (``dsr1: error (rank N): ...``), and the process group a model
+    joined is destroyed at the end."""
+    rank = launched_rank()
+    if not rank:
+        return _main(argv, "dsr1: error", sys.stderr)
+    out, err = sys.stdout, sys.stderr
+    with open(os.devnull, "w") as silent:
+        sys.stdout = sys.stderr = silent
+        try:
+            return _main(argv, f"dsr1: error (rank {rank})", err)
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: Sequence[str] | None, label: str, errors: TextIO) -> int:
+    try:
+        return _run(argv, label, errors)
+    finally:
+        if "torch.distributed" in sys.modules:  # a model may have joined a process group (dsr1.parallel)
+            from dsr1.parallel.topology import shutdown
+
+            shutdown()
+
+
+def _run(argv: Sequence[str] | None, label: str, errors: TextIO) -> int:
     enable_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         check_argv(argv)
     except Dsr1Error as err:
-        print(f"dsr1: error: {err}", file=sys.stderr)
+        print(f"{label}: {err}", file=errors)
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -131,17 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Dsr1Error as err:
         if args.debug:
             raise
-        print(f"dsr1: error: {err}", file=sys.stderr)
+        print(f"{label}: {err}", file=errors)
         return 2
     except KeyboardInterrupt:
-        print("dsr1: interrupted", file=sys.stderr)
+        print("dsr1: interrupted", file=errors)
         return 130
     except BrokenPipeError:
         return 0
     except OSError as err:  # the environment refused (a path, the disk): the user's to fix, not a bug
         if args.debug or isinstance(err, io.UnsupportedOperation):  # that one is a bug in dsr1
             raise
-        print(f"dsr1: error: {Dsr1Error(os_error_line(err))}", file=sys.stderr)
+        print(f"{label}: {Dsr1Error(os_error_line(err))}", file=errors)
         return 2
 
 

@@ -95,6 +95,21 @@ class HardwareConfig(BaseModel):
         return HARDWARE_TYPES[self.type]
 
 
+class ParallelConfig(BaseModel):
+    """How one model spreads over the processes of a ``torchrun`` launch (docs/parallel.md).
+
+    ``tensor`` 1 is the single-device path, untouched. Above 1 it must equal the world size; the
+    model's head and MLP counts are checked against it when the model is built (they come from its
+    config.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: tensor-parallel ranks: each holds 1/tensor of the attention heads, MLP and vocabulary.
+    tensor: int = Field(default=1, ge=1)
+    #: seconds a collective (and the rendezvous) waits for the other ranks before failing.
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
 def fusion_choice(device: str, tiling_strategy: str, fallback: bool = False) -> PluginChoice:
     """The graph pass ``kernel_fusion: true`` means on ``device``: on cuda, the decode step
     compiled by torch.compile and captured as a CUDA graph; elsewhere, torch.compile with the
@@ -148,6 +163,7 @@ class EngineConfig(BaseModel):
     decoding: PluginChoice | None = None
     monitor: PluginChoice | None = None
     hardware: HardwareConfig | None = None
+    parallel: ParallelConfig | None = None
 
     def choice(self, family: str) -> PluginChoice | None:
         """The effective choice of ``family``: explicit, else from hardware, else the default.

@@ -205,6 +205,12 @@ def acts_hardware_fallback(mp: pytest.MonkeyPatch, events: list[dict[str, Any]])
     assert compiled[0][0].options.fallback is True
 
 
+def acts_parallel(mp: pytest.MonkeyPatch, events: list[dict[str, Any]]) -> None:
+    """Outside torchrun there is one rank: a tensor degree of 2 is refused (tests/parallel shards for real)."""
+    with pytest.raises(Dsr1Error, match="parallel.tensor 2 must equal the world size 1"):
+        load({"parallel": {"tensor": 2}})
+
+
 #: key path → the check that it acts.
 ACTS: dict[str, Callable[[pytest.MonkeyPatch, list[dict[str, Any]]], None]] = {
     "preprocess": acts_preprocess,
@@ -226,6 +232,7 @@ ACTS: dict[str, Callable[[pytest.MonkeyPatch, list[dict[str, Any]]], None]] = {
     "hardware.optimizer.kernel_fusion": acts_hardware_kernel_fusion,
     "hardware.optimizer.tiling_strategy": acts_hardware_tiling_strategy,
     "hardware.optimizer.fallback": acts_hardware_fallback,
+    "parallel": acts_parallel,
 }
 
 #: settings that could only be silent here, with the start of the one-line error that refuses them.

@@ -218,8 +218,9 @@ def test_int8_quantizes_the_experts_and_int4_says_it_does_not(ckpts: dict[str, P
     with torch.inference_mode():
         want, got = plain(**enc).logits[real], q(**enc).logits[real]
     assert (got - want).abs().mean() < 0.05 * want.abs().mean()  # int8 rows: close (a near-tie may reroute a token)
+    int8 = {"name": "int8", "options": {"compute_dtype": "fp32"}}
     ref = AutoModel.from_pretrained(ckpts["deepseek_v3"], {"model": {"name": "deepseek", "options": {"fuse": False}},
-                                                           "quant": {"name": "int8", "options": {"compute_dtype": "fp32"}}})
+                                                           "quant": int8})
     with torch.inference_mode():  # grouped (dequantized stacks) and reference (per expert) int8 paths agree
         torch.testing.assert_close(ref(**enc).logits[real], got, atol=1e-4, rtol=0)
     with pytest.raises(Dsr1Error, match="experts are quantized is not supported") as err:
@@ -253,3 +254,8 @@ def test_quantized_experts_run_their_dequantized_weights(scheme: str) -> None:
         want = plain.reference(x, weights, ids)
         torch.testing.assert_close(experts.reference(x, weights, ids), want)
         torch.testing.assert_close(experts.forward_grouped(x, weights, ids), want)
+
+def test_tensor_parallel_is_refused_for_deepseek(ckpts: dict[str, Path]) -> None:
+    """The deepseek builder does not shard yet: parallel.tensor above 1 is one line, not ignored."""
+    with pytest.raises(Dsr1Error, match=r"^parallel.tensor 2: tensor parallelism supports .* \(got deepseek_v3\)$"):
+        AutoModel.from_pretrained(ckpts["deepseek_v3"], {"parallel": {"tensor": 2}})

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "decoding.params", "engine.request", "engine.plan", "engine.blocks")),
     # the builtin plugins of each family, and what the quant plugins share; no family imports another layer up
     ("families", ("models", "preprocess", "kvcache", "decoding", "scheduler", "graph", "pool", "monitor",
-                  "quantization", "pruning")),
+                  "quantization", "pruning", "parallel")),
     # plugin assembly: the registry loads the families and resolves a config into a Pipeline
     ("assembly", ("pipeline", "device_select", "registry")),
     # the loop and its front doors: Engine, model.generate, AutoModel
@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # programs built on the engine: the HTTP server, the benchmarks, the prune and quantize drivers
     ("apps", ("serve", "benchmarks", "tasks")),
     # the command line
-    ("entry", ("commands", "cli")),
+    ("entry", ("commands", "cli", "__main__")),
 )
 
 #: (importer, imported) → why. Lazy imports that go up a layer or close a cycle; nothing else.

@@ -22,6 +22,7 @@ from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import ModelBuilder
 from dsr1.models.common import AttentionCall, Dsr1Model, EncoderOutput, bind_attention
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
+from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
 
 ACTIVATIONS = {
@@ -265,6 +266,7 @@ class BertBuilder(ModelBuilder):
             ignorable=lambda n: n.endswith("position_ids") or n.startswith("cls."),
             rename=rename,
         )
+        refuse_tensor_parallel(pipeline, str(hf_config.get("model_type")))
         dtype = choose_dtype(self.options, pipeline, reader)
         device = pipeline.pool.weight_device(pipeline.device)  # the pool decides where the weights live
         attn = bind_attention(pipeline, a.n_heads, a.n_heads)

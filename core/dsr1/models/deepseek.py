@@ -53,6 +53,7 @@ from dsr1.models.common import (
 )
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
+from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
 
 #: the router's score function each routing needs (``scoring_func`` of DeepSeek's configs).
@@ -429,6 +430,7 @@ class DeepseekOptions(LoadOptions):
 
 def build_deepseek(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: DeepseekOptions) -> DeepseekForCausalLM:
     """Build on the meta device, then assign the checkpoint's tensors (no second copy)."""
+    refuse_tensor_parallel(pipeline, str(hf.get("model_type")))
     a = DeepseekArgs.from_hf(hf)
     layer_re = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -453,7 +455,9 @@ def build_deepseek(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: D
                 continue
             # DeepSeek keeps the router in fp32 (its scores pick experts: rounding would change the choice)
             want = torch.float32 if ".mlp.gate." in name else dtype
-            stacked = expert_sources(name.rsplit("experts.", 1)[0], a.moe.n_experts) if a.moe and "experts." in name else {}
+            stacked = {}
+            if a.moe is not None and "experts." in name:
+                stacked = expert_sources(name.rsplit("experts.", 1)[0], a.moe.n_experts)
             if name in stacked:
                 sources, how = stacked[name]
                 state[name] = stack_experts([reader.read(names[s], want, device) for s in sources], how)

@@ -12,7 +12,7 @@ At load, q/k/v and gate/up projections are fused into one matmul each (``fuse`` 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from dsr1.models.common import (
 from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
+from dsr1.parallel.tensor import ParallelLMHead, TensorPlan
 from dsr1.specs import PluginSpec
 
 
@@ -351,6 +352,9 @@ class LlamaForCausalLM(CausalLM):
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         a = self.args
+        if isinstance(self.lm_head, ParallelLMHead):
+            raise Dsr1Error("this model holds one tensor-parallel rank's shards (parallel.tensor > 1); save it "
+                            "from a load with parallel.tensor 1")
         split = {
             "self_attn.qkv_proj": [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim],
             "mlp.gate_up_proj": [a.intermediate_size, a.intermediate_size],
@@ -398,9 +402,14 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     )
     dtype = choose_dtype(options, pipeline, reader)
     device = pipeline.pool.weight_device(pipeline.device)  # the pool decides where the weights live
-    attn = bind_attention(pipeline, a.n_heads, a.n_kv_heads, hf)
+    parallel = pipeline.config.parallel
+    plan = TensorPlan.create(a, pipeline, device) if parallel is not None and parallel.tensor > 1 else None
+    local = a if plan is None else plan.local  # this rank's heads, KV heads and MLP width
+    attn = bind_attention(pipeline, local.n_heads, local.n_kv_heads, hf)
     with torch.device("meta"):
-        model = LlamaForCausalLM(a, attn, options.fuse)
+        model = LlamaForCausalLM(local, attn, options.fuse)
+        if plan is not None:
+            plan.shard_modules_(model)
     layout = options.weight_layout
     kn = layout == "kn" or (layout == "auto" and device.type == "cpu")
     linear_weights = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
@@ -412,7 +421,9 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     batch_layout = layout == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available()
     state: dict[str, torch.Tensor] = {}
     with pipeline.device.relayout_memory():  # each tensor's read buffer is freed once it is placed
-        _read_state(reader, names, order, a, dtype, device, kn, linear_weights, state)
+        read = (plan.reader(reader, names, dtype, device) if plan is not None
+                else lambda n: reader.read(names[n], dtype, device))
+        _read_state(read, order, a, kn, linear_weights, state)
     if a.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -426,23 +437,24 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
 
 
 def _read_state(
-    reader: Any, names: Mapping[str, str], order: list[str], a: LlamaArgs, dtype: torch.dtype,
-    device: torch.device, kn: bool, linear_weights: set[str], state: dict[str, torch.Tensor],
+    read: Callable[[str], torch.Tensor], order: list[str], a: LlamaArgs, kn: bool, linear_weights: set[str],
+    state: dict[str, torch.Tensor],
 ) -> None:
-    """Read every tensor of ``order`` into ``state``, fusing q/k/v and gate/up, ``kn`` where asked."""
+    """Read every tensor of ``order`` into ``state`` (``read``: a checkpoint tensor by its model name,
+    this rank's shard of it under tensor parallelism), fusing q/k/v and gate/up, ``kn`` where asked."""
     for name in order:
         if a.tie_embeddings and name == "lm_head.weight":
             continue
         if a.moe is not None and "experts." in name:  # checkpoints hold one tensor per expert: stack them
             sources, how = expert_sources(name.rsplit("experts.", 1)[0], a.moe.n_experts)[name]
-            state[name] = stack_experts([reader.read(names[s], dtype, device) for s in sources], how)
+            state[name] = stack_experts([read(s) for s in sources], how)
             continue
         m = _FUSED_RE.match(name)
         if m is None:
-            parts = [reader.read(names[name], dtype, device)]
+            parts = [read(name)]
         else:
             prefix, fused, suffix = m.groups()
-            parts = [reader.read(names[f"{prefix}{p}.{suffix}"], dtype, device) for p in FUSED[fused]]
+            parts = [read(f"{prefix}{p}.{suffix}") for p in FUSED[fused]]
         if kn and name in linear_weights:
             # (in, out) contiguous, one copy per tensor as it arrives; the parameter is its (out, in) view
             state[name] = torch.cat([t.t() for t in parts], dim=1).t()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -509,6 +510,39 @@ class CheckpointReader:
             t = t.to(dtype)
         t = t.to(device) if t.device != device else t
         # checked as placed: one pass, on the accelerator when there is one; it also catches a cast that overflows
+        if not self.allow_nonfinite and _nonfinite(t) is not None:
+            self._refuse_nonfinite(name, stored, t)
+        self._advance(stored.nbytes)
+        return t
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None,
+                   device: torch.device) -> torch.Tensor:
+        """``read(name)[start:stop]`` along ``dim`` (0: rows, 1: columns of a 2-D tensor), reading only
+        that part of a safetensors file (a tensor-parallel rank's shard: no full copy in its memory).
+        A block-fp8 or pickled tensor is read whole and cut (those are not sharded at read yet)."""
+        e = self.entries.get(name)
+        if e is None or name in self._scales or name in self._pickled:
+            return self.read(name, dtype, device).narrow(dim, start, stop - start).clone()
+        if not 0 <= dim < len(e.shape) or not 0 <= start <= stop <= e.shape[dim]:
+            raise Dsr1Error(f"tensor {name!r} of shape {list(e.shape)} has no slice {start}:{stop} along dim {dim}")
+        item = e.dtype.itemsize
+        outer = 1
+        for d in e.shape[:dim]:
+            outer *= d
+        inner = item  # bytes of one index along dim (everything after it)
+        for d in e.shape[dim + 1:]:
+            inner *= d
+        shape = (*e.shape[:dim], stop - start, *e.shape[dim + 1:])
+        t = torch.empty(shape, dtype=e.dtype)
+        if t.numel():
+            # a read-only map of the tensor's bytes: the copy below touches only the pages of the slice
+            raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.begin, shape=(outer, e.shape[dim] * inner))
+            t.view(torch.uint8).numpy().reshape(outer, (stop - start) * inner)[:] = raw[:, start * inner: stop * inner]
+            del raw
+        stored = t
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        t = t.to(device) if t.device != device else t
         if not self.allow_nonfinite and _nonfinite(t) is not None:
             self._refuse_nonfinite(name, stored, t)
         self._advance(stored.nbytes)

@@ -1,0 +1,88 @@
+"""Tiny random llama-family checkpoints for the tensor-parallel tests (a copy of the few lines of
+tests/engine/conftest.py they need: that package's autouse fixture is not wanted here)."""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+#: transformers class, config class and the settings that make each family differ.
+TINY: dict[str, dict[str, Any]] = {
+    "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", extra=dict(
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    # one KV head for two ranks: replicated
+    "llama-kv1": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", extra=dict(num_key_value_heads=1)),
+    # qkv bias sharded with its rows; a vocabulary that does not split evenly (padded last shard)
+    "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", extra=dict(tie_word_embeddings=False), vocab=401),
+    "qwen2-tied": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", extra=dict(tie_word_embeddings=True)),
+    "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", extra=dict(sliding_window=6, head_dim=16)),
+}
+
+
+def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
+    """A random-weight transformers model saved with ``save_pretrained`` (safetensors)."""
+    import transformers
+
+    spec = TINY[kind]
+    args: dict[str, Any] = dict(
+        vocab_size=spec.get("vocab", 400), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    cfg = getattr(transformers, spec["cfg"])(**{**args, **spec["extra"]})
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["cls"])(cfg).eval()
+    with torch.no_grad():  # norms away from 1 (transformers initialises them to ones): a norm loaded wrong shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_tokenizer(out: Path) -> None:
+    """A byte-level BPE trained on two sentences (for the ``dsr1 generate`` smoke test)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The Python interpreter reads a program.", "A function returns a value."] * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                           "pad_token": "<pad>", "model_max_length": 128}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="package", autouse=True)
+def parallel_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Offline, a private DSR1_HOME, and no torchrun variables from the outside; undone after this package."""
+    saved = dict(os.environ)
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "DSR1_HOME": str(tmp_path_factory.mktemp("dsr1home"))})
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DSR1_QUANT", "DSR1_GRAPH"):
+        os.environ.pop(var, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="package")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-ckpt")
+    return {kind: make_checkpoint(root / kind, kind) for kind in TINY}
