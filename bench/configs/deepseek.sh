@@ -1,6 +1,7 @@
 # Issue 22 on the H200: the DeepSeek-V2-Lite shape (27 layers, MLA with kv_lora_rank 512, 64 routed + 2 shared
 # experts, 6 active; random bf16 weights) against transformers on the same weights, and the decode modes' identity.
-#   bash bench/gpu.sh deepseek [PART] [BATCHES]   PART: test, modes, bench or all (default)
+#   bash bench/gpu.sh deepseek [PART] [BATCHES] [MODES]   PART: test, modes, bench or all (default)
+#   TESTS=EXPR narrows the test part (pytest -k; default "cuda or gemv": the CUDA paths and the expert kernel)
 WHEELS=".engine-whl .test-whl"
 PLUGINS="attention/sdpa devices/cpu devices/cuda"
 part=${1:-all}
