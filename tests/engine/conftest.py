@@ -85,24 +85,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tokenizer(out: Path) -> int:
-    """Train a byte-level BPE on a few sentences; returns its vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def write_tokenizer(out: Path, vocab_size: int = 400, added: tuple[str, ...] = (),
+                    chat_template: str = CHAT_TEMPLATE) -> int:
+    """Train a byte-level BPE on a few sentences (``added``: extra non-special tokens, e.g. thinking
+    markers); returns its vocab size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(SENTENCES * 4, trainer)
+    if added:
+        tok.add_tokens([AddedToken(t, special=False) for t in added])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "model_max_length": 128,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }))
     return int(tok.get_vocab_size())
 

@@ -76,14 +76,20 @@ def test_router_bias_and_groups_change_the_choice() -> None:
     torch.testing.assert_close(w1, scores.gather(1, ids1) * 2.0)
 
 
-def test_grouped_experts_match_the_loop() -> None:
-    """The grouped-GEMM experts equal the reference loop, with some experts getting no token."""
-    torch.manual_seed(1)
-    a = MoEArgs.from_hf({"n_routed_experts": 6, "num_experts_per_tok": 2, "hidden_size": 16,
-                         "moe_intermediate_size": 8}, "greedy", router_fp32=False)
-    experts = Experts(a, grouped=True)
+def random_experts(n_experts: int, hidden: int, intermediate: int, seed: int, device: str = "cpu") -> Experts:
+    """Grouped-path experts (top 2 of ``n_experts``) with normal weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    a = MoEArgs.from_hf({"n_routed_experts": n_experts, "num_experts_per_tok": 2, "hidden_size": hidden,
+                         "moe_intermediate_size": intermediate}, "greedy", router_fp32=False)
+    experts = Experts(a, grouped=True).to(device)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
     torch.nn.init.normal_(experts.down_proj, std=0.3)
+    return experts
+
+
+def test_grouped_experts_match_the_loop() -> None:
+    """The grouped-GEMM experts equal the reference loop, with some experts getting no token."""
+    experts = random_experts(6, 16, 8, seed=1)
     x = torch.randn(5, 16)
     ids = torch.tensor([[0, 1], [1, 0], [4, 1], [0, 4], [1, 0]])  # experts 2, 3 and 5 idle
     weights = torch.rand(5, 2)
@@ -108,12 +114,7 @@ def test_triton_gemv_experts_match_the_loop() -> None:
     from dsr1.models.moe_triton import moe_gemv
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(2)
-    a = MoEArgs.from_hf({"n_routed_experts": 6, "num_experts_per_tok": 2, "hidden_size": 40,
-                         "moe_intermediate_size": 24}, "greedy", router_fp32=False)
-    experts = Experts(a, grouped=True).to(device)
-    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
-    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    experts = random_experts(6, 40, 24, seed=2, device=device)
     x = torch.randn(3, 40, device=device)
     ids = torch.tensor([[5, 1], [1, 0], [5, 2]], device=device)
     weights = torch.rand(3, 2, device=device)
@@ -237,16 +238,11 @@ def test_quantized_experts_run_their_dequantized_weights(scheme: str) -> None:
     dequantized weights, on the reference and grouped paths (the fp8 policy itself needs an fp8 GPU)."""
     from dsr1.quantization.schemes import fp8_per_channel
 
-    torch.manual_seed(3)
-    a = MoEArgs.from_hf({"n_routed_experts": 4, "num_experts_per_tok": 2, "hidden_size": 16,
-                         "moe_intermediate_size": 8}, "greedy", router_fp32=False)
-    experts = Experts(a, grouped=True)
-    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
-    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    experts = random_experts(4, 16, 8, seed=3)
     quantize = fp8_per_channel if scheme == "fp8" else (lambda w: int8_per_channel(w, torch.float32))
     experts.quantize_(quantize)
     assert experts.gate_up_proj_q.dtype == (torch.float8_e4m3fn if scheme == "fp8" else torch.int8)
-    plain = Experts(a, grouped=True)
+    plain = random_experts(4, 16, 8, seed=3)
     with torch.no_grad():
         plain.gate_up_proj.copy_(experts.weight("gate_up_proj", torch.float32))
         plain.down_proj.copy_(experts.weight("down_proj", torch.float32))

@@ -20,7 +20,7 @@ from dsr1.decoding.reasoning import (ReasoningParser, ThinkMarkers, ThinkingBudg
                                      parser_markers, split_reasoning, starts_in_thinking, thinking_ids)
 from dsr1.errors import Dsr1Error
 from dsr1.interfaces import SamplingParams
-from tests.engine.conftest import SENTENCES, make_checkpoint
+from tests.engine.conftest import make_checkpoint, write_tokenizer
 
 #: DeepSeek-R1's way: the generation prompt opens the thinking block.
 THINK_TEMPLATE = (
@@ -124,32 +124,9 @@ def test_max_thinking_tokens_is_range_checked() -> None:
 # --- a tiny reasoning model -----------------------------------------------------------------------
 
 
-def write_think_tokenizer(out: Path) -> int:
-    """The engine tests' byte-level BPE plus ``<think>``/``</think>`` as added (non-special) tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 4, trainer)
-    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "model_max_length": 128,
-        "chat_template": THINK_TEMPLATE,
-    }))
-    return int(tok.get_vocab_size())
-
-
 def make_reasoning_checkpoint(out: Path) -> Path:
     """A random tiny Llama whose vocabulary holds the thinking markers."""
-    vocab = write_think_tokenizer(out / "_tok")
+    vocab = write_tokenizer(out / "_tok", vocab_size=300, added=("<think>", "</think>"), chat_template=THINK_TEMPLATE)
     make_checkpoint(out, "llama", vocab=vocab, tokenizer=False)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((out / "_tok" / name).read_bytes())

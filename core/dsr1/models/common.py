@@ -504,6 +504,8 @@ class CausalLM(Dsr1Model):
     min_window: int | None = None
     #: the attention plugin decodes from fixed-size states (linear attention), not per-token K/V.
     recurrent: bool = False
+    #: the fused fast path (False: the reference layers, module for module as transformers).
+    fused: bool = True
 
     @property
     def compiled_step(self) -> Callable[..., torch.Tensor] | None:
@@ -530,17 +532,29 @@ class CausalLM(Dsr1Model):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        start: int,
+        start: int | torch.Tensor,
         cache: Any,
         mask: torch.Tensor | None,
         window_mask: torch.Tensor | None,
-        last_only: bool,
+        last_only: bool | torch.Tensor,
     ) -> torch.Tensor:
-        """One forward over ``input_ids`` ``(B, T)`` at cache slots ``[start, start+T)``.
+        """One forward over ``input_ids`` ``(B, T)`` at cache slots ``[start, start+T)``: logits of the last
+        token of each row ``(B, V)`` when ``last_only``, of every token ``(B, T, V)`` when not; a ``(R,)``
+        index tensor picks ``R`` tokens of the single packed row (the engine's packed prefill) → ``(R, V)``.
 
-        Returns logits ``(B, V)`` of the last position if ``last_only`` else ``(B, T, V)``.
-        """
-        raise NotImplementedError
+        This is the transformers layout (``model.embed_tokens`` → ``model.layers``, each called as
+        ``layer(x, cos, sin, (mask, window_mask), cache, start)`` → ``model.norm`` → ``lm_head``, rope in
+        ``rope``; ``fused`` picks the signed sine table); a model laid out otherwise overrides it."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rope(positions, signed=self.fused)  # (B, T, 1, D)
+        masks = (mask, window_mask)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, masks, cache, start)
+        if isinstance(last_only, torch.Tensor):
+            x = x[0, last_only]  # (R, C)
+        elif last_only:
+            x = x[:, -1]  # (B, C)
+        return self.lm_head(self.model.norm(x))  # (B, V) or (B, T, V)
 
     def decode_static(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,

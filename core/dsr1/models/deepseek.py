@@ -29,7 +29,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import AttentionContext, CacheShape, ModelBuilder
+from dsr1.interfaces import AttentionContext, CacheShape
 from dsr1.models.common import (
     AttentionCall,
     CausalLM,
@@ -51,7 +50,7 @@ from dsr1.models.common import (
     rope_parameters,
     yarn_mscale,
 )
-from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
+from dsr1.models.loading import CheckpointBuilder, LoadOptions, assign_weights_, check_names, choose_dtype
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
@@ -360,21 +359,6 @@ class DeepseekForCausalLM(CausalLM):
         a = self.args
         return CacheShape(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim)
 
-    def forward_step(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, start: int | torch.Tensor, cache: Any,
-        mask: torch.Tensor | None, window_mask: torch.Tensor | None, last_only: bool | torch.Tensor,
-    ) -> torch.Tensor:
-        """As :meth:`dsr1.models.llama.LlamaForCausalLM.forward_step` (no sliding windows here)."""
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(positions, signed=self.fused)  # (B, T, 1, R)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, (mask, None), cache, start)
-        if isinstance(last_only, torch.Tensor):
-            x = x[0, last_only]  # (R, C)
-        elif last_only:
-            x = x[:, -1]  # (B, C)
-        return self.lm_head(self.model.norm(x))
-
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         a = self.args
         for name, t in self.state_dict().items():
@@ -466,37 +450,18 @@ def build_deepseek(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: D
                 state[name] = torch.cat(parts, dim=0)  # (2F, C)
             else:
                 state[name] = _permute_rope_rows(a, name, reader.read(names[name], want, device))
-    if a.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    if a.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.rope.to(device)
-    model.config = dict(hf)
+    assign_weights_(model, state, a.tie_embeddings, device, hf)
     return model
 
 
-class DeepseekBuilder(ModelBuilder):
+class DeepseekBuilder(CheckpointBuilder):
     """DeepSeek-V2 / V3 / R1 checkpoints → :class:`DeepseekForCausalLM`."""
 
     Options = DeepseekOptions
     options: DeepseekOptions
 
-    def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
-        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle,
-                                  allow_nonfinite=self.options.allow_nonfinite)
-        try:
-            model = build_deepseek(hf_config, reader, pipeline, self.options)
-        finally:
-            reader.close()
-        model = finish_model(model, pipeline)
-        model.runtime.source_dir = model_dir
-        return model
-
-    def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
-        """Build from any object with ``names/shape/read/float_dtype`` (e.g. random weights)."""
-        return finish_model(build_deepseek(hf_config, reader, pipeline, self.options), pipeline)
+    def build_model(self, hf_config: Mapping[str, Any], reader: Any, pipeline: Any) -> DeepseekForCausalLM:
+        return build_deepseek(hf_config, reader, pipeline, self.options)
 
 
 @hookimpl

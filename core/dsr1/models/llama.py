@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import AttentionContext, CacheShape, KVCache, ModelBuilder
+from dsr1.interfaces import AttentionContext, CacheShape, KVCache
 from dsr1.models.common import (
     AttentionCall,
     CausalLM,
@@ -35,7 +34,7 @@ from dsr1.models.common import (
     rope_inv_freq,
     rope_parameters,
 )
-from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
+from dsr1.models.loading import CheckpointBuilder, LoadOptions, assign_weights_, check_names, choose_dtype
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
 from dsr1.parallel.tensor import ParallelLMHead, TensorPlan
@@ -326,30 +325,6 @@ class LlamaForCausalLM(CausalLM):
             max_len = 0
         return CacheShape(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim)
 
-    def forward_step(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        start: int | torch.Tensor,
-        cache: KVCache | AttentionContext | None,
-        mask: torch.Tensor | None,
-        window_mask: torch.Tensor | None,
-        last_only: bool | torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits of the last token of each row ``(B, V)`` when ``last_only``, of every token
-        ``(B, T, V)`` when not; a ``(R,)`` index tensor picks ``R`` tokens of the single packed row
-        (the engine's packed prefill) → ``(R, V)``."""
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(positions, signed=self.fused)  # (B, T, 1, D)
-        masks = (mask, window_mask)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, masks, cache, start)
-        if isinstance(last_only, torch.Tensor):
-            x = x[0, last_only]  # (R, C)
-        elif last_only:
-            x = x[:, -1]  # (B, C)
-        return self.lm_head(self.model.norm(x))  # (B, V) or (B, T, V)
-
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         a = self.args
         if isinstance(self.lm_head, ParallelLMHead):
@@ -424,15 +399,8 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
         read = (plan.reader(reader, names, dtype, device) if plan is not None
                 else lambda n: reader.read(names[n], dtype, device))
         _read_state(read, order, a, kn, linear_weights, state)
-    if a.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    if a.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    assign_weights_(model, state, a.tie_embeddings, device, hf)
     model.batch_layout = batch_layout
-    model.rope.to(device)
-    model.config = dict(hf)
     return model
 
 
@@ -462,26 +430,14 @@ def _read_state(
             state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (sum of outputs, in)
         del parts
 
-class LlamaBuilder(ModelBuilder):
-    """Llama / Mistral / Qwen2 checkpoints → :class:`LlamaForCausalLM`."""
+class LlamaBuilder(CheckpointBuilder):
+    """Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE checkpoints → :class:`LlamaForCausalLM`."""
 
     Options = LlamaOptions
     options: LlamaOptions
 
-    def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
-        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle,
-                                  allow_nonfinite=self.options.allow_nonfinite)
-        try:
-            model = build_llama(hf_config, reader, pipeline, self.options)
-        finally:
-            reader.close()
-        model = finish_model(model, pipeline)
-        model.runtime.source_dir = model_dir
-        return model
-
-    def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
-        """Build from any object with ``names/shape/read/float_dtype`` (e.g. in-memory tensors)."""
-        return finish_model(build_llama(hf_config, reader, pipeline, self.options), pipeline)
+    def build_model(self, hf_config: Mapping[str, Any], reader: Any, pipeline: Any) -> LlamaForCausalLM:
+        return build_llama(hf_config, reader, pipeline, self.options)
 
 
 @hookimpl

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from dsr1 import progress
 from dsr1.errors import Dsr1Error
 from dsr1.input_files import is_regular, kind, list_dir, open_regular, probe, read_text
-from dsr1.interfaces import GraphSteps
+from dsr1.interfaces import GraphSteps, ModelBuilder
 from dsr1.models import fp8_blocks
 from dsr1.models.common import Dsr1Model, ModelRuntime
 from dsr1.outputs import plan_output
@@ -504,8 +504,11 @@ class CheckpointReader:
             if not self.allow_nonfinite and _nonfinite(t) is not None:  # finite as stored: the cast overflowed
                 self._refuse_nonfinite(name, pair[0], t)
             return t
-        t = self._stored(name)
-        stored = t
+        return self._place(name, self._stored(name), dtype, device)
+
+    def _place(self, name: str, stored: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        """``stored`` as read, in ``dtype`` on ``device``, checked finite and counted as read."""
+        t = stored
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         t = t.to(device) if t.device != device else t
@@ -539,14 +542,7 @@ class CheckpointReader:
             raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.begin, shape=(outer, e.shape[dim] * inner))
             t.view(torch.uint8).numpy().reshape(outer, (stop - start) * inner)[:] = raw[:, start * inner: stop * inner]
             del raw
-        stored = t
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        t = t.to(device) if t.device != device else t
-        if not self.allow_nonfinite and _nonfinite(t) is not None:
-            self._refuse_nonfinite(name, stored, t)
-        self._advance(stored.nbytes)
-        return t
+        return self._place(name, t, dtype, device)
 
     def _refuse_nonfinite(self, name: str, stored: torch.Tensor, placed: torch.Tensor) -> None:
         """NaN/Inf weights make a model generate garbage with no other sign: refuse them, naming the tensor."""
@@ -634,6 +630,45 @@ def choose_dtype(options: LoadOptions, pipeline: Any, reader: CheckpointReader) 
         names = ", ".join(str(d).removeprefix("torch.") for d in supported)
         raise Dsr1Error(f"device {type(pipeline.device).__name__} does not support {dtype}; use one of: {names}")
     return dtype
+
+
+def assign_weights_(model: Any, state: dict[str, torch.Tensor], tie_embeddings: bool, device: torch.device,
+                    hf: Mapping[str, Any]) -> None:
+    """Put ``state`` (every tensor of a model built on the meta device) into ``model`` without a copy;
+    a tied ``lm_head`` shares the embedding's storage. ``state`` is emptied."""
+    if tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    state.clear()
+    if tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope.to(device)
+    model.config = dict(hf)
+
+
+class CheckpointBuilder(ModelBuilder):
+    """A model builder whose :meth:`build_model` assigns a checkpoint reader's tensors to a model:
+    ``build`` opens the directory's checkpoint, ``build_from`` takes any object with
+    ``names/shape/read/float_dtype`` (in-memory tensors, random weights)."""
+
+    options: LoadOptions
+
+    def build_model(self, hf_config: Mapping[str, Any], reader: Any, pipeline: Any) -> Dsr1Model:
+        raise NotImplementedError
+
+    def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
+        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle,
+                                  allow_nonfinite=self.options.allow_nonfinite)
+        try:
+            model = self.build_model(hf_config, reader, pipeline)
+        finally:
+            reader.close()
+        model = finish_model(model, pipeline)
+        model.runtime.source_dir = model_dir
+        return model
+
+    def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
+        return finish_model(self.build_model(hf_config, reader, pipeline), pipeline)
 
 
 def finish_model(model: Dsr1Model, pipeline: Any) -> Dsr1Model:
