@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +18,8 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
-from dsr1.interfaces import ModelBuilder
 from dsr1.models.common import AttentionCall, Dsr1Model, EncoderOutput, bind_attention
-from dsr1.models.loading import CheckpointReader, LoadOptions, check_names, choose_dtype, finish_model
+from dsr1.models.loading import CheckpointBuilder, LoadOptions, check_names, choose_dtype
 from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
 
@@ -237,23 +235,13 @@ class BertModel(Dsr1Model):
         yield from self.state_dict().items()
 
 
-class BertBuilder(ModelBuilder):
+class BertBuilder(CheckpointBuilder):
     """BERT-family checkpoints (``BertModel`` tensor names, with or without a ``bert.`` prefix)."""
 
     Options = LoadOptions
     options: LoadOptions
 
-    def build(self, model_dir: Path, hf_config: dict[str, Any], pipeline: Any) -> Any:
-        reader = CheckpointReader(model_dir, allow_pickle=self.options.allow_pickle,
-                                  allow_nonfinite=self.options.allow_nonfinite)
-        try:
-            model = self.build_from(hf_config, reader, pipeline)
-        finally:
-            reader.close()
-        model.runtime.source_dir = model_dir
-        return model
-
-    def build_from(self, hf_config: dict[str, Any], reader: Any, pipeline: Any) -> Any:
+    def build_model(self, hf_config: Mapping[str, Any], reader: Any, pipeline: Any) -> BertModel:
         a = BertArgs.from_hf(hf_config)
 
         def rename(name: str) -> str:
@@ -276,7 +264,7 @@ class BertBuilder(ModelBuilder):
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.config = dict(hf_config)
-        return finish_model(model, pipeline)
+        return model
 
 
 @hookimpl
