@@ -342,6 +342,25 @@ class Pool(Plugin):
     def place(self, model: torch.nn.Module, device: Device) -> torch.nn.Module:
         """Move ``model`` (or parts of it) to where it should run; returns it."""
 
+    def kv_swap(self, kv_bytes_per_token: int, device: torch.device) -> SwapPolicy | None:
+        """Whether the engine may swap a preempted request's KV blocks to host memory instead of
+        recomputing them, and how much host memory it may use: ``None`` (the default) means
+        always recompute. Asked once, when the engine sizes its KV pool."""
+        return None
+
+
+@dataclass
+class SwapPolicy:
+    """A pool's answer to :meth:`Pool.kv_swap`: a host swap space and the rule that picks swap over recompute."""
+
+    #: bytes of host memory the swapped-out KV blocks may take in all.
+    host_bytes: int
+    #: ``should_swap(num_tokens)``: True when copying ``num_tokens`` tokens' KV out and back is
+    #: cheaper than computing them again (the pool's cost model decides).
+    should_swap: Callable[[int], bool]
+    #: pinned host memory (faster copies to and from the device); False on a CPU-only machine.
+    pin: bool = False
+
 
 # --- scheduler ------------------------------------------------------------------------------
 

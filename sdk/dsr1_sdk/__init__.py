@@ -63,6 +63,7 @@ from dsr1.interfaces import (
     Request,
     SamplingParams,
     Scheduler,
+    SwapPolicy,
 )
 from dsr1.specs import API_VERSION, SUPPORTED_API_VERSIONS, NoOptions, PluginSpec, PruningOptions
 from dsr1_sdk.options import PluginOptions
@@ -107,6 +108,7 @@ __all__ = [
     "ScheduledRequest",
     "Scheduler",
     "SchedulerOutput",
+    "SwapPolicy",
     "VendorDevice",
     "VendorOptions",
     "__version__",

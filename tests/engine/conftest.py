@@ -160,13 +160,14 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 
-def make_checkpoint(out: Path, kind: str, vocab: int = 400, seed: int = 0, tokenizer: bool = True) -> Path:
+def make_checkpoint(out: Path, kind: str, vocab: int = 400, seed: int = 0, tokenizer: bool = True,
+                    layers: int = 2) -> Path:
     """A random-weight transformers model saved with ``save_pretrained`` (safetensors)."""
     import transformers
 
     spec = TINY[kind]
     args: dict[str, Any] = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, rms_norm_eps=1e-5,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "outputs", "progress", "corpus", "hugepages",
               # plain data that the base classes and the scheduler family share; they live beside the code that
               # owns them, and their packages' __init__ import nothing at run time (see the last test)
-              "decoding.params", "engine.request", "engine.plan", "engine.blocks")),
+              "decoding.params", "engine.request", "engine.plan", "engine.blocks", "engine.swap_space")),
     # the builtin plugins of each family, and what the quant plugins share; no family imports another layer up
     ("families", ("models", "preprocess", "kvcache", "decoding", "scheduler", "graph", "pool", "monitor",
                   "quantization", "pruning", "parallel")),

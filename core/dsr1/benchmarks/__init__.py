@@ -25,6 +25,7 @@ Modules run with ``python -m``:
 * :mod:`.serve_overhead` - ``dsr1 serve`` over HTTP against the in-process engine, same traces;
 * :mod:`.paged_tune` - the paged Triton kernel over launch settings, profiles of one step (CUDA);
 * :mod:`.decode_modes` - eager / captured / compiled decode on one set of weights (CUDA);
+* :mod:`.tiered` - the ``tiered`` pool's decode against ``single`` and accelerate's ``device_map`` (CUDA, CPU);
 * :mod:`.graph_reuse` - successive captured generates on one model (CUDA);
 * :mod:`.int8_kernels`, :mod:`.semi24_kernels` - int8 weight-only and 2:4 sparse matmuls (CUDA);
 * :mod:`.gpu_profile` - a profile of one prefill (CUDA);

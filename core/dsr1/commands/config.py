@@ -15,13 +15,23 @@ def add_parser(sub: Any) -> None:
     check = actions.add_parser("check", help="validate FILE and print what each setting resolved to here")
     check.add_argument("file", help="YAML, TOML or JSON engine config")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--model", help="a checkpoint (name or path): also print the pool's placement plan for it")
     check.set_defaults(func=run_check)
 
 
-def resolve_report(config_path: str) -> dict[str, Any]:
+def resolve_report(config_path: str, model: str | None = None) -> dict[str, Any]:
     config = load_config(config_path)
     pipeline = PluginRegistry.from_env().resolve(config)
     report: dict[str, Any] = {"config": json.loads(config.to_json()), "resolved": pipeline.describe()}
+    plan_checkpoint = getattr(pipeline.pool, "plan_checkpoint", None)
+    if model is not None and callable(plan_checkpoint):  # a pool that plans (tiered): its plan for this model
+        from dsr1.models.loading import resolve_model_dir
+
+        plan = plan_checkpoint(resolve_model_dir(model, download=False), pipeline.device)
+        report["pool_plan"] = plan.as_dict()
+        report["pool_plan_text"] = plan.table()
+    elif model is not None:
+        report["pool_plan"] = None  # the pool places everything on the device (single)
     probe = pipeline.device.probe()
     report["resolved"]["device"]["available"] = probe.available
     report["resolved"]["device"]["reason"] = probe.reason
@@ -38,7 +48,7 @@ def resolve_report(config_path: str) -> dict[str, Any]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    report = resolve_report(args.file)
+    report = resolve_report(args.file, args.model)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -57,4 +67,8 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"  {'':<11} auto rejected {rejected}: {why}")
     for key, value in report.get("hardware", {}).items():
         print(f"  hardware.{key}: {value}")
+    if "pool_plan_text" in report:
+        print(report["pool_plan_text"])
+    elif "pool_plan" in report:
+        print(f"  pool {report['resolved']['pool']['name']}: every weight on the device")
     return 0

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
             "kvcache_bytes": stats.kvcache_bytes,
             "pipeline": model.pipeline.describe(),
         }
+        placement = model.runtime.placement
+        if placement is not None:  # a pool that plans (tiered): where each unit lives
+            report["pool_plan"] = placement.as_dict()
         precision_map = getattr(model.pipeline.quant, "precision_map", None)
         if callable(precision_map):  # a quant policy that reports per-layer precision (int8, dynamic ...)
             report["precision_map"] = precision_map(model)

@@ -16,7 +16,6 @@ import shlex
 from typing import Any
 
 from dsr1.config import parse_option_items
-from dsr1.errors import Dsr1Error
 
 #: (flag, settings field) pairs ``_command`` writes back, in order.
 _FLAGS = (

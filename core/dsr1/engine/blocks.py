@@ -13,6 +13,11 @@ A FULL block is registered in the prefix cache under the hash of (its parent blo
 its tokens), so a hash names the whole prefix up to the end of the block. Hashes are
 SHA-256 digests rather than Python's ``hash()``: a collision would hand one request another
 request's keys and values (vLLM's CVE-2025-25183 was exactly that, with ``hash()``).
+
+With a host swap space (:class:`~dsr1.engine.swap.SwapSpace`, when the pool's ``kv_swap`` gives
+one), :meth:`BlockManager.preempt` may send a request's computed blocks to host memory instead of
+dropping them; :meth:`BlockManager.allocate` brings them back when the request is admitted again.
+The copies themselves are queued for the next plan (:meth:`BlockManager.take_swaps`).
 """
 from __future__ import annotations
 
@@ -20,10 +25,13 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsr1.engine.request import Request
 from dsr1.errors import Dsr1Error
+
+if TYPE_CHECKING:
+    from dsr1.engine.swap_space import SwapMoves, SwapSpace
 
 _ROOT = b""  # parent hash of a request's first block
 
@@ -36,7 +44,8 @@ def block_hash(parent: bytes, tokens: Iterable[int]) -> bytes:
 class BlockManager:
     """Reference-counted KV blocks with an LRU prefix cache; see the module docstring."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
+                 swap: SwapSpace | None = None) -> None:
         if num_blocks < 1:
             raise Dsr1Error(f"the KV pool needs at least 1 block, got num_blocks={num_blocks}")
         if block_size < 1:
@@ -44,6 +53,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        #: host swap blocks for preempted requests (None: a preempted request is recomputed)
+        self.swap = swap
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self._refcount = [0] * num_blocks
@@ -95,6 +106,11 @@ class BlockManager:
         """Cached full blocks that hold ``token_ids``' leading full blocks (never all of it). Read-only."""
         return [block for _, block in self._match(token_ids)]
 
+    def cached_tokens(self, request: Request) -> int:
+        """Leading tokens of a request without blocks that admitting it does not compute: its cached
+        prefix, or the tokens it swapped out (whichever is longer). Read-only."""
+        return max(len(self._match(request.all_ids)) * self.block_size, request.num_swapped_tokens)
+
     def capacity(self, request: Request) -> int:
         """The most tokens :meth:`allocate` could make ``request``'s table cover right now."""
         if request.block_ids:
@@ -107,11 +123,13 @@ class BlockManager:
 
     def allocate(self, request: Request, num_tokens: int) -> bool:
         """Make ``request.block_ids`` cover its first ``num_tokens`` tokens; False (and no change) if the pool
-        cannot. A request without blocks first takes its cached prefix (``num_computed_tokens`` jumps to it)."""
+        cannot. A request without blocks first takes its cached prefix (``num_computed_tokens`` jumps to it);
+        a swapped one also gets its host blocks back past that prefix (:meth:`cached_tokens`)."""
         fresh_start = not request.block_ids
         matched = self._match(request.all_ids) if fresh_start else []
         have = len(request.block_ids) + len(matched)
-        fresh = max(0, self.blocks_needed(num_tokens) - have)
+        swapped = request.num_swapped_tokens if fresh_start and request.swapped else 0
+        fresh = max(0, self.blocks_needed(max(num_tokens, swapped)) - have)
         revived = sum(1 for _, b in matched if b in self._evictable)
         if fresh > self.num_free() - revived:
             return False
@@ -128,6 +146,11 @@ class BlockManager:
             block = self._take()
             self._refcount[block] = 1
             request.block_ids.append(block)
+        if swapped:
+            assert self.swap is not None, f"request {request.request_id!r} is swapped out but there is no swap space"
+            first, end = len(matched), self.blocks_needed(swapped)
+            self.swap.swap_in(request, first, request.block_ids[first:end])  # the prefix hit needs no copy
+            request.num_computed_tokens = max(request.num_computed_tokens, swapped)
         if request.block_ids:
             self._owners[request.request_id] = request
             if fresh_start:
@@ -166,8 +189,27 @@ class BlockManager:
                 self._cached[key] = block
                 self._hash_of[block] = key
 
+    def preempt(self, request: Request) -> bool:
+        """Release a preempted request's blocks: True when the swap space took its computed KV (it
+        resumes where it stopped), False when it will be recomputed."""
+        computed = request.block_ids[: self.blocks_needed(request.num_computed_tokens)]
+        swapped = self.swap is not None and self.swap.swap_out(request, computed)
+        self._release(request)
+        return swapped
+
+    def take_swaps(self) -> SwapMoves:
+        """The swap copies queued since the last call, for the plan being built (see :mod:`dsr1.engine.swap`)."""
+        return self.swap.take() if self.swap is not None else ((), (), ())
+
     def free(self, request: Request) -> None:
-        """Release ``request``'s blocks (last first, so a prefix's tail is evicted before its head)."""
+        """Release ``request``'s blocks, on the device and, if it is swapped out, on the host."""
+        self._release(request)
+        if request.swapped:
+            assert self.swap is not None, f"request {request.request_id!r} is swapped out but there is no swap space"
+            self.swap.release(request)
+
+    def _release(self, request: Request) -> None:
+        """Give back the device blocks (last first, so a prefix's tail is evicted before its head)."""
         for block in reversed(request.block_ids):
             self._refcount[block] -= 1
             if self._refcount[block] == 0:
@@ -220,6 +262,8 @@ class BlockManager:
         used = sum(1 for r in self._refcount if r > 0)
         if used + self.num_free() != self.num_blocks:
             raise AssertionError(f"used {used} + free {self.num_free()} != total {self.num_blocks}")
+        if self.swap is not None:
+            self.swap.check()
 
 
 __all__ = ["BlockManager", "block_hash"]

@@ -16,6 +16,11 @@ each output also carries its text split into ``reasoning`` and ``answer`` (and t
 prompt that ends with the start marker (DeepSeek-R1's template) starts the output in the thinking
 block. A request's ``max_thinking_tokens`` gets the markers' ids from the tokenizer here.
 
+KV tier: when the model's pool answers :meth:`~dsr1.interfaces.Pool.kv_swap` with a
+:class:`~dsr1.interfaces.SwapPolicy`, a preempted request whose cached tokens the policy would
+rather copy than recompute goes to a host swap space and comes back on readmission
+(:mod:`dsr1.engine.swap`); ``requests_swapped`` counts them.
+
 An engine is driven by one thread at a time (:class:`~dsr1.engine.async_engine.AsyncEngine`
 runs it in a background thread and is safe to call from any number of coroutines).
 """
@@ -37,8 +42,9 @@ from dsr1.engine.blocks import BlockManager
 from dsr1.engine.paged import PagedKV
 from dsr1.engine.request import Request, RequestStatus
 from dsr1.engine.runner import PagedRunner, Sampled
+from dsr1.engine.swap import SwapSpace, swap_policy
 from dsr1.errors import Dsr1Error
-from dsr1.interfaces import SamplingParams
+from dsr1.interfaces import SamplingParams, SwapPolicy
 from dsr1.models.common import plugin_capabilities
 from dsr1.scheduler.static import StaticScheduler
 
@@ -173,6 +179,8 @@ class Engine:
                                 f"{kv_name!r} has no 'paged' capability; use kvcache 'paged' (or scheduler 'static')")
             runner = BatchRunner(model)
         self.runner: PagedRunner | BatchRunner
+        #: the pool's answer to ``kv_swap`` (None: preempted requests are always recomputed)
+        self.swap_policy: SwapPolicy | None = None
         if runner is not None:  # whole batches over the kvcache plugin's rows: a "block" is one row of it
             rows = num_blocks or (self.scheduler.options.max_batch_size
                                   if isinstance(self.scheduler, StaticScheduler) else 256)
@@ -187,10 +195,15 @@ class Engine:
             kv_opts = pipeline.kvcache.options
             block_size = int(getattr(kv_opts, "block_size", 16))
             self.block_size = block_size
-            self.num_blocks = num_blocks or getattr(kv_opts, "num_blocks", None) or self._default_blocks(block_size)
+            per_block = self._bytes_per_block(block_size)
+            self.num_blocks = num_blocks or getattr(kv_opts, "num_blocks", None) or self._default_blocks(per_block)
+            policy = self.swap_policy = swap_policy(pipeline.pool, per_block // block_size, model.device)
+            host_blocks = max(0, policy.host_bytes // per_block) if policy is not None else 0
+            swap = SwapSpace(host_blocks, policy.should_swap) if policy is not None and host_blocks else None
             self.blocks = BlockManager(self.num_blocks, block_size,
-                                       prefix_caching=bool(getattr(kv_opts, "prefix_caching", True)))
-            self.runner = PagedRunner(model, pipeline.decoding, self.num_blocks, block_size, self.max_model_len)
+                                       prefix_caching=bool(getattr(kv_opts, "prefix_caching", True)), swap=swap)
+            self.runner = PagedRunner(model, pipeline.decoding, self.num_blocks, block_size, self.max_model_len,
+                                      host_blocks=host_blocks, pin_host=policy is not None and policy.pin)
         self.scheduler.bind(self.blocks, self.max_model_len)
         #: the batch runner records its batches (prefill, decode) itself, not every step
         self._record_steps = isinstance(self.runner, PagedRunner)
@@ -205,8 +218,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._finished_since: list[str] = []
-        #: how often each request was preempted (recomputed later): plain counts for tests and metrics
+        #: how often each request was preempted (recomputed or swapped): plain counts for tests and metrics
         self.requests_preempted: collections.Counter[str] = collections.Counter()
+        #: how many of those preemptions swapped the request's KV to host memory instead of dropping it
+        self.requests_swapped: collections.Counter[str] = collections.Counter()
 
     @classmethod
     def from_pretrained(cls, name: str | Path, config: Any = None, num_blocks: int | None = None,
@@ -232,10 +247,12 @@ class Engine:
         scheduler = model.pipeline.registry.make("scheduler", PluginChoice.model_validate(choice))
         return cls(model, num_blocks=num_blocks, scheduler=scheduler, eos_ids=eos_ids)
 
-    def _default_blocks(self, block_size: int) -> int:
+    def _bytes_per_block(self, block_size: int) -> int:
         a = self.model.args
-        per_block = PagedKV.bytes_per_block(a.n_layers, block_size, a.n_kv_heads, a.head_dim, self.model.dtype,
-                                            getattr(a, "kv_shared", False))
+        return PagedKV.bytes_per_block(a.n_layers, block_size, a.n_kv_heads, a.head_dim, self.model.dtype,
+                                       getattr(a, "kv_shared", False))
+
+    def _default_blocks(self, per_block: int) -> int:
         device = self.pipeline.device
         if self.model.device.type == "cpu":
             budget = CPU_KV_BYTES
@@ -305,14 +322,18 @@ class Engine:
     def _step(self, every: bool) -> list[RequestOutput]:
         """:meth:`step`; ``every=False`` builds the outputs of finished requests only (:meth:`run`)."""
         plan = self.scheduler.schedule()
+        if self.blocks.swap is not None and self.blocks.swap.pending():
+            raise Dsr1Error(f"scheduler {type(self.scheduler).__name__} swapped KV blocks but its plan does not carry "
+                            "the copies; build the plan with QueueScheduler.output(...)")
         if self._finished_since:
             self.runner.forget(self._finished_since)
             self._finished_since = []
-        if not plan.scheduled:
+        self.requests_preempted.update(plan.preempted)
+        self.requests_swapped.update(plan.swapped)
+        if not plan.scheduled and not (plan.swap_out or plan.swap_in):
             return []
         started = time.perf_counter()
         params = {s.request_id: self.tracked[s.request_id].params for s in plan.scheduled}
-        self.requests_preempted.update(plan.preempted)
         with self.model.run_lock.hold("engine step", nested_ok=True):  # a generate elsewhere may be repacking weights
             sampled = self.runner.execute(plan, self.requests, params)
         stopped: dict[str, str] = {}
@@ -327,7 +348,8 @@ class Engine:
             prefill = sum(len(s.token_ids) for s in plan.scheduled if len(s.token_ids) > 1)
             self.monitor.record("engine.step", seconds=time.perf_counter() - started, requests=len(plan.scheduled),
                                 tokens=plan.num_tokens, prefill_tokens=prefill, sampled=len(sampled),
-                                preempted=len(plan.preempted), blocks_used=self.num_blocks - self.blocks.num_free())
+                                preempted=len(plan.preempted), swapped=len(plan.swapped),
+                                blocks_used=self.num_blocks - self.blocks.num_free())
         done = {r.request_id for r in finished}
         outs = [self._output(self.requests[rid], [s.token], deltas[rid], rid in done)
                 for rid, s in sampled.items() if every or rid in done]

@@ -75,7 +75,6 @@ def generate_on_engine(
         finally:
             _drop(engine, runner)
     outs = [final[i].output_ids for i in ids]
-    t0 = input_ids.shape[1]
     n = max(len(o) for o in outs)
     new = torch.tensor([o + [pad] * (n - len(o)) for o in outs], dtype=torch.long)  # (B, n), one host copy
     return torch.cat([input_ids, new.to(input_ids.device)], dim=1)  # (B, T0 + n)

@@ -29,10 +29,17 @@ class SchedulerOutput:
     """One step's plan."""
 
     scheduled: tuple[ScheduledRequest, ...]
-    #: ids moved back to waiting this step; their blocks were freed and they will be recomputed.
+    #: ids moved back to waiting this step; their blocks were freed and they will be recomputed,
+    #: except those also in ``swapped``.
     preempted: tuple[str, ...] = ()
     #: ids finished or aborted since the previous plan: the runner drops their per-request state.
     finished: tuple[str, ...] = ()
+    #: ``(device block, host block)``: KV copied to the host swap space before this step's forwards.
+    swap_out: tuple[tuple[int, int], ...] = ()
+    #: ``(host block, device block)``: KV copied back after ``swap_out`` and before the forwards.
+    swap_in: tuple[tuple[int, int], ...] = ()
+    #: the preempted ids whose KV went to the host (``swap_out``): they resume without recomputing.
+    swapped: tuple[str, ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -34,7 +34,9 @@ class Request:
 
     ``num_computed_tokens`` counts the leading tokens of :attr:`all_ids` whose keys and values
     are in the KV cache (a prefix-cache hit makes it jump; a preemption resets it to 0, and the
-    already generated ``output_ids`` are then recomputed as part of the prompt).
+    already generated ``output_ids`` are then recomputed as part of the prompt). A preempted request
+    whose KV went to the host swap space instead holds ``host_block_ids`` and ``num_swapped_tokens``
+    while it waits, and resumes from there when it is admitted again.
     """
 
     request_id: str
@@ -49,6 +51,14 @@ class Request:
     #: the request's block table: block ``i`` holds the K/V of tokens ``[i * block_size, (i + 1) * block_size)``.
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    #: while swapped out: the host swap blocks holding its first ``num_swapped_tokens`` tokens' K/V.
+    host_block_ids: list[int] = field(default_factory=list)
+    num_swapped_tokens: int = 0
+
+    @property
+    def swapped(self) -> bool:
+        """Preempted with its KV in host memory: admitted again, it copies it back instead of recomputing."""
+        return bool(self.host_block_ids)
 
     @property
     def all_ids(self) -> list[int]:

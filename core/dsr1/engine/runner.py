@@ -10,6 +10,9 @@ decode never pays for a long prompt:
   static shapes per batch bucket, block tables kept on the device, one CUDA graph replay;
 * elsewhere (CPU), decodes go through :class:`~dsr1.engine.paged.PagedStep`, the gathering
   reference path.
+
+With a host swap space (``host_blocks``), a plan's swap copies (:mod:`dsr1.engine.swap`) run
+before its forwards.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from dsr1.engine.paged_graph import PagedDecode
 from dsr1.engine.plan import ScheduledRequest, SchedulerOutput
 from dsr1.engine.prefill import PackedPrefill
 from dsr1.engine.request import Request
+from dsr1.engine.swap import HostKV
 from dsr1.interfaces import SamplingParams
 
 
@@ -50,11 +54,14 @@ def cuda_decode_kernel(device: torch.device, head_dim: int, block_size: int) -> 
 
 
 class PagedRunner:
-    """Executes :class:`SchedulerOutput` plans on ``model`` over a :class:`PagedKV` pool."""
+    """Executes :class:`SchedulerOutput` plans on ``model`` over a :class:`PagedKV` pool.
+
+    ``host_blocks``: size of the host swap space in blocks (0: none), pinned with ``pin_host``."""
 
     def __init__(
         self, model: Any, decoder: Any, num_blocks: int, block_size: int, max_model_len: int,
         decode_kernel: DecodeKernel | None | str = "auto", max_rows: int = 512, capture: bool | None = None,
+        host_blocks: int = 0, pin_host: bool = False,
     ) -> None:
         a = model.args
         self.model, self.decoder = model, decoder
@@ -62,6 +69,7 @@ class PagedRunner:
         # one block past the manager's: the scratch block that a graph's padding rows write to
         self.kv = PagedKV(a.n_layers, num_blocks + 1, block_size, a.n_kv_heads, a.head_dim, model.dtype, self.device,
                           shared=getattr(a, "kv_shared", False))
+        self.host: HostKV | None = HostKV(self.kv, host_blocks, pin_host) if host_blocks > 0 else None
         model.rope.ensure(max_model_len, model.dtype)
         if decode_kernel == "auto":
             decode_kernel = cuda_decode_kernel(self.device, a.head_dim, block_size)
@@ -70,7 +78,9 @@ class PagedRunner:
         #: static-shape decode (captured on CUDA unless ``capture`` is False); None: the reference path
         self.static_decode: PagedDecode | None = None
         if self.decode_kernel is not None:
-            capture = self.device.type == "cuda" if capture is None else capture
+            # a pool that streams weights in per layer runs its copies from Python hooks: no graph can hold them
+            capture = self.device.type == "cuda" and not getattr(model, "streams_weights", False) \
+                if capture is None else capture
             self.static_decode = PagedDecode(model, self.kv, num_blocks, max_model_len, max_rows,
                                              self.decode_kernel, self.window, capture)
         self.generators: dict[str, torch.Generator] = {}
@@ -88,13 +98,19 @@ class PagedRunner:
         """Run the plan's forwards and sample the rows that end their known tokens."""
         self.forget(plan.finished)
         if self.static_decode is not None:
-            self.static_decode.release(plan.preempted)  # their blocks are gone; a new table comes with the recompute
+            # their blocks are gone; a new table comes with the recompute or the swap-in
+            self.static_decode.release(plan.preempted)
+        if plan.swap_out or plan.swap_in:
+            if self.host is None:
+                raise RuntimeError("the plan moves KV blocks to or from the host, but this runner has no swap space")
+            self.host.apply(plan.swap_out, plan.swap_in)  # before any forward writes the blocks it frees or fills
         decodes = [s for s in plan.scheduled if len(s.token_ids) == 1]
         prefills = [s for s in plan.scheduled if len(s.token_ids) > 1]
         if self.static_decode is not None and prefills:
             # short chunks (a prefix-cache hit's suffix, a short prompt) run as decode rows of the
             # captured step, one row per token, instead of an eager forward of their own
-            short, long = [], []
+            short: list[ScheduledRequest] = []
+            long: list[ScheduledRequest] = []
             for s in prefills:
                 (short if self.static_decode.as_rows(s) else long).append(s)
             if short and self.static_decode.fits([*decodes, *short]):

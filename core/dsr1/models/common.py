@@ -422,6 +422,12 @@ class ModelRuntime:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     #: serialises the runs that use the KV cache, captured graphs and weight layout (:class:`RunLock`).
     run_lock: RunLock = field(default_factory=RunLock)
+    #: the device the model computes on when its weights are spread over several (the ``tiered``
+    #: pool's embedding on the CPU); None: where its first parameter is.
+    compute_device: torch.device | None = None
+    #: the pool's placement plan (``dsr1.pool.plan.TierPlan``) when it streams weights in per step;
+    #: the runners then run eagerly (a captured graph cannot follow the per-layer copies).
+    placement: Any = None
 
 
 class Dsr1Model(nn.Module):
@@ -482,7 +488,15 @@ class Dsr1Model(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        if self._runtime is not None and self._runtime.compute_device is not None:
+            return self._runtime.compute_device
         return next(self.parameters()).device
+
+    @property
+    def streams_weights(self) -> bool:
+        """True when a pool streams some weights in per step (no captured or compiled steps then)."""
+        plan = self._runtime.placement if self._runtime is not None else None
+        return plan is not None and plan.streams
 
     @property
     def dtype(self) -> torch.dtype:

@@ -50,7 +50,14 @@ from dsr1.models.common import (
     rope_parameters,
     yarn_mscale,
 )
-from dsr1.models.loading import CheckpointBuilder, LoadOptions, assign_weights_, check_names, choose_dtype
+from dsr1.models.loading import (
+    CheckpointBuilder,
+    LoadOptions,
+    assign_weights_,
+    build_state,
+    check_names,
+    choose_dtype,
+)
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
@@ -432,7 +439,7 @@ def build_deepseek(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: D
                         "attention has no place for; pick a softmax attention plugin (e.g. sdpa) for DeepSeek models")
     with torch.device("meta"):
         model = DeepseekForCausalLM(a, attn, options.fuse)
-    state: dict[str, torch.Tensor] = {}
+    state = build_state(pipeline)
     with pipeline.device.relayout_memory():
         for name in model.state_dict():
             if a.tie_embeddings and name == "lm_head.weight":

@@ -34,7 +34,14 @@ from dsr1.models.common import (
     rope_inv_freq,
     rope_parameters,
 )
-from dsr1.models.loading import CheckpointBuilder, LoadOptions, assign_weights_, check_names, choose_dtype
+from dsr1.models.loading import (
+    CheckpointBuilder,
+    LoadOptions,
+    assign_weights_,
+    build_state,
+    check_names,
+    choose_dtype,
+)
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
 from dsr1.parallel.tensor import ParallelLMHead, TensorPlan
@@ -386,15 +393,17 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
         if plan is not None:
             plan.shard_modules_(model)
     layout = options.weight_layout
-    kn = layout == "kn" or (layout == "auto" and device.type == "cpu")
+    # the layout follows where the model computes, not where its weights are read to (a pool may read on the CPU)
+    on_cpu = pipeline.device.torch_device().type == "cpu"
+    kn = layout == "kn" or (layout == "auto" and on_cpu)
     linear_weights = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     if a.tie_embeddings:
         linear_weights.discard("lm_head.weight")  # shares the embedding's (V, C) storage
     order = sorted(model.state_dict(), key=lambda n: n != "lm_head.weight")  # largest first: smallest peak
     # the device's kernel, else oneDNN-packed weights, for CPU decode (dsr1.models.packing). Whatever the quant
     # policy: the choice is made at the first generate, after the policy ran, on the layers it left plain fp32
-    batch_layout = layout == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available()
-    state: dict[str, torch.Tensor] = {}
+    batch_layout = layout == "auto" and on_cpu and torch.backends.mkldnn.is_available()
+    state = build_state(pipeline)
     with pipeline.device.relayout_memory():  # each tensor's read buffer is freed once it is placed
         read = (plan.reader(reader, names, dtype, device) if plan is not None
                 else lambda n: reader.read(names[n], dtype, device))

@@ -632,6 +632,13 @@ def choose_dtype(options: LoadOptions, pipeline: Any, reader: CheckpointReader) 
     return dtype
 
 
+def build_state(pipeline: Any) -> dict[str, torch.Tensor]:
+    """The dict a builder collects a model's tensors in: the pool's, when it keeps some of them out of
+    memory while the model is read (``tiered`` with a disk tier), else a plain dict."""
+    make = getattr(pipeline.pool, "build_state", None)
+    return make(pipeline) if callable(make) else {}
+
+
 def assign_weights_(model: Any, state: dict[str, torch.Tensor], tie_embeddings: bool, device: torch.device,
                     hf: Mapping[str, Any]) -> None:
     """Put ``state`` (every tensor of a model built on the meta device) into ``model`` without a copy;

@@ -1,14 +1,15 @@
 """What every builtin scheduler shares: the request book-keeping around ``schedule``.
 
 :class:`QueueScheduler` keeps the waiting queue (arrival order; a preempted request goes
-back to its front), the running list (admission order, oldest first), the checks that refuse
-a request which can never run, and ``update``/``abort``. A subclass writes only
+back to its front, its KV swapped to host memory when the block manager's swap space takes
+it), the running list (admission order, oldest first), the checks that refuse a request which
+can never run, and ``update``/``abort``. A subclass writes only
 :meth:`~dsr1.interfaces.Scheduler.schedule`. Plain data only: no tensors, no torch.
 """
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel
 
@@ -54,7 +55,7 @@ class QueueScheduler(Scheduler):
             raise Dsr1Error(f"request {quote(rid)} has an empty prompt: it needs at least one token")
         if request.max_tokens < 1:
             raise Dsr1Error(f"request {quote(rid)} has max_tokens={request.max_tokens}; it must be at least 1")
-        if request.status is not RequestStatus.WAITING or request.block_ids:
+        if request.status is not RequestStatus.WAITING or request.block_ids or request.host_block_ids:
             raise Dsr1Error(f"request {quote(rid)} was already scheduled (status {request.status.value}); add a "
                             "new Request")
         total = len(request.prompt_ids) + request.max_tokens
@@ -119,13 +120,21 @@ class QueueScheduler(Scheduler):
 
     # --- helpers for schedule() ------------------------------------------------------------
 
-    def preempt(self, request: Request) -> None:
-        """Back to the front of the waiting queue, blocks freed; its outputs are recomputed later."""
+    def preempt(self, request: Request) -> bool:
+        """Back to the front of the waiting queue, device blocks released: True when its KV went to
+        the host swap space (it resumes where it stopped), False when its outputs are recomputed later."""
         self.running.remove(request)
-        self.blocks.free(request)
+        swapped = self.blocks.preempt(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
+        return swapped
+
+    def output(self, scheduled: Sequence[ScheduledRequest], preempted: Sequence[str],
+               finished: tuple[str, ...]) -> SchedulerOutput:
+        """The step's plan, carrying the swap copies the block manager queued while it was made."""
+        swap_out, swap_in, swapped = self.blocks.take_swaps()
+        return SchedulerOutput(tuple(scheduled), tuple(preempted), finished, swap_out, swap_in, swapped)
 
     def take_finished(self) -> tuple[str, ...]:
         """Ids finished or aborted since the previous call (each reported once)."""

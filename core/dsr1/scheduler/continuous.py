@@ -5,8 +5,9 @@ Every step, under a token budget (``max_num_batched_tokens``) and a sequence cap
 
 1. every running request that is decoding gets its one token, oldest first; when the pool
    has no block for one, the NEWEST running request is preempted (blocks freed, back to the
-   front of the waiting queue, recomputed later with its outputs as part of its prompt) until
-   the older ones fit;
+   front of the waiting queue, recomputed later with its outputs as part of its prompt, or,
+   when the block manager's swap space takes it, its KV copied to host memory and back on
+   readmission) until the older ones fit;
 2. a running request still in prefill gets its next chunk;
 3. if nothing was preempted, waiting requests are admitted in arrival order, each with a
    prefill chunk of what is left of the budget (or, without ``chunked_prefill``, its whole
@@ -63,7 +64,7 @@ class ContinuousScheduler(QueueScheduler):
         budget, prefilling = self._continue_prefills(plan, budget)
         if not preempted and not prefilling:
             self._admit(plan, budget)
-        return SchedulerOutput(tuple(plan), tuple(preempted), finished)
+        return self.output(plan, preempted, finished)
 
     def _decode(self, plan: list[ScheduledRequest], preempted: list[str], budget: int) -> int:
         blocks = self.blocks
@@ -110,7 +111,7 @@ class ContinuousScheduler(QueueScheduler):
         blocks = self.blocks
         while self.waiting and budget > 0 and len(self.running) < self.options.max_num_seqs:
             request = self.waiting[0]
-            cached = len(blocks.match_prefix(request.all_ids)) * blocks.block_size
+            cached = blocks.cached_tokens(request)  # a cached prefix, or the KV it swapped out
             remaining = request.num_tokens - cached
             n = self._chunk_size(remaining, budget, bool(plan))
             if n == 0 or not blocks.allocate(request, cached + n):

@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1_sdk.testing.graph import GraphConformance, check_graph_tokens
     from dsr1_sdk.testing.kvcache import KVCacheConformance
     from dsr1_sdk.testing.monitor import MonitorConformance, check_stats
+    from dsr1_sdk.testing.pool import PoolConformance, PoolKit, check_swap_policy, peak_rss_bytes, reset_peak_rss
     from dsr1_sdk.testing.pruning import (
         PruneCase,
         PruningConformance,
@@ -81,6 +82,11 @@ _LAZY: dict[str, str] = {
     "check_matmul": "device",
     "check_probe": "device",
     "VendorDeviceConformance": "device",
+    "PoolConformance": "pool",
+    "PoolKit": "pool",
+    "check_swap_policy": "pool",
+    "peak_rss_bytes": "pool",
+    "reset_peak_rss": "pool",
     "PruneCase": "pruning",
     "PruningConformance": "pruning",
     "check_mask": "pruning",
@@ -97,7 +103,7 @@ _LAZY: dict[str, str] = {
 }
 
 #: Family → the name of its kit class (``KITS["attention"] == "AttentionConformance"``). Families
-#: without a kit of their own (preprocess, model, pool) are checked by ``PluginConformance`` alone.
+#: without a kit of their own (preprocess, model) are checked by ``PluginConformance`` alone.
 KITS: dict[str, str] = {
     "attention": "AttentionConformance",
     "device": "DeviceConformance",
@@ -108,6 +114,7 @@ KITS: dict[str, str] = {
     "decoding": "DecodingConformance",
     "graph": "GraphConformance",
     "monitor": "MonitorConformance",
+    "pool": "PoolConformance",
 }
 
 
@@ -130,6 +137,8 @@ __all__ = [
     "KVCacheConformance",
     "MonitorConformance",
     "PluginConformance",
+    "PoolConformance",
+    "PoolKit",
     "PruneCase",
     "PruningConformance",
     "QuantCase",
@@ -152,4 +161,7 @@ __all__ = [
     "check_score_definition",
     "check_sqnr",
     "check_stats",
+    "check_swap_policy",
+    "peak_rss_bytes",
+    "reset_peak_rss",
 ]
