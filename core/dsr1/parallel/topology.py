@@ -141,4 +141,10 @@ def broadcast_(t: torch.Tensor, group: TensorGroup, src: int = 0) -> torch.Tenso
 def shutdown() -> None:
     """Destroy the default process group, if this process made one (end of a launched command)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            # every rank is done with the group before any closes its sockets: a gloo thread that reads
+            # a socket its peer closed mid-exit aborts its process (SIGABRT), failing a run that succeeded
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone already: nothing to wait for
         dist.destroy_process_group()
