@@ -129,9 +129,13 @@ class TieredPool(Pool):
                             f"give a writable one") from None
         return path
 
-    def budgets(self, compute: torch.device) -> dict[str, int]:
+    def budgets(self, compute: torch.device, device: Device) -> dict[str, int]:
         o, margin = self.options, int(self.options.margin_gb * GIB)
-        host_total, host_free = _meminfo("MemTotal"), _meminfo("MemAvailable")
+        # the device plugin reports its memory (the CPU's: /proc/meminfo); computing on a GPU, the host's
+        # figures come from /proc/meminfo here, as core cannot ask the cpu plugin
+        own = device.memory_info()
+        host_total, host_free = (own.total, own.free) if compute.type == "cpu" else \
+            (_meminfo("MemTotal"), _meminfo("MemAvailable"))
         cpu = self._budget("cpu_memory_gb", o.cpu_memory_gb, host_total, max(host_free - margin, 0), "the machine")
         if compute.type == "cpu":
             if o.gpu_memory_gb is not None:
@@ -141,8 +145,7 @@ class TieredPool(Pool):
         if compute.type != "cuda":
             raise Dsr1Error(f"pool tiered streams to cuda or runs on cpu; device {compute.type} is neither: "
                             f"use pool: single")
-        free, total = torch.cuda.mem_get_info(compute)
-        gpu = self._budget("gpu_memory_gb", o.gpu_memory_gb, total, max(free - margin, 0), "the GPU")
+        gpu = self._budget("gpu_memory_gb", o.gpu_memory_gb, own.total, max(own.free - margin, 0), "the GPU")
         return {"device": gpu, "cpu": cpu}
 
     @staticmethod
@@ -156,8 +159,9 @@ class TieredPool(Pool):
             return total
         return want
 
-    def plan(self, units: list[Unit], fixed: int, compute: torch.device, model_dir: Path | None) -> TierPlan:
-        budgets = self.budgets(compute)
+    def plan(self, units: list[Unit], fixed: int, device: Device, model_dir: Path | None) -> TierPlan:
+        compute = device.torch_device()
+        budgets = self.budgets(compute, device)
         disk = self.disk_dir()
         refusal = None
         if model_dir is not None and not any(p.suffix == ".safetensors" for p in Path(model_dir).iterdir()):
@@ -204,7 +208,7 @@ class TieredPool(Pool):
         units = [Unit("model.embed_tokens", sizes.get("model.embed_tokens", 0), "embed", movable=not tied)]
         units += [Unit(k, sizes[k], "layer") for k in layers]
         units.append(Unit("lm_head", sizes.get("lm_head", 0), "head", movable=not tied))
-        plan = self.plan(units, fixed, device.torch_device(), model_dir)
+        plan = self.plan(units, fixed, device, model_dir)
         where = str(dtype).removeprefix("torch.") if dtype is not None else "their stored dtypes"
         plan.notes.append(f"planned from the checkpoint's tensor sizes in {where}, before any quant plugin")
         return plan
@@ -233,7 +237,7 @@ class TieredPool(Pool):
         pairs = model_units(model)
         fixed = _tensor_bytes(model) - sum(u.nbytes for u, _ in pairs)
         pipeline = getattr(model, "pipeline", None)
-        plan = self.plan([u for u, _ in pairs], fixed, compute, getattr(pipeline, "model_dir", None))
+        plan = self.plan([u for u, _ in pairs], fixed, device, getattr(pipeline, "model_dir", None))
         graph = pipeline.choices.get("graph") if pipeline is not None else None
         if plan.streams and graph is not None and graph.name != "eager":
             raise Dsr1Error(f"pool tiered streams {len(plan.streamed)} units in per step, which graph "
