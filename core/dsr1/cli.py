@@ -28,7 +28,7 @@ from dsr1.hugepages import enable_huge_pages  # noqa: F401 - also dsr1.cli's pub
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("plugins", "config", "generate", "chat", "serve", "bench", "prune", "quantize")
+COMMANDS = ("plugins", "config", "generate", "chat", "serve", "bench", "profile", "prune", "quantize")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

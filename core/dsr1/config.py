@@ -111,21 +111,27 @@ class ParallelConfig(BaseModel):
 
 
 def fusion_choice(device: str, tiling_strategy: str, fallback: bool = False) -> PluginChoice:
-    """The graph pass ``kernel_fusion: true`` means on ``device``: on cuda, the decode step
-    compiled by torch.compile and captured as a CUDA graph; elsewhere, torch.compile with the
-    device's backend."""
+    """The graph pass ``kernel_fusion: true`` means on ``device``. With ``tiling_strategy: auto``,
+    ``adaptive`` on every device: it measures the plans the device offers (eager, compiled, and on
+    cuda captured and compiled + captured) per batch and context bucket and keeps the fastest.
+    With ``fixed``: on cuda, the decode step compiled by torch.compile and captured as a CUDA
+    graph; elsewhere, torch.compile with the device's backend."""
     options: dict[str, Any] = {"tiling_strategy": tiling_strategy}
     if fallback:
         options["fallback"] = True
+    if tiling_strategy == "auto":
+        return PluginChoice(name="adaptive", options=options)
     if device == "cuda":
         return PluginChoice(name="cudagraph", options={**options, "compile": True})
     return PluginChoice(name="compile", options=options)
 
 
 def fuses_kernels(choice: PluginChoice) -> bool:
-    """Whether the graph pass ``choice`` fuses kernels (what ``kernel_fusion: true`` asks for).
-    Graph passes of other plugins count as not fusing."""
-    return choice.name == "compile" or (choice.name == "cudagraph" and choice.options.get("compile") is True)
+    """Whether the graph pass ``choice`` fuses kernels (what ``kernel_fusion: true`` asks for):
+    ``adaptive`` counts, as compiled plans are among those it measures. Graph passes of other
+    plugins count as not fusing."""
+    return choice.name in ("compile", "adaptive") or (choice.name == "cudagraph" and choice.options.get("compile")
+                                                     is True)
 
 
 #: What each family falls back to when the config leaves it unset. ``None``: off.
@@ -164,6 +170,34 @@ class EngineConfig(BaseModel):
     monitor: PluginChoice | None = None
     hardware: HardwareConfig | None = None
     parallel: ParallelConfig | None = None
+    #: devices besides ``device`` that the pool may run modules on: ``device: [cuda, cpu]`` is
+    #: ``device: cuda`` with ``extra_devices: [cpu]`` (the compute device first).
+    extra_devices: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_list(cls, data: Any) -> Any:
+        """``device: [cuda, cpu]``: the first entry computes, the rest go to ``extra_devices``."""
+        if not isinstance(data, dict) or not isinstance(data.get("device"), list):
+            return data
+        names = data["device"]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("device: a list names devices, the compute device first, e.g. device: [cuda, cpu]")
+        if "auto" in names or len(set(names)) != len(names):
+            raise ValueError(f"device: {names} must name distinct devices, the compute device first, without auto, "
+                             f"e.g. device: [cuda, cpu]")
+        if data.get("extra_devices") is not None:
+            raise ValueError("device: write the extra devices once, in device: [cuda, cpu] or in extra_devices")
+        return {**data, "device": names[0], "extra_devices": names[1:] or None}
+
+    @model_validator(mode="after")
+    def _extra_devices_differ(self) -> EngineConfig:
+        extra = self.extra_devices or []
+        compute = self.device.name if self.device is not None else None
+        if len(set(extra)) != len(extra) or compute in extra or "auto" in extra:
+            raise ValueError(f"extra_devices {extra} must name devices other than the compute device "
+                             f"{compute or 'cpu'!r}, once each, without auto, e.g. device: [cuda, cpu]")
+        return self
 
     def choice(self, family: str) -> PluginChoice | None:
         """The effective choice of ``family``: explicit, else from hardware, else the default.
@@ -482,5 +516,7 @@ def load_config(
     unknown = [k for k in overrides if k not in EngineConfig.model_fields]
     if unknown:
         raise Dsr1Error(f"unknown config key {unknown[0]!r}{did_you_mean(unknown[0], EngineConfig.model_fields)}")
+    if isinstance(overrides.get("device"), list):
+        data.pop("extra_devices", None)  # a device list written here replaces the config's whole list
     data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(data, source)

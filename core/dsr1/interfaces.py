@@ -311,6 +311,9 @@ class GraphSteps:
     decode_graphs: Any = None
     #: the ``torch.compile`` arguments the pass used (for reports), or None.
     compile_kwargs: dict[str, Any] | None = None
+    #: what a pass that decides at run time chose so far, as plain data (graph ``adaptive``: the
+    #: plan per (batch, context) bucket and its measured latencies), or None.
+    report: Callable[[], dict[str, Any]] | None = None
 
 
 class GraphPass(Plugin):
@@ -341,6 +344,13 @@ class Pool(Plugin):
     @abstractmethod
     def place(self, model: torch.nn.Module, device: Device) -> torch.nn.Module:
         """Move ``model`` (or parts of it) to where it should run; returns it."""
+
+    def use_devices(self, extra: list[str]) -> bool:
+        """Devices besides the compute device that the pool may run modules on, from a config's
+        ``device: [cuda, cpu]`` (``extra`` is ``["cpu"]`` there). Called once, before the model is
+        built. Returns whether the pool takes them; the default keeps everything on the compute
+        device and does not, which refuses the config."""
+        return False
 
     def kv_swap(self, kv_bytes_per_token: int, device: torch.device) -> SwapPolicy | None:
         """Whether the engine may swap a preempted request's KV blocks to host memory instead of
@@ -636,6 +646,26 @@ class GenerationStats:
     kvcache_bytes: int | None = None
 
 
+@dataclass(frozen=True)
+class OperatorStat:
+    """Latency of one operator (or of the whole ``"step"``) in one bucket of engine steps.
+
+    Steps fall in a bucket by phase (``"prefill"``: some request fed more than one token;
+    ``"decode"``) and by their batch size and longest context, each rounded up to a power of two.
+    Read by the server's ``/metrics`` through :meth:`Monitor.operator_stats`.
+    """
+
+    phase: str
+    batch_bucket: int
+    context_bucket: int
+    #: ``"step"``, or a sub-block: ``"norm"``, ``"qkv"``, ``"attention"``, ``"o_proj"``, ``"mlp"``...
+    operator: str
+    #: the steps measured, their mean and (population) variance, in seconds per step
+    count: int
+    mean_s: float
+    variance_s: float
+
+
 class Monitor(Plugin):
     """Receives telemetry: spans, counters and byte gauges. Must be cheap.
 
@@ -648,7 +678,16 @@ class Monitor(Plugin):
 
     Callers read a monitor only through :meth:`generation_stats` (typed, the same for every
     monitor) and :meth:`stream`; the layout of :meth:`summary` is each plugin's own.
+
+    A monitor that sets :attr:`watches_steps` is also called around every engine step
+    (:meth:`begin_step` / :meth:`end_step`) and handed the model once per engine (:meth:`attach`).
+    Those calls are plain method calls on the resolved object (never through pluggy), so what a
+    monitor does in them is the whole cost it adds to a step.
     """
+
+    #: whether the engine calls :meth:`attach`, :meth:`begin_step` and :meth:`end_step` (checked
+    #: once per engine; a monitor that leaves it False costs a step nothing).
+    watches_steps: ClassVar[bool] = False
 
     @abstractmethod
     def record(self, event: str, **values: Any) -> None:
@@ -661,6 +700,20 @@ class Monitor(Plugin):
     def stream(self) -> Iterator[dict[str, Any]]:
         """Recorded events, oldest first, each ``{"event": name, **values}``."""
         return iter(())
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """The model the engine runs (once per engine, before its first step; ``watches_steps`` only)."""
+
+    def begin_step(self, batch_size: int, context_len: int, tokens: int) -> None:
+        """An engine step starts: ``batch_size`` requests, the longest at ``context_len`` tokens after the
+        step, ``tokens`` fed in all (``watches_steps`` only)."""
+
+    def end_step(self) -> None:
+        """The step begun last has its sampled ids on the host (also called when it raised)."""
+
+    def operator_stats(self) -> list[OperatorStat]:
+        """Per-bucket operator latencies (:class:`OperatorStat`); empty: the monitor keeps none."""
+        return []
 
     def generation_stats(self) -> GenerationStats:
         """The figures of :class:`GenerationStats` from the recorded events.

@@ -357,6 +357,11 @@ class PluginRegistry:
             parts[family] = self.make(family, choice) if choice is not None else None
             if choice is not None:
                 chosen[family] = choice
+        if config.extra_devices and not parts["pool"].use_devices(list(config.extra_devices)):
+            written = ", ".join([config.device.name if config.device else "?", *config.extra_devices])
+            raise Dsr1Error(f"device [{written}] lets a pool run modules on {', '.join(config.extra_devices)} too, "
+                            f"but pool {chosen['pool'].name!r} keeps every module on the compute device; "
+                            f"use pool: tiered")
         if parts.get("pruning") is not None:  # it prunes at load: refuse now what could not (config check too)
             from dsr1.pruning.at_load import check_load_pruning
 

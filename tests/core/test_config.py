@@ -46,13 +46,16 @@ def test_seed_hardware_section_verbatim(tmp_path):
     assert cfg.choice("device") == PluginChoice(name="mlu")
     assert cfg.choice("quant") == PluginChoice(name="int8")
     graph = cfg.choice("graph")
-    assert graph is not None and graph.name == "compile" and graph.options == {"tiling_strategy": "auto"}
+    # tiling_strategy auto with kernel fusion: the plan is measured per bucket (graph adaptive)
+    assert graph is not None and graph.name == "adaptive" and graph.options == {"tiling_strategy": "auto"}
 
 
 def test_kernel_fusion_on_nvidia_is_compiled_cuda_graphs():
-    cfg = load_config({"hardware": {"type": "nvidia", "optimizer": {"kernel_fusion": True, "tiling_strategy": "auto"}}})
+    cfg = load_config({"hardware": {"type": "nvidia", "optimizer": {"kernel_fusion": True}}})
     assert cfg.choice("graph") == PluginChoice(
-        name="cudagraph", options={"tiling_strategy": "auto", "compile": True})
+        name="cudagraph", options={"tiling_strategy": "fixed", "compile": True})
+    cfg = load_config({"hardware": {"type": "nvidia", "optimizer": {"kernel_fusion": True, "tiling_strategy": "auto"}}})
+    assert cfg.choice("graph") == PluginChoice(name="adaptive", options={"tiling_strategy": "auto"})
 
 
 @pytest.mark.parametrize(("hw_type", "device"), [("nvidia", "cuda"), ("ascend", "npu"), ("cpu", "cpu")])

@@ -211,6 +211,20 @@ def acts_parallel(mp: pytest.MonkeyPatch, events: list[dict[str, Any]]) -> None:
         load({"parallel": {"tensor": 2}})
 
 
+def acts_extra_devices(mp: pytest.MonkeyPatch, events: list[dict[str, Any]]) -> None:
+    """``device: [cuda, cpu]`` reaches the pool, which takes the CPU as a second device or refuses it."""
+    from dsr1.pool.tiered import TieredPool
+
+    with pytest.raises(Dsr1Error, match="but pool 'single' keeps every module on the compute device"):
+        load({"device": ["cuda", "cpu"]})
+    taken = spy(mp, TieredPool, "use_devices")
+    try:  # on a machine without CUDA the load then stops at the device; what matters is that the pool heard
+        load({"extra_devices": ["cpu"], "device": "cuda", "pool": "tiered"})
+    except Dsr1Error as err:
+        assert "cuda device is not available here" in str(err)
+    assert [(call[1]) for call in taken] == [["cpu"]] and taken[0][0].host_compute
+
+
 #: key path → the check that it acts.
 ACTS: dict[str, Callable[[pytest.MonkeyPatch, list[dict[str, Any]]], None]] = {
     "preprocess": acts_preprocess,
@@ -233,6 +247,7 @@ ACTS: dict[str, Callable[[pytest.MonkeyPatch, list[dict[str, Any]]], None]] = {
     "hardware.optimizer.tiling_strategy": acts_hardware_tiling_strategy,
     "hardware.optimizer.fallback": acts_hardware_fallback,
     "parallel": acts_parallel,
+    "extra_devices": acts_extra_devices,
 }
 
 #: settings that could only be silent here, with the start of the one-line error that refuses them.

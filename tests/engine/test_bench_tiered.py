@@ -11,7 +11,7 @@ from dsr1.errors import Dsr1Error
 
 #: planned with these instead of measuring (GB/s): the test does not time the machine's memory and disk.
 BANDWIDTH = ["--bandwidth", "device_read=10", "--bandwidth", "host_to_device=10", "--bandwidth", "host_read=10",
-             "--bandwidth", "disk_read=1"]
+             "--bandwidth", "disk_read=1", "--bandwidth", "cpu_matmul=10"]
 
 BAD = {
     "budget not a number": (["--budgets", "0.5,half"], "comma-separated fractions"),

@@ -119,6 +119,34 @@ def test_bench_rounds_alternate_engines_and_report_medians(monkeypatch: pytest.M
     assert [r["decode_tok_s"] for r in row["dsr1"]["rounds"]] == [30.0, 10.0, 20.0]
     assert row["ratio_vs_hf"]["decode_tok_s"] == 2.0 and row["ratio_vs_hf"]["peak_mem"] == 5.0
     assert "--rounds 3" in report["command"]
+    assert report["floor"]["beaten_by"] == []  # 20 tok/s of 4-byte steps is far below 1 GB/s
+
+
+def test_a_decode_faster_than_the_floor_is_flagged(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from dsr1.benchmarks import throughput as bench
+    from dsr1.benchmarks.common import above_floor
+
+    assert above_floor(100.0, 1, 400_000_000, 16.5) == 40.0  # 100 tok/s of 400 MB steps read 40 GB/s
+    assert above_floor(100.0, 4, 400_000_000, 16.5) == 0.0  # four rows share each step's read
+    monkeypatch.setattr(bench, "spawn", lambda spec: {
+        "prefill_tok_s": 10.0, "decode_tok_s": 100.0, "e2e_tok_s": 50.0, "prefill_s": 0.1, "generate_s": 0.2,
+        "peak_mem_mb": 1.0, "weight_bytes": 400_000_000, "streamed_bytes": 400_000_000,
+        "other_processes_cpu_pct": 0.0})
+    monkeypatch.setattr(bench, "bandwidth_gbs", lambda device: 16.5)
+    assert main(["bench", "--shape", "tiny-125m", "--random-weights", "--batch-size", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["floor"]["beaten_by"] == ["dsr1 at batch 1 (40.0 GB/s)"]
+    assert "the floor is not a bound on this machine" in captured.err
+
+
+def test_the_bandwidth_probe_reads_every_way_decode_does() -> None:
+    from dsr1.benchmarks.common import bandwidth_gbs, bandwidth_probe
+
+    probe = bandwidth_probe("cpu")
+    assert set(probe) == {"gemv_nk", "gemv_kn", "sum"} and min(probe.values()) > 0
+    assert bandwidth_gbs("cpu") > 0
 
 
 def test_bench_rejects_zero_rounds(capsys: pytest.CaptureFixture[str]) -> None:

@@ -104,6 +104,7 @@ def test_swapped_requests_resume_without_recomputing(
     with_policy(monkeypatch, paged, SwapPolicy(host_bytes=200 * per_block(paged), should_swap=always), asked)
     engine = Engine.with_scheduler(paged, "continuous", num_blocks=24)
     assert asked == [per_block(paged) // 4] and engine.swap_policy is not None  # asked once, per token
+    assert engine.runner.host is not None and not engine.runner.host.allocated  # nothing held before a swap
     outs, fed = run(engine, reqs)
     assert outs == want
     swapped = engine.requests_swapped
@@ -169,6 +170,24 @@ def test_shared_latent_cache_swaps(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     engine = Engine.with_scheduler(model, "continuous", num_blocks=20)
     assert isinstance(engine.runner, PagedRunner) and engine.runner.host is not None
     assert engine.runner.host.blocks.shape[1] == model.args.n_layers  # one pool per layer, not two
+    outs, _ = run(engine, reqs)
+    assert outs == want and sum(engine.requests_swapped.values()) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_swaps_through_pinned_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA: the swap copies are pinned and asynchronous, the decode is the captured Triton
+    one; every request still decodes what it decodes alone."""
+    paged16 = {"name": "paged", "options": {"block_size": 16}}
+    model = AutoModel.from_pretrained("dsr1-tiny", device="cuda", kvcache=paged16, scheduler="continuous")
+    reference = AutoModel.from_pretrained("dsr1-tiny", device="cuda")
+    reqs = [(p * 3, n * 2) for p, n in trace(6, 10)]  # long enough to span several 16-token blocks
+    want = [alone(reference, p, n) for p, n in reqs]
+    with_policy(monkeypatch, model, SwapPolicy(host_bytes=200 * per_block(model, 16), should_swap=always,
+                                               pin=True), [])
+    engine = Engine.with_scheduler(model, "continuous", num_blocks=24)
+    host = engine.runner.host
+    assert host is not None and host.pin and host.blocks.is_pinned()
     outs, _ = run(engine, reqs)
     assert outs == want and sum(engine.requests_swapped.values()) > 0
 

@@ -18,7 +18,8 @@ from dsr1.pool.stream import UnitStreamer
 
 from .conftest import make_checkpoint, padded_batch
 
-RATES = {"device_read": 20.0, "host_to_device": 10.0, "host_read": 20.0, "disk_read": 2.0}  # GB/s: no measuring
+RATES = {"device_read": 20.0, "host_to_device": 10.0, "host_read": 20.0, "disk_read": 2.0,  # GB/s: no measuring
+         "cpu_matmul": 5.0}
 BPS = {k: v * 1e9 for k, v in RATES.items()}
 MB = 1 << 20
 
@@ -82,6 +83,45 @@ def test_cpu_compute_plans_only_resident_and_disk() -> None:
     assert p.host_bytes() == p.device_bytes() <= 900 * MB
     text = p.table()
     assert "disk, streamed" in text and "floor per decode step" in text and json.dumps(p.as_dict())
+
+
+def cpu_layers_plan(cpu_matmul_gbps: float, cpu_mb: float = 10_000, allowed: bool = True) -> Any:
+    """8 layers of 100 MiB with 400 MiB of them off the GPU (device 200, link 10 GB/s: the link decides)."""
+    rates = {**BPS, "device_read": 200e9, "cpu_matmul": cpu_matmul_gbps * 1e9}
+    names = ["model.embed_tokens"] + ([f"model.layers.{i}" for i in range(8)] + ["lm_head"] if allowed else [])
+    return make_plan(units(), 10 * MB, "cuda", {"device": int(1000 * MB), "cpu": int(cpu_mb * MB)}, rates,
+                     names, None, "gpu_memory_gb")
+
+
+def test_layers_run_on_the_cpu_where_that_beats_streaming_them() -> None:
+    streamed_only = cpu_layers_plan(5.0, allowed=False)
+    assert not streamed_only.cpu_run_bytes() and streamed_only.streams
+    p = cpu_layers_plan(5.0)
+    on_cpu = [n for n, t in p.tier.items() if t == "cpu-compute" and n.startswith("model.layers.")]
+    assert on_cpu and p.streams  # some run on the CPU, the rest still stream over the link
+    assert p.overlapped_s() < 0.99 * streamed_only.overlapped_s()  # the shorter step is why
+    costs = p.step_costs()
+    assert costs["cpu_compute"] == pytest.approx(p.cpu_run_bytes() / 5e9) and costs["cpu_compute"] > 0
+    # balanced: moving one layer more or one fewer to the CPU would not shorten the step
+    for k in (len(on_cpu) - 1, len(on_cpu) + 1):
+        trial = dict(p.tier)
+        offloaded = [u.name for u in p.units if p.tier[u.name] in ("cpu", "disk", "cpu-compute") and u.kind == "layer"]
+        for i, name in enumerate(offloaded):
+            trial[name] = "cpu-compute" if i < k else "cpu"
+        other = type(p)(p.compute, p.units, trial, p.fixed_bytes, p.budgets, p.bandwidth)
+        assert other.overlapped_s() >= p.overlapped_s() * 0.99
+    assert p.device_bytes() <= 1000 * MB and p.host_bytes() <= 10_000 * MB
+    assert "run on the CPU" in p.table() and "overlapping compute" in p.table()
+    record = json.loads(json.dumps(p.as_dict()))
+    assert record["overlapped_s"] == pytest.approx(p.overlapped_s(), abs=1e-6)
+    assert record["overlapped_s"] < record["floor_s"]
+
+
+def test_a_slow_cpu_or_a_small_host_budget_keeps_layers_streaming() -> None:
+    slow = cpu_layers_plan(0.5)  # the CPU reads weights twenty times slower than the link copies them
+    assert not slow.cpu_run_bytes() and slow.streams
+    tight = cpu_layers_plan(50.0, cpu_mb=450)  # the embedding's 300 MiB leave room for one layer
+    assert tight.cpu_run_bytes() <= 100 * MB
 
 
 def test_compact_names() -> None:
@@ -191,6 +231,73 @@ def test_bad_inputs(deep: dict[str, Path], tmp_path: Path) -> None:
         AutoModel.from_pretrained(path, pool=tiered(cpu_memory_gb=1e5))
     with pytest.raises(Dsr1Error, match="graph 'compile' cannot capture; use graph: eager"):
         AutoModel.from_pretrained(path, pool=tiered(cpu_memory_gb=3e-4), graph="compile")
+
+
+def test_device_lists_need_a_pool_that_places_across_devices(deep: dict[str, Path]) -> None:
+    from dsr1.auto import AutoModel
+
+    path = deep["qwen2"]
+    with pytest.raises(Dsr1Error, match=r"device \[cuda, cpu\] lets a pool run modules on cpu too, but pool "
+                                        r"'single' keeps every module on the compute device; use pool: tiered"):
+        AutoModel.from_pretrained(path, device=["cuda", "cpu"])
+    with pytest.raises(Dsr1Error, match="pool tiered runs modules on the cpu beside the compute device, not on "
+                                        "'cuda'; write device: \\[cuda, cpu\\]"):
+        AutoModel.from_pretrained(path, device=["cpu", "cuda"], pool=tiered())
+    with pytest.raises(Dsr1Error, match="must name distinct devices"):
+        AutoModel.from_pretrained(path, device=["cpu", "cpu"], pool=tiered())
+
+
+def test_a_layer_run_on_the_cpu_hooks_only_its_matrices(deep: dict[str, Path]) -> None:
+    """What runs on the CPU in a layer: the modules holding a matrix (the projections); the
+    norms, rope and attention around them run where the layer's caller is."""
+    from dsr1.auto import AutoModel
+    from dsr1.pool.tiered import _run_on_cpu
+
+    model = AutoModel.from_pretrained(deep["qwen2"])
+    ids = torch.tensor([[5, 9, 2, 7]])
+    want = model(ids).logits
+    layer = model.model.layers[1]
+    _run_on_cpu(layer, torch.device("cpu"))
+    hooked = {n for n, m in layer.named_modules() if m._forward_pre_hooks}
+    matrices = {n for n, m in layer.named_modules()
+                if any(t.dim() >= 2 for t in [*m._parameters.values(), *m._buffers.values()] if t is not None)}
+    assert hooked == matrices and hooked and not any("norm" in n for n in hooked)
+    assert torch.equal(model(ids).logits, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_a_checkpoint_that_fits_is_read_straight_to_the_gpu(deep: dict[str, Path]) -> None:
+    """Budgets that hold the model even in float32: built on the GPU as ``single`` builds it."""
+    from dsr1.auto import AutoModel
+
+    model = AutoModel.from_pretrained(deep["qwen2"], device="cuda", pool=tiered())
+    direct = model.pipeline.pool.direct
+    assert direct is not None and direct.type == "cuda" and not model.runtime.placement.hooked
+    assert {t.device.type for t in model.state_dict().values()} == {"cuda"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_layers_on_the_cpu(deep: dict[str, Path]) -> None:
+    """device [cuda, cpu], with a CPU the cost model finds fast: some layers run there, the rest
+    stream or stay, and the tokens are ``single``'s."""
+    from dsr1.auto import AutoModel
+
+    path = deep["qwen2"]
+    batch = {k: v.cuda() for k, v in padded_batch(path).items()}
+    ref = AutoModel.from_pretrained(path, device="cuda")
+    want = ref.generate(**batch, max_new_tokens=6)
+    size = weight_bytes(ref)
+    rates = {**RATES, "device_read": 1000.0, "cpu_matmul": 8.0}
+    model = AutoModel.from_pretrained(path, device=["cuda", "cpu"], graph="eager", pool={
+        "name": "tiered", "options": {"bandwidth_gbps": rates, "gpu_memory_gb": 0.6 * size / 2**30}})
+    placement = model.runtime.placement
+    on_cpu = [u.name for u in placement.units if placement.tier[u.name] == "cpu-compute" and u.kind == "layer"]
+    assert on_cpu and model.device.type == "cuda" and model.streams_weights
+    layer = model.get_submodule(on_cpu[0])
+    devices = {n: t.device.type for n, t in layer.named_parameters()}
+    assert {d for n, d in devices.items() if "norm" in n} == {"cuda"}
+    assert {d for n, d in devices.items() if "proj" in n} == {"cpu"}
+    torch.testing.assert_close(model.generate(**batch, max_new_tokens=6), want, atol=0, rtol=0)
 
 
 def test_config_check_prints_the_plan(deep: dict[str, Path], tmp_path: Path) -> None:

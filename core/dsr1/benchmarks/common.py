@@ -60,27 +60,50 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def bandwidth_gbs(device: str) -> float:
-    """Weight-streaming bandwidth (GB/s): a matrix-vector product over 480 MiB of random fp32, best of 5.
+def bandwidth_probe(device: str) -> dict[str, float]:
+    """Weight-read bandwidth (GB/s) of each way a decode step reads its weights, over 480 MiB of
+    random fp32 (far larger than any last-level cache), best of 5, on all threads:
 
-    That is the access pattern of batch-1 decode, and on CPU it reads faster than a plain
-    reduction does (MKL's gemv keeps both cores' load units busy).
+    * ``gemv_nk``: ``W @ x`` with ``W`` stored (out, in), as transformers and CUDA kernels read it;
+    * ``gemv_kn``: ``x @ W`` with ``W`` stored (in, out), the layout dsr1 keeps on the CPU at small
+      batches (on some CPUs it streams twice as fast as ``gemv_nk``);
+    * ``sum``: a reduction over the whole buffer, the plain streaming read.
     """
     import torch
 
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(163_840, 768, device=device, generator=g)  # 480 MiB, not zeros
     x = torch.randn(768, device=device, generator=g)
-    best = float("inf")
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        torch.mv(w, x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return w.nbytes / best / 1e9
+    wt = w.view(768, 163_840)  # the same bytes read as (in, out): the access pattern, not the values, matters
+    xt = x.view(1, 768)
+    ways = {"gemv_nk": lambda: torch.mv(w, x), "gemv_kn": lambda: xt @ wt, "sum": lambda: w.sum()}
+    out: dict[str, float] = {}
+    for name, fn in ways.items():
+        fn()  # warm-up: kernels picked, pages touched
+        best = float("inf")
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        out[name] = round(w.nbytes / best / 1e9, 2)
+    return out
+
+
+def bandwidth_gbs(device: str) -> float:
+    """Weight-streaming bandwidth (GB/s) for decode floors: the fastest of :func:`bandwidth_probe`'s
+    reads. A floor from a slower read than the engine's own would be one an engine beats."""
+    return max(bandwidth_probe(device).values())
+
+
+def above_floor(rate_tok_s: float, batch_size: int, bytes_per_step: int, bandwidth: float) -> float:
+    """The weight-read bandwidth (GB/s) a decode of ``rate_tok_s`` at ``batch_size`` rows implies
+    (each step reads ``bytes_per_step`` once), when it is above ``bandwidth``; 0.0 otherwise."""
+    achieved = rate_tok_s / batch_size * bytes_per_step / 1e9
+    return round(achieved, 2) if achieved > bandwidth * 1.02 else 0.0
 
 
 def environment(device: str, threads: int | None = None) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Decode modes on one set of weights, in one process: ordinary eager step, CUDA graph of the
-static step, and the static step compiled by torch.compile then captured (issue 5).
+static step, the static step compiled by torch.compile then captured (issue 5), and graph
+``adaptive`` (issue 16), which measures those plans per bucket and keeps the fastest: each row
+reports what it chose and its rate against the best fixed mode of the row.
 
     python -m dsr1.benchmarks.decode_modes --shape qwen2-7b --batch-size 1,8,32,128 --output OUT.json
 
@@ -28,6 +30,7 @@ MODES: dict[str, dict[str, Any] | None] = {
     "eager": None,
     "cudagraph": {"compile": False},
     "cudagraph+compile": {"compile": True},
+    "adaptive": None,  # graph adaptive, its plan cache off: it measures in this process
 }
 
 
@@ -91,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             model.runtime.steps = GraphSteps()  # eager: the model's own forward_step
             options = MODES[mode]
-            if options is not None:
+            if mode == "adaptive":
+                from dsr1.graph.adaptive import AdaptiveGraph, AdaptiveOptions
+
+                model.runtime.steps = AdaptiveGraph(AdaptiveOptions(plan_cache=False)).apply(model, pipeline.device)
+            elif options is not None:
                 model.runtime.steps = CudaGraphPass(CudaGraphOptions(**options)).apply(model, pipeline.device)
             started = time.perf_counter()
             _, out = timed(model, ids, args.new_tokens)  # warm-up: capture and compile happen here
@@ -111,10 +118,25 @@ def main(argv: list[str] | None = None) -> int:
                     first = (~same).float().argmax(-1) - args.prompt_len  # first differing new token per row
                     entry["first_difference_per_row"] = [int(x) if not bool(s.all()) else None
                                                          for x, s in zip(first, same)]
+            if mode == "adaptive":
+                entry["chosen"] = model.runtime.steps.report()["buckets"]
             row[mode] = entry
             print(f"batch {b:>3} {mode:<18} decode {entry['decode_tok_s']:9.1f} tok/s  "
                   f"identical={entry.get('greedy_identical_to_eager', '-')}  warm-up {warmup_s:.1f}s", flush=True)
+        fixed = {m: row[m]["decode_tok_s"] for m in MODES if m != "adaptive" and m in row}
+        if "adaptive" in row and fixed:
+            best = max(fixed, key=lambda m: fixed[m])
+            row["best_fixed"] = best
+            row["adaptive_vs_best_fixed"] = round(row["adaptive"]["decode_tok_s"] / fixed[best], 3)
+            print(f"batch {b:>3} adaptive / best fixed ({best}): {row['adaptive_vs_best_fixed']:.3f}", flush=True)
         rows.append(row)
+        write(args, bandwidth, streamed, rows, torch)  # after every row: a run cut short keeps its rows
+    write(args, bandwidth, streamed, rows, torch)
+    print(f"batch-1 floor {bandwidth * 1e9 / streamed:.1f} tok/s ({streamed / 1e9:.2f} GB at {bandwidth:.0f} GB/s)")
+    return 0
+
+
+def write(args: Any, bandwidth: float, streamed: int, rows: list[dict[str, Any]], torch: Any) -> None:
     floor = bandwidth * 1e9 / streamed
     report = {
         "command": "python -m dsr1.benchmarks.decode_modes " + " ".join(
@@ -125,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                   "batch1_decode_floor_tok_s": round(floor, 1)},
         "results": rows,
     }
-    print(f"batch-1 floor {floor:.1f} tok/s ({streamed / 1e9:.2f} GB at {bandwidth:.0f} GB/s)")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

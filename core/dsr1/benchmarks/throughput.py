@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from dsr1.benchmarks.common import (
+    above_floor,
     bandwidth_gbs,
     cpu_busy,
     cpu_model,
@@ -134,7 +135,15 @@ def report(args: Any, device: str, threads: int, spec: dict[str, Any], results: 
             if row["batch_size"] == 1:
                 row["dsr1"]["share_of_floor"] = round(row["dsr1"]["decode_tok_s"] / out["floor"][
                     "batch1_decode_floor_tok_s"], 3)
+    # no engine may beat the floor: one that does reads faster than the probe, so the floor is wrong
+    beaten = [f"{engine} at batch {row['batch_size']} ({gbs} GB/s)" for row in results for engine in ("dsr1", "hf")
+              if engine in row and (gbs := above_floor(row[engine]["decode_tok_s"], row["batch_size"], streamed,
+                                                       bandwidth))]
+    out["floor"]["beaten_by"] = beaten
     text = write_report(out, args.output)
+    if beaten:
+        print(f"warning: the floor's {bandwidth:.1f} GB/s is below what {', '.join(beaten)} read; the floor is "
+              f"not a bound on this machine", file=sys.stderr)
     if args.json:
         print(text)
         return

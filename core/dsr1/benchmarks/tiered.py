@@ -13,6 +13,9 @@ weights' bytes in the compute dtype (``--dtype``) given to the pool as ``gpu_mem
 (``cpu_memory_gb`` on ``--device cpu``, where what the budget cannot hold streams from disk); 1.0
 holds everything, so it is the like-for-like check against ``single``. ``--disk-row G,C`` adds a
 row whose host memory is budgeted too (``C`` of the weights), so part of them stream from disk.
+``--cpu-layers F,...`` adds rows at those GPU budgets with ``device: [cuda, cpu]``, where the cost
+model may run layers on the CPU instead of streaming them; each is compared with the budget row
+of the same fraction in the same run (and, through it, with accelerate).
 Every run is graph ``eager`` (streaming needs it; ``single`` runs eager too, so the ratio compares
 placement alone), greedy, after a warm-up; decode tok/s = B·(N−1) / (t(N) − t(1)) over medians (:mod:`dsr1.benchmarks.rates`), beside the
 plan's floor (B / ``TierPlan.floor_s()``: streamed bytes over the measured host→device and disk
@@ -38,6 +41,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,11 +51,11 @@ from typing import Any
 from dsr1.benchmarks import common
 from dsr1.benchmarks.cuda_timing import decode_rate, error_line
 from dsr1.benchmarks.shapes import SHAPES, RandomWeights
+from dsr1.benchmarks.tiered_report import GIB, memory_fields, ratios, table
 from dsr1.errors import Dsr1Error, did_you_mean
 
 #: the bundled checkpoint's config, accepted as a shape (its weights are not used: random ones are written).
 TINY = "dsr1-tiny"
-GIB = float(1 << 30)
 #: the warm-up before each timed row: whole generates until this many seconds have passed, at most this many.
 WARMUP_S, WARMUP_CALLS = 1.0, 5
 
@@ -123,7 +127,7 @@ def tiered_options(device: str, fraction: float, nbytes: int, work_dir: Path, cp
     return options
 
 
-def load_dsr1(model_dir: Path, device: str, dtype: str, pool: str,
+def load_dsr1(model_dir: Path, device: str | list[str], dtype: str, pool: str,
               options: dict[str, Any]) -> tuple[Any, Callable[..., Any]]:
     from dsr1.auto import AutoModel
 
@@ -318,6 +322,11 @@ def parser() -> argparse.ArgumentParser:
                    help="GPU,CPU fractions of a row whose host memory is budgeted too ('none': no such row; "
                         "CUDA only: on the CPU every budget row streams from disk)")
     p.add_argument("--disk-batch-size", default="1", help="batch sizes of the disk row")
+    p.add_argument("--resident-pair", type=int, default=0, metavar="ROUNDS",
+                   help="also load single and tiered at budget 1.0 side by side and time them in ROUNDS "
+                        "alternating rounds: the like-for-like within-2%% check")
+    p.add_argument("--cpu-layers", default="none",
+                   help="GPU fractions of rows with device [cuda, cpu]: layers may run on the CPU (CUDA only)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="compute dtype, which the budgets are fractions of (default: bfloat16 on CUDA, float32 on "
                         "the CPU, where bf16 matmuls are slow without AVX-512 BF16; the checkpoint is bf16 either way)")
@@ -350,15 +359,22 @@ class Run:
         self.bandwidth = parse_bandwidth(args.bandwidth)
         self.work = Path(args.work_dir).expanduser().resolve()
         self.dtype = args.dtype or ("bfloat16" if self.device == "cuda" else "float32")
-        #: (name, device fraction, host fraction or None, batch sizes)
-        self.rows: list[tuple[str, float, float | None, list[int]]] = [
-            (f"budget {f:g}", f, None, batches) for f in budgets]
+        cpu_layers = [] if args.cpu_layers in ("", "none") else parse_fractions(args.cpu_layers, "--cpu-layers")
+        #: (name, device fraction, host fraction or None, batch sizes, layers may run on the CPU)
+        self.rows: list[tuple[str, float, float | None, list[int], bool]] = [
+            (f"budget {f:g}", f, None, batches, False) for f in budgets]
         skipped: dict[str, str] = {}
+        if cpu_layers and self.device == "cpu":
+            skipped["cpu_layers_skipped"] = "--cpu-layers runs layers on the CPU beside a GPU; this run has no GPU"
+        else:
+            for f in cpu_layers:  # right after the row it is compared with, so a run cut short keeps pairs
+                at = next((i + 1 for i, r in enumerate(self.rows) if r[0] == f"budget {f:g}"), len(self.rows))
+                self.rows.insert(at, (f"cpu layers {f:g}", f, None, batches, True))
         if disk is not None and self.device == "cpu":
             skipped["disk_row_skipped"] = "on the CPU every budget row below 1.0 already streams from disk"
         elif disk is not None:
             self.rows.append((f"disk {disk[0]:g}/{disk[1]:g}", disk[0], disk[1],
-                              common.int_list(args.disk_batch_size, "--disk-batch-size")))
+                              common.int_list(args.disk_batch_size, "--disk-batch-size"), False))
         self.accelerate_skipped = accelerate_problem() if args.compare == "accelerate" else \
             "not asked (--compare accelerate)"
         if self.accelerate_skipped:
@@ -400,20 +416,22 @@ class Run:
         except Exception as err:  # noqa: BLE001
             self.report["single"] = {"error": error_line(err)}
             return
-        for b in sorted({b for *_, row_batches in self.rows for b in row_batches}):
+        for b in sorted({b for _, _, _, row_batches, _ in self.rows for b in row_batches}):
             figures, self.single_tokens[b] = self.timed(f"single batch {b}", gen, b)
-            self.report["single"][str(b)] = {**figures, **_memory_fields(self.device, figures, baseline, self.nbytes)}
+            self.report["single"][str(b)] = {**figures, **memory_fields(self.device, figures, baseline, self.nbytes)}
             self.save()
         del model, gen
         release()
 
-    def tiered(self, name: str, fraction: float, cpu_fraction: float | None, entries: dict[int, Any]) -> None:
+    def tiered(self, name: str, fraction: float, cpu_fraction: float | None, entries: dict[int, Any],
+               host_compute: bool = False) -> None:
         import torch
 
         options = tiered_options(self.device, fraction, self.nbytes, self.work, cpu_fraction, self.bandwidth)
         baseline = rss_bytes()
+        device = [self.device, "cpu"] if host_compute else self.device
         try:
-            model, gen = load_dsr1(self.model_dir, self.device, self.dtype, "tiered", options)
+            model, gen = load_dsr1(self.model_dir, device, self.dtype, "tiered", options)
         except Exception as err:  # noqa: BLE001 - a budget that cannot fit is a result too
             for e in entries.values():
                 e["tiered"] = {"pool_options": options, "error": error_line(err)}
@@ -423,20 +441,23 @@ class Run:
         floor_s = plan.floor_s() if plan is not None else None
         for b, e in entries.items():
             figures, tokens = self.timed(f"tiered {name} batch {b}", gen, b)
-            t: dict[str, Any] = {"pool_options": options, "plan": plan.as_dict() if plan is not None else None,
-                                 **figures}
+            t: dict[str, Any] = {"device": device, "pool_options": options,
+                                 "plan": plan.as_dict() if plan is not None else None, **figures}
             if floor_s and "decode_tok_s" in figures:
                 t["floor_tok_s"] = round(b / floor_s, 2)
                 t["fraction_of_floor"] = round(figures["decode_tok_s"] / t["floor_tok_s"], 3)
             if tokens is not None and self.single_tokens.get(b) is not None:
                 t["greedy_identical_to_single"] = bool(torch.equal(tokens, self.single_tokens[b]))
-            e["tiered"] = {**t, **_memory_fields(self.device, figures, baseline, int(fraction * self.nbytes))}
+            e["tiered"] = {**t, **memory_fields(self.device, figures, baseline, int(fraction * self.nbytes))}
             self.save()
         del model, gen, plan
         release()
 
-    def accelerate(self, name: str, fraction: float, cpu_fraction: float | None, entries: dict[int, Any]) -> None:
+    def accelerate(self, name: str, fraction: float, cpu_fraction: float | None, entries: dict[int, Any],
+                   host_compute: bool = False) -> None:
         reason = self.accelerate_skipped or ("the weights fit: single is the baseline" if fraction >= 1.0 else None)
+        if not reason and host_compute:
+            reason = f"the same max_memory as row 'budget {fraction:g}', timed there"
         if not reason and cpu_fraction is not None and not self.args.accelerate_disk:
             reason = "accelerate's disk offload not timed (--accelerate-disk times it)"
         if reason:
@@ -461,21 +482,52 @@ class Run:
         for b, e in entries.items():
             figures, _ = self.timed(f"accelerate {name} batch {b}", gen, b)
             e["accelerate"] = {"max_memory": shown, "device_map": placed, **figures,
-                               **_memory_fields(self.device, figures, baseline, budget)}
+                               **memory_fields(self.device, figures, baseline, budget)}
             self.save()
         del model, gen
         release()
 
+    def resident_pair(self, batches: list[int], rounds: int) -> None:
+        """``single`` and ``tiered`` with a budget that holds everything, both loaded, timed in
+        alternating rounds: a ratio that machine drift between rows cannot skew."""
+        options = tiered_options(self.device, 1.0, self.nbytes, self.work, None, self.bandwidth)
+        models = {"single": load_dsr1(self.model_dir, self.device, self.dtype, "single", {}),
+                  "tiered": load_dsr1(self.model_dir, self.device, self.dtype, "tiered", options)}
+        direct = getattr(models["tiered"][0].pipeline.pool, "direct", None)
+        out: dict[str, Any] = {"pool_options": options, "rounds": rounds, "results": [],
+                               "tiered_read_straight_to": str(direct) if direct is not None else "host memory"}
+        self.report["resident_pair"] = out
+        for b in batches:
+            rates: dict[str, list[float]] = {name: [] for name in models}
+            for r in range(rounds):
+                for name in (list(models) if r % 2 == 0 else list(reversed(models))):
+                    figures, _ = self.timed(f"{name} batch {b} round {r}", models[name][1], b)
+                    rates[name].append(figures.get("decode_tok_s", float("nan")))
+            single, tiered = statistics.median(rates["single"]), statistics.median(rates["tiered"])
+            ratio = round(tiered / single, 3)
+            out["results"].append({"batch_size": b, "rounds": rates, "single_decode_tok_s": single,
+                                   "tiered_decode_tok_s": tiered, "ratio": ratio,
+                                   "within_2pct": abs(ratio - 1) <= 0.02})
+            print(f"resident pair batch {b}: single {single:.1f}, tiered {tiered:.1f} tok/s, ratio {ratio:.3f}",
+                  flush=True)
+            self.save()
+        del models
+        release()
+
     def all(self) -> dict[str, Any]:
+        if self.args.resident_pair:
+            self.resident_pair(common.int_list(self.args.batch_size, "--batch-size"), self.args.resident_pair)
         self.single()
-        for name, fraction, cpu_fraction, batches in self.rows:
+        for name, fraction, cpu_fraction, batches, host_compute in self.rows:
             entries = {b: {"row": name, "budget_fraction": fraction, "cpu_fraction": cpu_fraction, "batch_size": b}
                        for b in batches}
             self.report["results"].extend(entries.values())
-            self.tiered(name, fraction, cpu_fraction, entries)
-            self.accelerate(name, fraction, cpu_fraction, entries)
+            self.tiered(name, fraction, cpu_fraction, entries, host_compute)
+            self.accelerate(name, fraction, cpu_fraction, entries, host_compute)
             for b, e in entries.items():
-                _ratios(e, self.report["single"].get(str(b), {}))
+                streaming = next((r for r in self.report["results"] if r["row"] == f"budget {fraction:g}"
+                                  and r["batch_size"] == b), None) if host_compute else None
+                ratios(e, self.report["single"].get(str(b), {}), streaming)
             self.save()
         return self.report
 
@@ -485,66 +537,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m dsr1.benchmarks.tiered " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(table(Run(args, command).all()))
     return 0
-
-
-def _memory_fields(device: str, figures: dict[str, Any], baseline: int | None, budget: int) -> dict[str, Any]:
-    """The decode's peak against the budget: on CUDA the allocator's (weights, buffers, activations,
-    KV cache); on the CPU the peak resident set less the one before the load."""
-    if "peak_bytes" not in figures:
-        return {}
-    if device == "cuda":
-        return {"budget_bytes": budget, "peak_over_budget": round(figures["peak_bytes"] / budget, 3)}
-    if baseline is None:
-        return {}
-    out: dict[str, Any] = {"rss_before_load_bytes": baseline, "peak_above_load_baseline_bytes":
-                           figures["peak_bytes"] - baseline}
-    out["budget_bytes"] = budget
-    out["peak_above_baseline_over_budget"] = round((figures["peak_bytes"] - baseline) / budget, 3)
-    return out
-
-
-def _ratios(entry: dict[str, Any], single: dict[str, Any]) -> None:
-    rate = entry.get("tiered", {}).get("decode_tok_s")
-    if rate is None:
-        return
-    if single.get("decode_tok_s"):
-        entry["ratio_vs_single"] = round(rate / single["decode_tok_s"], 3)
-        if entry["budget_fraction"] >= 1.0 and entry["cpu_fraction"] is None:
-            # both ways: a placement that holds everything must decode like single, and a gap either
-            # way means the two runs differ in something besides placement
-            entry["within_2pct_of_single"] = abs(entry["ratio_vs_single"] - 1) <= 0.02
-    accelerate = entry.get("accelerate", {}).get("decode_tok_s")
-    if accelerate:
-        entry["ratio_vs_accelerate"] = round(rate / accelerate, 3)
-
-
-def table(report: dict[str, Any]) -> str:
-    """The report as a compact table (decode tok/s)."""
-    def cell(value: Any, fmt: str = "{:.1f}") -> str:
-        return "-" if value is None else fmt.format(value)
-
-    lines = [f"{report['checkpoint']['shape']} ({report['weight_bytes'] / GIB:.2f} GiB {report['dtype']}) on "
-             f"{report['hardware']}; decode tok/s, prompt {report['settings']['prompt_len']}, "
-             f"{report['settings']['new_tokens']} new",
-             f"{'row':<16}{'batch':>6}{'tiered':>10}{'floor':>10}{'of floor':>10}{'single':>10}{'accel':>10}"
-             f"{'vs single':>11}{'vs accel':>10}  streamed"]
-    for e in report["results"]:
-        t, a = e.get("tiered", {}), e.get("accelerate", {})
-        s = report["single"].get(str(e["batch_size"]), {})
-        plan = t.get("plan") or {}
-        tiers = plan.get("tiers", {})
-        streamed = sum(tiers.get(k, {}).get("bytes", 0) for k in ("cpu", "disk"))
-        on_disk = tiers.get("disk", {}).get("bytes", 0)
-        note = t.get("error") or (f"{streamed / GIB:.2f} GiB (disk {on_disk / GIB:.2f})" if plan else "")
-        lines.append(f"{e['row']:<16}{e['batch_size']:>6}{cell(t.get('decode_tok_s')):>10}"
-                     f"{cell(t.get('floor_tok_s')):>10}{cell(t.get('fraction_of_floor'), '{:.0%}'):>10}"
-                     f"{cell(s.get('decode_tok_s')):>10}{cell(a.get('decode_tok_s')):>10}"
-                     f"{cell(e.get('ratio_vs_single'), '{:.3f}x'):>11}"
-                     f"{cell(e.get('ratio_vs_accelerate'), '{:.2f}x'):>10}"
-                     f"  {note}")
-    if report.get("accelerate_skipped"):
-        lines.append(report["accelerate_skipped"])
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
             "kvcache_bytes": stats.kvcache_bytes,
             "pipeline": model.pipeline.describe(),
         }
+        graph_report = getattr(model.runtime.steps, "report", None)
+        if graph_report is not None:  # a graph pass that chooses plans as it runs (adaptive): what it chose
+            report["graph_plan"] = graph_report()
         placement = model.runtime.placement
         if placement is not None:  # a pool that plans (tiered): where each unit lives
             report["pool_plan"] = placement.as_dict()

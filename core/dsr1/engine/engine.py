@@ -208,6 +208,10 @@ class Engine:
         #: the batch runner records its batches (prefill, decode) itself, not every step
         self._record_steps = isinstance(self.runner, PagedRunner)
         self.monitor = pipeline.monitor
+        #: the monitor's per-step calls, resolved once (None: it watches no steps, and a step pays nothing)
+        self._stepper = self.monitor if self.monitor.watches_steps else None
+        if self._stepper is not None:
+            self._stepper.attach(model)
         defaults = runtime.generation_defaults
         eos = defaults.get("eos_token_id") if eos_ids is None else list(eos_ids)
         self.eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
@@ -334,8 +338,17 @@ class Engine:
             return []
         started = time.perf_counter()
         params = {s.request_id: self.tracked[s.request_id].params for s in plan.scheduled}
+        stepper = self._stepper
         with self.model.run_lock.hold("engine step", nested_ok=True):  # a generate elsewhere may be repacking weights
-            sampled = self.runner.execute(plan, self.requests, params)
+            if stepper is None:
+                sampled = self.runner.execute(plan, self.requests, params)
+            else:  # inside the lock: steps of two engines on one model (one monitor) never interleave
+                context = max((s.start + len(s.token_ids) for s in plan.scheduled), default=0)
+                stepper.begin_step(len(plan.scheduled), context, plan.num_tokens)
+                try:
+                    sampled = self.runner.execute(plan, self.requests, params)
+                finally:
+                    stepper.end_step()
         stopped: dict[str, str] = {}
         deltas: dict[str, str] = {}
         now = time.monotonic()

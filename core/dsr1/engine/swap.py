@@ -49,9 +49,22 @@ class HostKV:
         pools = kv.k if kv.shared else [*kv.k, *kv.v]
         self.pools = pools  # the device tensors a block spans, in host-block order
         first = pools[0]
-        shape = (num_blocks, len(pools), kv.block_size, kv.n_kv_heads, kv.head_dim)
-        # empty, not zeros: a host block is read only after a device block was copied into it
-        self.blocks = torch.empty(shape, dtype=first.dtype, device="cpu", pin_memory=self.pin)
+        self.shape = (num_blocks, len(pools), kv.block_size, kv.n_kv_heads, kv.head_dim)
+        self.dtype = first.dtype
+        self._blocks: torch.Tensor | None = None
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The host blocks, allocated at the first swap: an engine that never preempts never pins
+        its swap space (pinned memory is locked away from the rest of the machine)."""
+        if self._blocks is None:
+            # empty, not zeros: a host block is read only after a device block was copied into it
+            self._blocks = torch.empty(self.shape, dtype=self.dtype, device="cpu", pin_memory=self.pin)
+        return self._blocks
+
+    @property
+    def allocated(self) -> bool:
+        return self._blocks is not None
 
     def apply(self, out: Sequence[tuple[int, int]], into: Sequence[tuple[int, int]]) -> None:
         """Run a plan's copies on the device's stream: device→host first, then host→device."""
@@ -69,8 +82,7 @@ class HostKV:
 
     def _to_device(self, pairs: Sequence[tuple[int, int]]) -> None:
         device = self.pools[0].device
-        first = self.blocks
-        stage = torch.empty((len(pairs), *first.shape[1:]), dtype=first.dtype, device=device)  # (n, pools, ...)
+        stage = torch.empty((len(pairs), *self.shape[1:]), dtype=self.dtype, device=device)  # (n, pools, ...)
         for (start, length), rows in _runs([h for h, _ in pairs]):
             stage[rows : rows + length].copy_(self.blocks[start : start + length], non_blocking=self.pin)
         idx = torch.tensor([d for _, d in pairs], dtype=torch.long).to(device)

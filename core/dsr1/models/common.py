@@ -494,9 +494,10 @@ class Dsr1Model(nn.Module):
 
     @property
     def streams_weights(self) -> bool:
-        """True when a pool streams some weights in per step (no captured or compiled steps then)."""
+        """True when a pool moves weights or activations from Python hooks each step: units
+        streamed in, modules run on the CPU (no captured or compiled steps then)."""
         plan = self._runtime.placement if self._runtime is not None else None
-        return plan is not None and plan.streams
+        return plan is not None and plan.hooked
 
     @property
     def dtype(self) -> torch.dtype:

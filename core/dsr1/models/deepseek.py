@@ -432,6 +432,7 @@ def build_deepseek(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: D
 
     names = check_names(reader, a.hf_tensor_shapes(), ignorable=ignorable)
     dtype = choose_dtype(options, pipeline, reader)
+    state = build_state(pipeline)  # before weight_device: the pool may plan from the checkpoint first
     device = pipeline.pool.weight_device(pipeline.device)
     attn = bind_attention(pipeline, a.n_heads, a.n_heads, hf)
     if attn.recurrent:
@@ -439,7 +440,6 @@ def build_deepseek(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: D
                         "attention has no place for; pick a softmax attention plugin (e.g. sdpa) for DeepSeek models")
     with torch.device("meta"):
         model = DeepseekForCausalLM(a, attn, options.fuse)
-    state = build_state(pipeline)
     with pipeline.device.relayout_memory():
         for name in model.state_dict():
             if a.tie_embeddings and name == "lm_head.weight":

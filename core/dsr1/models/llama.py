@@ -383,6 +383,7 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
         ignorable=lambda n: n.endswith("rotary_emb.inv_freq") or (a.tie_embeddings and n == "lm_head.weight"),
     )
     dtype = choose_dtype(options, pipeline, reader)
+    state = build_state(pipeline)  # before weight_device: the pool may plan from the checkpoint first
     device = pipeline.pool.weight_device(pipeline.device)  # the pool decides where the weights live
     parallel = pipeline.config.parallel
     plan = TensorPlan.create(a, pipeline, device) if parallel is not None and parallel.tensor > 1 else None
@@ -403,7 +404,6 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     # the device's kernel, else oneDNN-packed weights, for CPU decode (dsr1.models.packing). Whatever the quant
     # policy: the choice is made at the first generate, after the policy ran, on the layers it left plain fp32
     batch_layout = layout == "auto" and on_cpu and torch.backends.mkldnn.is_available()
-    state = build_state(pipeline)
     with pipeline.device.relayout_memory():  # each tensor's read buffer is freed once it is placed
         read = (plan.reader(reader, names, dtype, device) if plan is not None
                 else lambda n: reader.read(names[n], dtype, device))

@@ -4,8 +4,11 @@ The model is built in host memory; :meth:`TieredPool.place` then plans (:mod:`ds
 with the bandwidths of :mod:`dsr1.pool.bandwidth`) and carries the plan out: resident units move
 to the compute device, streamed ones are packed into pinned host blocks or written to
 safetensors files under ``disk_dir`` and run out of two device buffers (:mod:`dsr1.pool.stream`),
-and the embedding may stay on the CPU and run there. With budgets that hold everything, the
-model ends up exactly where ``single`` puts it.
+and the embedding may stay on the CPU and run there. With ``device: [cuda, cpu]`` the cost model
+may also run whole layers (and the ``lm_head``) on the CPU instead of streaming them: their
+projections run where their weights are, with the activations moved, while attention, the
+norms and the KV cache stay on the device. With budgets that hold everything, the model ends up
+exactly where ``single`` puts it.
 
     AutoModel.from_pretrained(d, pool={"name": "tiered", "options": {"gpu_memory_gb": 7}})
 """
@@ -48,6 +51,8 @@ class TieredOptions(BaseModel):
     #: where disk-tier units are written (default ``$DSR1_HOME/offload``).
     disk_dir: str | None = None
     #: units that may run on the CPU, moving activations, when the model does not fit the device.
+    #: ``auto``: the embedding; with ``device: [cuda, cpu]`` the layers and the lm_head as well,
+    #: where the cost model says that beats streaming them.
     cpu_modules: Literal["auto"] | list[str] = "auto"
     #: memory left free below what the device or machine reports when a budget is not given (GiB).
     margin_gb: float = Field(default=1.0, ge=0)
@@ -110,9 +115,24 @@ def model_units(model: nn.Module) -> list[tuple[Unit, nn.Module]]:
 class TieredPool(Pool):
     Options = TieredOptions
     options: TieredOptions
+    #: ``device: [cuda, cpu]``: layers may run on the CPU (see :meth:`use_devices`).
+    host_compute = False
+
+    def use_devices(self, extra: list[str]) -> bool:
+        odd = [d for d in extra if d != "cpu"]
+        if odd:
+            raise Dsr1Error(f"pool tiered runs modules on the cpu beside the compute device, not on {odd[0]!r}; "
+                            f"write device: [cuda, cpu]")
+        self.host_compute = True
+        return True
+
+    #: the compute device when the checkpoint fits it whole (set by :meth:`build_state`, which the
+    #: builders call first): the weights are then read straight there, as ``single`` reads them.
+    direct: torch.device | None = None
 
     def weight_device(self, device: Device) -> torch.device:
-        return torch.device("cpu")  # the plan needs the built sizes; place() moves what stays resident
+        # otherwise the plan needs the built sizes: weights are read to host memory and place() moves what stays
+        return self.direct or torch.device("cpu")
 
     # --- budgets ------------------------------------------------------------------------------
 
@@ -159,15 +179,21 @@ class TieredPool(Pool):
             return total
         return want
 
-    def plan(self, units: list[Unit], fixed: int, device: Device, model_dir: Path | None) -> TierPlan:
+    def plan(self, units: list[Unit], fixed: int, device: Device, model_dir: Path | None,
+             dtype: torch.dtype = torch.float32) -> TierPlan:
         compute = device.torch_device()
+        if self.host_compute and compute.type == "cpu":
+            raise Dsr1Error("pool tiered: device [..., cpu] lets a GPU model run modules on the cpu, but this model "
+                            "computes on the cpu already; write device: cpu")
         budgets = self.budgets(compute, device)
         disk = self.disk_dir()
         refusal = None
         if model_dir is not None and not any(p.suffix == ".safetensors" for p in Path(model_dir).iterdir()):
             refusal = f"the checkpoint in {str(model_dir)!r} is not safetensors (convert it, or raise cpu_memory_gb)"
-        rates = bw.bandwidths(compute, disk, self.options.bandwidth_gbps)
+        rates = bw.bandwidths(compute, disk, self.options.bandwidth_gbps, dtype=dtype)
         cpu_ok = list(AUTO_CPU_MODULES) if self.options.cpu_modules == "auto" else list(self.options.cpu_modules)
+        if self.options.cpu_modules == "auto" and self.host_compute:
+            cpu_ok += [u.name for u in units if u.kind != "embed"]
         names = {u.name for u in units}
         odd = [n for n in cpu_ok if n not in names]
         if odd and self.options.cpu_modules != "auto":
@@ -176,9 +202,10 @@ class TieredPool(Pool):
         budget_name = "cpu_memory_gb" if compute.type == "cpu" else "gpu_memory_gb"
         return make_plan(units, fixed, compute.type, budgets, rates, cpu_ok, refusal, budget_name)
 
-    def plan_checkpoint(self, model_dir: Path, device: Device) -> TierPlan:
+    def plan_checkpoint(self, model_dir: Path, device: Device, itemsize: int | None = None) -> TierPlan:
         """The plan for a checkpoint before loading it, from its tensors' sizes (headers only) in
-        its floating dtype: what ``dsr1 config check --model M`` prints. A quant plugin shrinks the units."""
+        its floating dtype (or at ``itemsize`` bytes per floating element): what ``dsr1 config
+        check --model M`` prints. A quant plugin shrinks the units."""
         from dsr1.models.loading import CheckpointReader, read_hf_config
 
         reader = CheckpointReader(model_dir)
@@ -191,7 +218,8 @@ class TieredPool(Pool):
                 for d in reader.shape(name):
                     numel *= d
                 stored = reader._stored_dtype(name)
-                size = numel * (dtype.itemsize if stored.is_floating_point and dtype is not None else stored.itemsize)
+                wide = itemsize or (dtype.itemsize if dtype is not None else stored.itemsize)
+                size = numel * (wide if stored.is_floating_point else stored.itemsize)
                 parts = name.split(".")
                 if name.startswith("model.layers.") and parts[2].isdigit():
                     key = ".".join(parts[:3])
@@ -208,7 +236,7 @@ class TieredPool(Pool):
         units = [Unit("model.embed_tokens", sizes.get("model.embed_tokens", 0), "embed", movable=not tied)]
         units += [Unit(k, sizes[k], "layer") for k in layers]
         units.append(Unit("lm_head", sizes.get("lm_head", 0), "head", movable=not tied))
-        plan = self.plan(units, fixed, device, model_dir)
+        plan = self.plan(units, fixed, device, model_dir, dtype or torch.float32)
         where = str(dtype).removeprefix("torch.") if dtype is not None else "their stored dtypes"
         plan.notes.append(f"planned from the checkpoint's tensor sizes in {where}, before any quant plugin")
         return plan
@@ -219,6 +247,10 @@ class TieredPool(Pool):
         model_dir = getattr(pipeline, "model_dir", None)
         if model_dir is None:
             return {}
+        compute = pipeline.device.torch_device()
+        if compute.type != "cpu":  # fits even in float32: built where it computes, nothing for place() to move
+            widest = self.plan_checkpoint(Path(model_dir), pipeline.device, itemsize=4)
+            self.direct = None if widest.hooked else compute
         plan = self.plan_checkpoint(Path(model_dir), pipeline.device)
         disk = [u.name for u in plan.streamed if plan.tier[u.name] == "disk"]
         if not disk:
@@ -237,11 +269,14 @@ class TieredPool(Pool):
         pairs = model_units(model)
         fixed = _tensor_bytes(model) - sum(u.nbytes for u, _ in pairs)
         pipeline = getattr(model, "pipeline", None)
-        plan = self.plan([u for u, _ in pairs], fixed, device, getattr(pipeline, "model_dir", None))
+        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+        plan = self.plan([u for u, _ in pairs], fixed, device, getattr(pipeline, "model_dir", None), dtype)
         graph = pipeline.choices.get("graph") if pipeline is not None else None
-        if plan.streams and graph is not None and graph.name != "eager":
-            raise Dsr1Error(f"pool tiered streams {len(plan.streamed)} units in per step, which graph "
-                            f"{graph.name!r} cannot capture; use graph: eager, or budgets that hold the model")
+        if plan.hooked and graph is not None and graph.name != "eager":
+            moved = sum(t != "device" for t in plan.tier.values())
+            raise Dsr1Error(f"pool tiered moves {moved} units' weights or "
+                            f"activations per step, which graph {graph.name!r} cannot capture; use graph: eager, "
+                            f"or budgets that hold the model")
         off_device = {id(m) for u, m in pairs if plan.tier[u.name] != "device"}
         _move_except(model, compute, off_device)
         rope = getattr(model, "rope", None)
@@ -261,7 +296,7 @@ class TieredPool(Pool):
         if spilled is not None:  # maps still open keep their pages; the names can go now
             shutil.rmtree(spilled, ignore_errors=True)
             self.spill_dir = None
-        self.last_floor_s = plan.floor_s()
+        self.last_floor_s, self.last_rates = plan.floor_s(), plan.bandwidth
         runtime = getattr(model, "_runtime", None)
         if runtime is not None:
             runtime.placement = plan
@@ -285,7 +320,8 @@ class TieredPool(Pool):
         less than one pass over the weights (what recomputing its tokens takes at the least)."""
         if self.options.kv_swap_gb == 0 or device.type != "cuda":
             return None  # on a CPU-only machine the KV already lives in host memory
-        rates = bw.bandwidths(device, self.disk_dir(), self.options.bandwidth_gbps)
+        # the figures the placement planned with (measured now for a model this pool did not place)
+        rates = getattr(self, "last_rates", None) or bw.bandwidths(device, self.disk_dir(), self.options.bandwidth_gbps)
         weights_pass = getattr(self, "last_floor_s", 0.0)
 
         def should_swap(num_tokens: int) -> bool:
@@ -312,15 +348,39 @@ def _move_except(model: nn.Module, target: torch.device, skip: set[int]) -> None
 
 
 def _run_on_cpu(module: nn.Module, compute: torch.device) -> None:
-    """Run ``module`` where its weights are (the CPU): its tensor inputs go there, its output comes back."""
-    def pre(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args)
+    """Run the weight-bearing parts of ``module`` where their weights are (the CPU), everything
+    else on ``compute``. A submodule holding a matrix (a projection, an embedding table, stacked
+    experts) runs on the CPU whole: its tensor inputs go there and its outputs come back. Vectors
+    (norm weights, biases outside a projection) move to ``compute`` with the modules that use them,
+    so attention and the norms of a layer run on the CPU stay on the device with its KV cache."""
+    own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if any(t.dim() >= 2 for t in own):
+        module.register_forward_pre_hook(_inputs_to_cpu, with_kwargs=True)
+        module.register_forward_hook(lambda mod, args, out: _to(out, compute, non_blocking=True))
+        return
+    for name, p in module._parameters.items():
+        if p is not None:
+            p.data = p.data.to(compute)
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = b.to(compute)
+    for child in module.children():
+        _run_on_cpu(child, compute)
 
-    def post(mod: nn.Module, args: Any, out: Any) -> Any:
-        return out.to(compute, non_blocking=True) if isinstance(out, torch.Tensor) else out
 
-    module.register_forward_pre_hook(pre)
-    module.register_forward_hook(post)
+def _to(value: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``value`` with its tensors (also inside tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device, non_blocking) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device, non_blocking) for k, v in value.items()}
+    return value
+
+
+def _inputs_to_cpu(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    return _to(args, torch.device("cpu")), _to(kwargs, torch.device("cpu"))
 
 
 @hookimpl

@@ -4,7 +4,9 @@ Per-request figures (TTFT, TPOT, end-to-end latency, token counters, finished an
 requests) are observed by the request handlers as they happen. Engine state (requests running
 and waiting, KV blocks, prefix-cache hits) is read at scrape time from the snapshot that the
 engine loop publishes (:meth:`AsyncEngine.stats`), and the monitor plugin's figures through the
-one interface every monitor has (:meth:`Monitor.generation_stats`), so any monitor works here.
+one interface every monitor has (:meth:`Monitor.generation_stats`), so any monitor works here;
+a monitor that keeps per-operator latencies (``monitor: profiler``) adds them through
+:meth:`Monitor.operator_stats` (``dsr1_operator_latency_*``, labelled by operator and bucket).
 A registry per server (not prometheus-client's process-wide default) lets two servers, or a
 server and its tests, live in one process.
 """
@@ -65,6 +67,30 @@ class _EngineCollector(Collector):
             value = getattr(g, field)
             if value is not None:
                 yield GaugeMetricFamily(f"dsr1_monitor_{field}", doc, value=float(value))
+        yield from _operator_families(monitor.operator_stats())
+
+
+#: labels of the per-operator latencies (:class:`dsr1.interfaces.OperatorStat`).
+OPERATOR_LABELS = ("operator", "phase", "batch_bucket", "context_bucket")
+
+
+def _operator_families(stats: list[Any]) -> Iterator[Any]:
+    """Per-operator step latencies of a monitor that keeps them (``monitor: profiler``); none otherwise."""
+    if not stats:
+        return
+    mean = GaugeMetricFamily("dsr1_operator_latency_mean_seconds", "mean seconds per engine step in the operator "
+                             "(operator 'step': the whole step), by phase and power-of-two batch / context bucket",
+                             labels=OPERATOR_LABELS)
+    var = GaugeMetricFamily("dsr1_operator_latency_variance_seconds_squared", "variance of those seconds per step",
+                            labels=OPERATOR_LABELS)
+    count = GaugeMetricFamily("dsr1_operator_latency_steps", "engine steps measured for those figures",
+                              labels=OPERATOR_LABELS)
+    for st in stats:
+        labels = [st.operator, st.phase, str(st.batch_bucket), str(st.context_bucket)]
+        mean.add_metric(labels, float(st.mean_s))
+        var.add_metric(labels, float(st.variance_s))
+        count.add_metric(labels, float(st.count))
+    yield from (mean, var, count)
 
 
 class ServerMetrics:
