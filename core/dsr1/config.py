@@ -98,14 +98,27 @@ class HardwareConfig(BaseModel):
 class ParallelConfig(BaseModel):
     """How one model spreads over the processes of a ``torchrun`` launch (docs/parallel.md).
 
-    ``tensor`` 1 is the single-device path, untouched. Above 1 it must equal the world size; the
-    model's head and MLP counts are checked against it when the model is built (they come from its
+    ``tensor`` and ``pipeline`` 1 is the single-device path, untouched. Otherwise ``tensor *
+    pipeline`` must equal the world size (rank = stage * tensor + tensor rank); the model's head,
+    MLP and layer counts are checked against them when the model is built (they come from its
     config.json)."""
 
     model_config = ConfigDict(extra="forbid")
 
     #: tensor-parallel ranks: each holds 1/tensor of the attention heads, MLP and vocabulary.
     tensor: int = Field(default=1, ge=1)
+    #: pipeline stages: each holds a contiguous range of the layers (at most one stage per layer).
+    pipeline: int = Field(default=1, ge=1)
+    #: rows of a forward split into this many micro-batches, so that stages overlap; default: ``pipeline``
+    #: (capped at the rows of each forward).
+    micro_batches: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _micro_batches_need_stages(self) -> ParallelConfig:
+        if self.micro_batches is not None and self.pipeline == 1:
+            raise ValueError(f"parallel.micro_batches {self.micro_batches} splits a forward's rows between pipeline "
+                             f"stages, but parallel.pipeline is 1; set pipeline above 1 or leave micro_batches out")
+        return self
     #: seconds a collective (and the rendezvous) waits for the other ranks before failing.
     timeout_s: float = Field(default=300.0, gt=0)
 

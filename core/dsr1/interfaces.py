@@ -158,20 +158,31 @@ class Device(Plugin):
     def device_count(self) -> int: ...
 
     @abstractmethod
-    def memory_info(self, index: int = 0) -> MemoryInfo: ...
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
+        """The memory of device ``index`` (None: :meth:`local_index`)."""
 
     @abstractmethod
-    def synchronize(self, index: int = 0) -> None: ...
+    def synchronize(self, index: int | None = None) -> None: ...
 
     @abstractmethod
     def supported_dtypes(self) -> list[torch.dtype]: ...
 
-    def torch_device(self, index: int = 0) -> torch.device:
+    @staticmethod
+    def local_index() -> int:
+        """This process's device: ``LOCAL_RANK`` when ``torchrun`` launched several ranks (one device
+        each on a machine), else 0. Every ``index=None`` of this interface means it."""
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return int(os.environ.get("LOCAL_RANK", "0") or 0)
+        return 0
+
+    def torch_device(self, index: int | None = None) -> torch.device:
         import torch
 
         if self.torch_device_type == "cpu":
             return torch.device("cpu")
-        return torch.device(self.torch_device_type, index)
+        return torch.device(self.torch_device_type, self.local_index() if index is None else index)
 
     def compile_backend(self) -> tuple[str, dict[str, Any]] | None:
         """``torch.compile`` backend name and its options for this device (``None``: it has none,
@@ -314,6 +325,9 @@ class GraphSteps:
     #: what a pass that decides at run time chose so far, as plain data (graph ``adaptive``: the
     #: plan per (batch, context) bucket and its measured latencies), or None.
     report: Callable[[], dict[str, Any]] | None = None
+    #: how the engine's paged decode runs its static step per batch bucket
+    #: (:mod:`dsr1.graph.paged_plans`): ``chooser(rows, trial) -> plan name``; None: the runner's default.
+    paged: Callable[[int, Callable[[str], Callable[[], Any]]], str] | None = None
 
 
 class GraphPass(Plugin):

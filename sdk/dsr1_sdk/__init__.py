@@ -28,6 +28,8 @@ Importing this package is cheap: it imports pydantic and pluggy, never torch.
 * :mod:`dsr1_sdk.pruning` - what pruning plugins share: keep-masks, calibration statistics,
   ``prunable_linears``.
 * :mod:`dsr1_sdk.layers` - :class:`~dsr1_sdk.layers.PackedLinear`, a linear layer in a device kernel's own layout.
+* :mod:`dsr1_sdk.kernels` - shared CUDA kernels for plugins: ``weight_only.weight_only_mm``, the weight-only
+  Triton GEMV / ``tl.dot`` op over int8, int4, fp8 and bf16 weights (triton imported on first use).
 
 A plugin imports only this package, torch, the standard library and its declared dependencies,
 never ``dsr1.*``. Every name in a module's ``__all__`` is stable while :data:`API_VERSION`

@@ -49,7 +49,8 @@ __all__ = ["VendorDevice", "VendorOptions", "find_spec", "import_module", "one_l
 class VendorOptions(PluginOptions):
     """Options every vendor device takes (unknown keys are refused)."""
 
-    device_index: int = Field(0, ge=0, description="the device used when a method is given no index")
+    device_index: int = Field(0, ge=0, description="the device used when a method is given no index (unset: LOCAL_RANK "
+                                                  "under a torchrun launch of several ranks, else 0)")
     memory_fraction: float | None = Field(
         None, gt=0.0, le=1.0,
         description="torch.<type>.set_per_process_memory_fraction on first use (None: no cap)",
@@ -160,7 +161,11 @@ class VendorDevice(Device):
         return module
 
     def _index(self, index: int | None) -> int:
-        return int(self.options.device_index) if index is None else index
+        if index is not None:
+            return index
+        if "device_index" in self.options.model_fields_set:
+            return int(self.options.device_index)
+        return self.local_index()  # LOCAL_RANK under a launch of several ranks, else 0
 
     def device_count(self) -> int:
         return int(self.runtime().device_count())

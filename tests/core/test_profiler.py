@@ -33,8 +33,8 @@ class FakeClock:
         return self.t
 
 
-def profiler(clock: FakeClock, every: int = 1, keep: int = 64) -> ProfilerMonitor:
-    return ProfilerMonitor(ProfilerOptions(every=every, keep=keep), clock=HostClock(clock), wall=clock)
+def profiler(clock: FakeClock, every: int = 1, keep: int = 64, layers: int | str = 1) -> ProfilerMonitor:
+    return ProfilerMonitor(ProfilerOptions(every=every, keep=keep, layers=layers), clock=HostClock(clock), wall=clock)
 
 
 class Tick(nn.Module):
@@ -182,6 +182,30 @@ def test_operators_of_a_sampled_step_exclusive_of_their_timed_children() -> None
     assert shares["mlp"] == pytest.approx(14 / (sum(TOY_SECONDS.values()) + 0.5))
 
 
+def test_a_sampled_step_times_one_layer_in_turn_and_scales_it_to_the_stack() -> None:
+    clock = FakeClock()
+    toy = Toy(clock)
+    toy.model.layers[1].mlp.cost = 9  # the layers differ: the turns average to the stack's true time
+    mon = profiler(clock, every=1)
+    mon.attach(toy)
+    hooked = []
+    for _ in range(4):
+        mon.begin_step(1, 9, 1)
+        hooked.append([bool(layer.mlp._forward_pre_hooks) for layer in toy.model.layers])
+        assert toy.lm_head._forward_pre_hooks and toy.model.embed_tokens._forward_pre_hooks  # outside: always
+        toy(torch.zeros(1))
+        clock.t += 13
+        mon.end_step()
+    assert hooked == [[True, False], [False, True]] * 2
+    assert [e["layers"] for e in mon.samples] == [[0], [1]] * 2
+    ops = {s.operator: s for s in mon.operator_stats() if s.phase == "decode"}
+    assert ops["mlp"].mean_s == pytest.approx(7 + 9)  # 2 x 7 and 2 x 9, one layer timed per step
+    for op in ("qkv", "o_proj", "attention", "embed", "lm_head", "sampling"):
+        assert ops[op].mean_s == pytest.approx(TOY_SECONDS[op]), op
+    spans = mon.trace()["traceEvents"]
+    assert sum(1 for e in spans if e.get("cat") == "mlp") == 4  # one mlp span per sampled step
+
+
 @pytest.mark.parametrize("every", [1, 3, 4])
 def test_every_n_times_exactly_the_nth_steps_and_hooks_only_then(every: int) -> None:
     clock = FakeClock()
@@ -226,10 +250,10 @@ def test_a_forward_that_raises_leaves_no_hooks_and_no_open_spans() -> None:
 # --- exports -----------------------------------------------------------------------------------
 
 
-def sampled_monitor(steps: int = 3) -> ProfilerMonitor:
+def sampled_monitor(steps: int = 3, layers: int | str = 1) -> ProfilerMonitor:
     clock = FakeClock()
     toy = Toy(clock)
-    mon = profiler(clock)
+    mon = profiler(clock, layers=layers)
     mon.attach(toy)
     for i in range(steps):
         toy_step(mon, toy, clock, batch=2, context=20 + i)
@@ -237,7 +261,7 @@ def sampled_monitor(steps: int = 3) -> ProfilerMonitor:
 
 
 def test_chrome_trace_is_well_formed(tmp_path: Path) -> None:
-    mon = sampled_monitor()
+    mon = sampled_monitor(layers="all")
     path = mon.write_trace(tmp_path / "trace.json")
     data = json.loads(path.read_text())
     events = data["traceEvents"]
@@ -354,6 +378,7 @@ BAD: dict[str, tuple[list[str], str]] = {
     "empty_batch": (["--batch-size", ","], "--batch-size must be comma-separated integers >= 1"),
     "zero_steps": (["--steps", "0"], "--steps must be an integer >= 1"),
     "no_sampled_step": (["--steps", "2", "--every", "3"], "samples no step"),
+    "zero_layers": (["--layers", "0"], "--layers must be an integer >= 1 or 'all'"),
     "missing_model": (["--model", "/nonexistent/dsr1-model"], "/nonexistent/dsr1-model"),
 }
 

@@ -124,7 +124,9 @@ def test_graph_passes_return_steps_and_the_old_form_still_loads(model: Any) -> N
     from dsr1.interfaces import GraphPass
     from dsr1.models.loading import finish_model
 
-    assert EagerGraph().apply(model, model.pipeline.device) == GraphSteps()
+    from dsr1.graph.paged_plans import FixedPaged
+
+    assert EagerGraph().apply(model, model.pipeline.device) == GraphSteps(paged=FixedPaged("eager"))
 
     class InPlace(GraphPass):  # the older form: returns the model itself
         def apply(self, m: Any, device: Any) -> Any:

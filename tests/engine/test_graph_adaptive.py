@@ -27,9 +27,9 @@ from dsr1.graph.adaptive import (
     BucketStep,
     Candidate,
     Planner,
-    _with_kernel,
     fastest,
 )
+from dsr1.graph.candidates import with_kernel
 from dsr1.graph.plan_cache import PlanCache
 from dsr1_sdk.testing import GraphConformance
 
@@ -249,7 +249,7 @@ def test_quant_kernel_choices_multiply_the_candidates() -> None:
 
     quant = Quant()
     kernels = quant.kernel_choices(None)
-    cands = [_with_kernel(c, quant, k) for k in kernels for c in fake_candidates(("eager", "cudagraph"))]
+    cands = [with_kernel(c, quant, k) for k in kernels for c in fake_candidates(("eager", "cudagraph"))]
     assert [c.name for c in cands] == ["eager[triton]", "cudagraph[triton]", "eager[int8pack]", "cudagraph[int8pack]"]
     timer = FakeTimer(lambda plan, bucket, r: {"cudagraph[int8pack]": 1.0}.get(plan, 2.0))
     steps = AdaptiveSteps(Planner(cands, timer, AdaptiveOptions()), timer)

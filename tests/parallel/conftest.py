@@ -22,11 +22,20 @@ TINY: dict[str, dict[str, Any]] = {
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", extra=dict(tie_word_embeddings=False), vocab=401),
     "qwen2-tied": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", extra=dict(tie_word_embeddings=True)),
     "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", extra=dict(sliding_window=6, head_dim=16)),
+    # quantized tensor parallelism: every shard fits int4 group 32 on the CPU (inputs 32 and 64, outputs in
+    # multiples of 16: vocabulary 512 → 256 rows a rank) and fp8 (multiples of 16)
+    "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", extra=dict(intermediate_size=128, head_dim=16,
+                                                                          tie_word_embeddings=False), vocab=512),
+    # expert parallelism: 4 experts, 2 a token; layer 1 keeps a dense MLP (sharded as the llama ones)
+    "qwen3-moe": dict(cls="Qwen3MoeForCausalLM", cfg="Qwen3MoeConfig", extra=dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[1], tie_word_embeddings=False)),
 }
 
 
-def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
-    """A random-weight transformers model saved with ``save_pretrained`` (safetensors)."""
+def make_checkpoint(out: Path, kind: str, seed: int = 0, **overrides: Any) -> Path:
+    """A random-weight transformers model saved with ``save_pretrained`` (safetensors); ``overrides``
+    change its config (``num_hidden_layers=3``)."""
     import transformers
 
     spec = TINY[kind]
@@ -35,7 +44,7 @@ def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    cfg = getattr(transformers, spec["cfg"])(**{**args, **spec["extra"]})
+    cfg = getattr(transformers, spec["cfg"])(**{**args, **spec["extra"], **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, spec["cls"])(cfg).eval()
     with torch.no_grad():  # norms away from 1 (transformers initialises them to ones): a norm loaded wrong shows

@@ -84,7 +84,7 @@ def test_two_ranks_match_one_process(kind: str, ckpts: dict[str, Path],
     ({"tensor": 3}, "parallel.tensor 3 must divide num_attention_heads 4 (config.json)"),
     ({"tensor": 2}, "parallel.tensor 2 must equal the world size 1; launch with torchrun --nproc-per-node 2"),
     ({"tensor": 0}, "config: invalid config value at 'parallel.tensor'"),
-    ({"tensor": 2, "pipeline": 2}, "config: unknown config key 'parallel.pipeline'"),
+    ({"tensor": 2, "pipeline": 2}, "parallel.tensor 2 x parallel.pipeline 2 (4 ranks) must equal the world size 1"),
 ])
 def test_bad_parallel_config_is_one_line(parallel: dict[str, Any], message: str, ckpts: dict[str, Path]) -> None:
     with pytest.raises(Dsr1Error) as err:
@@ -93,8 +93,8 @@ def test_bad_parallel_config_is_one_line(parallel: dict[str, Any], message: str,
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("qwen3_moe", 4, 2, 96), "parallel.tensor 2: tensor parallelism supports llama, mistral, qwen2, qwen3 "
-                              "(got qwen3_moe)"),
+    (("deepseek_v3", 4, 2, 96), "parallel.tensor 2: tensor parallelism supports llama, mistral, qwen2, qwen3, "
+                                "qwen3_moe (got deepseek_v3)"),
     (("llama", 8, 3, 96), "parallel.tensor 2 and num_key_value_heads 3 (config.json): one must divide the other"),
     (("llama", 4, 2, 95), "parallel.tensor 2 must divide intermediate_size 95 (config.json)"),
 ])

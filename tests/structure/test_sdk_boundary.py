@@ -52,9 +52,9 @@ def allowed_dependencies(project: dict[str, Any]) -> set[str]:
     """Import names of ``[project].dependencies`` and of the extras other than the test ones.
 
     An extra counts: a package may import what an extra declares, where that extra is installed.
-    The one in use is ``dsr1-quant-int8[cuda]``, triton: CUDA builds of torch already depend on it,
-    and the plugin imports ``dsr1_quant_int8.triton_kernels`` (which imports triton) only on its
-    first CUDA call. The cuda device plugin imports no triton.
+    The ones in use are the quant plugins' ``[cuda]`` extras, triton: CUDA builds of torch already
+    depend on it, and the plugins import ``dsr1_sdk.kernels.weight_only`` (which imports triton)
+    only on their first CUDA call. The cuda device plugin imports no triton.
     """
     requirements = list(project.get("dependencies", []))
     for extra, extra_requirements in project.get("optional-dependencies", {}).items():

@@ -8,7 +8,8 @@ captured decode step pays; :func:`~dsr1.benchmarks.cuda_timing.graph_ms`):
 * ``bf16``: ``F.linear`` with the bf16 weight (the baseline);
 * ``dequant``: ``F.linear(x, qweight.to(bf16)) * scales`` (the int8 plugin's ``cuda_kernel: dequant``);
 * ``int8pack``: ``aten._weight_int8pack_mm`` (``cuda_kernel: int8pack``; rows ≤ 12);
-* ``triton``: the int8 plugin's Triton kernels (``cuda_kernel: triton``, the default);
+* ``triton``: the int8 plugin's Triton kernels (``cuda_kernel: triton``, the default: the SDK's
+  :mod:`dsr1_sdk.kernels.weight_only`, shared with int4 and fp8; ``weight_kernels`` times all three);
 * ``torchao``: torchao's ``Int8WeightOnlyConfig`` on an ``nn.Linear``, compiled by ``torch.compile``
   (rows in ``--torchao-rows``; skipped with the reason when torchao does not import).
 
@@ -16,7 +17,7 @@ The ``bf16`` and ``triton`` columns cycle through copies of the weight (at least
 each call reads its weight from HBM as a decode step does, not from the 60 MB L2 cache; the other
 columns reuse one weight (small layers partly hit L2: optimistic). Every int8 result is checked against
 the dequantized weight's product (max relative error). The bandwidth column is the bytes each kernel
-must read (weight, scales, x) over its time. CUDA only; needs the ``dsr1-quant-int8`` plugin.
+must read (weight, scales, x) over its time. CUDA only.
 """
 # ruff: noqa: B023 - each lambda made in a loop is timed within the same iteration
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from dsr1_quant_int8 import triton_kernels
+    from dsr1_sdk.kernels import weight_only
 
     ao_rows = {int(x) for x in args.torchao_rows.split(",") if x}
     rows = []
@@ -98,11 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "bf16_ms": graph_ms(cycled(lambda w_: F.linear(x, w_), wb_copies)),
                                      "dequant_ms": graph_ms(lambda: F.linear(x, q.to(torch.bfloat16)) * scales)}
             try:
-                entry["triton_max_rel_err"] = rel_err(triton_kernels.weight_only_mm(x, q, scales), want)
+                entry["triton_max_rel_err"] = rel_err(weight_only.weight_only_mm(x, "int8", q, scales, None, 0), want)
                 entry["triton_ms"] = graph_ms(
-                    cycled(lambda q_: triton_kernels.weight_only_mm(x, q_, scales), q_copies))
-                tuned = triton_kernels._gemv if m == 1 else triton_kernels._dot
-                entry["triton_config"] = str(getattr(tuned, "best_config", None))
+                    cycled(lambda q_: weight_only.weight_only_mm(x, "int8", q_, scales, None, 0), q_copies))
+                entry["triton_config"] = weight_only.tuned_config(m)
             except Exception as err:  # noqa: BLE001 - report the kernel's failure, keep timing the others
                 entry["triton_error"] = error_line(err)
             if m <= 12:

@@ -9,7 +9,9 @@ It writes (or reuses) a random bf16 checkpoint of ``--shape`` under ``--work-dir
 operators in eager forwards) and, for each batch size, times decode with the pipeline's monitor
 set to ``timing`` and to ``profiler`` (``every`` N steps sampled) in alternating rounds. Decode
 tok/s = B·(N−1) / (t(N) − t(1)) over medians (:func:`~dsr1.benchmarks.cuda_timing.decode_rate`);
-the overhead is 1 − profiler / timing of the medians over rounds.
+the overhead is 1 − profiler / timing of the medians over rounds. Each row also gives the
+``interleaved`` estimate (:func:`interleaved`): sampled and plain steps side by side in the same
+generate calls, which a process whose eager step drifts cannot blur.
 """
 from __future__ import annotations
 
@@ -92,12 +94,48 @@ def main(argv: list[str] | None = None) -> int:
                "overhead": round(1 - profiled / timing, 4),
                "sampled_steps": max((s.count for s in monitors["profiler"].operator_stats() if s.operator != "step"),
                                     default=0)}
+        row["interleaved"] = interleaved(model, generate, ids, args.new_tokens, args.reps, args.every)
         rows.append(row)
         print(f"batch {b:>3}: timing {timing:.1f} tok/s, profiler every {args.every} {profiled:.1f} tok/s, "
-              f"overhead {row['overhead']:.2%}", flush=True)
+              f"overhead {row['overhead']:.2%}; interleaved: a sampled step costs "
+              f"{row['interleaved']['extra_ms']:.3f} ms more than a plain one "
+              f"({row['interleaved']['unsampled_step_ms']:.3f} ms), {row['interleaved']['overhead_at_every']:.2%} "
+              f"at every {args.every}", flush=True)
         common.write_report(report, args.output)
     model.pipeline.monitor = monitors["timing"]
     return 0
+
+
+def interleaved(model: Any, generate: Any, ids: Any, new_tokens: int, reps: int, every: int) -> dict[str, float]:
+    """What a sampled step costs, from steps interleaved in the same generate calls: the profiler
+    samples every other step, and its own per-bucket statistics give the mean of the sampled steps
+    and of all of them (so of the others). Decode buckets only, weighted by their step counts.
+    Alternating rounds of whole generates (the figure above) compare stretches of time; on a
+    launch-bound eager step that drifts within a process, this one compares neighbouring steps.
+    The loss at one sampled step in ``every``: extra / (every · plain + extra)."""
+    from dsr1.monitor.profiler import ProfilerMonitor, ProfilerOptions
+
+    monitor = ProfilerMonitor(ProfilerOptions(every=2))
+    model.pipeline.monitor = monitor
+    for _ in range(reps + 1):
+        generate(ids, new_tokens)
+    sampled_s = sampled_n = all_s = all_n = 0.0
+    for key, stat in monitor.step_stats.items():
+        sampled = monitor.op_stats.get(key, {}).get("step")
+        if key[0] != "decode" or sampled is None or stat.count <= sampled.count:
+            continue
+        sampled_s += sampled.mean * sampled.count
+        sampled_n += sampled.count
+        all_s += stat.mean * stat.count
+        all_n += stat.count
+    if not sampled_n:
+        raise Dsr1Error("the interleaved run sampled no decode step; pass --new-tokens ≥ 4")
+    sampled = sampled_s / sampled_n
+    plain = (all_s - sampled_s) / (all_n - sampled_n)
+    extra = sampled - plain
+    return {"sampled_step_ms": round(sampled * 1e3, 4), "unsampled_step_ms": round(plain * 1e3, 4),
+            "extra_ms": round(extra * 1e3, 4), "steps": int(all_n),
+            "overhead_at_every": round(extra / (every * plain + extra), 5)}
 
 
 if __name__ == "__main__":

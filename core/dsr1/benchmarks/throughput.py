@@ -105,8 +105,9 @@ def one_batch(args: Any, spec: dict[str, Any], engines: list[str], b: int, bar: 
 
 
 def report(args: Any, device: str, threads: int, spec: dict[str, Any], results: list[dict[str, Any]],
-           torch: Any) -> None:
-    """The report (JSON, and the summary lines unless --json), from every batch size's row."""
+           torch: Any, extra: dict[str, Any] | None = None) -> None:
+    """The report (JSON, and the summary lines unless --json), from every batch size's row; ``extra``'s
+    keys are added to (or replace) the report's."""
     weight_bytes = results[0]["dsr1"]["weight_bytes"]
     streamed = results[0]["dsr1"].get("streamed_bytes", weight_bytes)
     bandwidth = bandwidth_gbs(device)
@@ -125,6 +126,7 @@ def report(args: Any, device: str, threads: int, spec: dict[str, Any], results: 
                   "read_bandwidth_gbs": round(bandwidth, 2),
                   "batch1_decode_floor_tok_s": round(bandwidth * 1e9 / streamed, 1)},
         "results": results,
+        **(extra or {}),
     }
     active = results[0]["dsr1"].get("active_bytes")
     if active:  # MoE: a token reads only its experts' weights
@@ -200,11 +202,77 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+# --- under torchrun: every rank measures in its own process ----------------------------------------
+
+
+def run_launched(args: Any, rank: int) -> int:
+    """``torchrun --nproc-per-node N -m dsr1 bench ...``: every rank loads its shards once and measures
+    every batch size on the same inputs; ``model.generate`` runs the same static batch on every rank, so
+    the ranks' collectives stay in lockstep. Rank 0 writes the report: its rates, and each rank's peak
+    memory (from the loaded weights on: each batch size resets the peak) and share of the weight bytes."""
+    import torch
+
+    from dsr1.parallel.lockstep import gather_json, world_group
+
+    if args.compare:
+        raise Dsr1Error("--compare hf runs transformers in one process; under torchrun leave it out (a dsr1 bench "
+                        "without torchrun compares)")
+    if args.rounds != 1:
+        raise Dsr1Error(f"--rounds {args.rounds} spawns fresh processes per round; under torchrun use --rounds 1 "
+                        f"and repeat the launch")
+    batches = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
+    device = args.device or "cpu"
+    if device == "cuda":  # this rank's GPU before anything allocates (the peak memory is read there too)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", str(rank))))
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    threads = args.threads or os.cpu_count() or 1
+    spec = {
+        "model": args.model, "shape": args.shape, "config": args.config, "dtype": dtype, "device": device,
+        "dtype_explicit": args.dtype is not None, "engine": "dsr1",
+        "threads": threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+    }
+    loaded = load({**spec, "batch_size": batches[0]})
+    model = loaded["model"]
+    group = world_group(model)
+    if group is None:
+        size = os.environ.get("WORLD_SIZE", "?")
+        raise Dsr1Error(f"dsr1 bench under torchrun ({size} ranks) needs a --config whose parallel.tensor (times "
+                        f"parallel.pipeline) is {size}; without it every rank would measure a whole model alone")
+    results: list[dict[str, Any]] = []
+    for b in batches:
+        got = measure({**spec, "batch_size": b}, loaded, reset_peak=True)
+        results.append({"batch_size": b, "dsr1": got})
+        print(f"batch {b:>3} (rank {rank}): prefill {got['prefill_tok_s']:9.1f} tok/s  decode "
+              f"{got['decode_tok_s']:8.1f} tok/s  peak {got['peak_mem_mb']:8.1f} MB", file=sys.stderr, flush=True)
+    mine = {"rank": group.rank, "weight_bytes": loaded["weight_bytes"],
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "peak_mem_mb": {str(r["batch_size"]): r["dsr1"]["peak_mem_mb"] for r in results},
+            "decode_tok_s": {str(r["batch_size"]): r["dsr1"]["decode_tok_s"] for r in results},
+            "prefill_tok_s": {str(r["batch_size"]): r["dsr1"]["prefill_tok_s"] for r in results}}
+    ranks = gather_json(mine, group, loaded["device"])
+    if group.rank != 0:
+        return 0
+    parallel = model.pipeline.config.parallel
+    totals = {"weight_bytes": sum(r["weight_bytes"] for r in ranks),
+              "peak_mem_mb": {str(b): round(sum(r["peak_mem_mb"][str(b)] for r in ranks), 1) for b in batches}}
+    extra = {"command": f"torchrun --nproc-per-node {group.size} -m {command(args)}",
+             "parallel": {"world_size": group.size, "tensor": parallel.tensor,
+                          "pipeline": getattr(parallel, "pipeline", 1), "ranks": ranks, "totals": totals}}
+    report(args, device, threads, spec, results, torch, extra)
+    return 0
+
+
 # --- worker: one engine, one batch size -----------------------------------------------------------
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Rates, peak memory and weight bytes of one engine (``spec["engine"]``: dsr1 or hf) at one batch size."""
+    return measure(spec, load(spec))
+
+
+def load(spec: dict[str, Any]) -> dict[str, Any]:
+    """The model of ``spec`` and what :func:`measure` reads of it: its generate call, weight bytes, the
+    memory baseline taken before it loaded."""
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
@@ -243,6 +311,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     streamed = sum(p.numel() * p.element_size() for i, p in params.items() if i not in gathered)
     active = active_bytes(model, hf_cfg, streamed)
     del params  # no reference to the weights beyond the model's (it may relayout them: dsr1.models.packing)
+    return {"model": model, "gen": gen, "hf_cfg": hf_cfg, "base": base, "device": device, "weight_bytes": weight_bytes,
+            "streamed": streamed, "active": active}
+
+
+def measure(spec: dict[str, Any], loaded: dict[str, Any], reset_peak: bool = False) -> dict[str, Any]:
+    """:func:`worker`'s figures at ``spec["batch_size"]`` on a model :func:`load` made. One model may
+    serve several batch sizes: with ``reset_peak`` each gets its own CUDA peak, from the loaded weights
+    on (without, the peak includes the load's); on the CPU the peak is the process's high-water mark."""
+    import torch
+
+    cuda = spec["device"] == "cuda"
+    model, gen, hf_cfg, base, device = (loaded[k] for k in ("model", "gen", "hf_cfg", "base", "device"))
+    weight_bytes, streamed, active = loaded["weight_bytes"], loaded["streamed"], loaded["active"]
+    if cuda and reset_peak:
+        torch.cuda.reset_peak_memory_stats()
     b, p, n = int(spec["batch_size"]), int(spec["prompt_len"]), int(spec["new_tokens"])
     vocab = int(hf_cfg["vocab_size"])
     g = torch.Generator().manual_seed(1234)

@@ -2,8 +2,8 @@
 
 This module only parses and checks options; the measuring lives in the library:
 :mod:`dsr1.benchmarks.throughput` (``dsr1 bench``: prefill / decode tok/s and peak memory, against
-transformers), and the forms ``attention``, ``kvcache``, ``serve`` and ``precision`` in the
-modules of those names.
+transformers; under ``torchrun`` every rank measures its shards and rank 0 reports them all), and the
+forms ``attention``, ``kvcache``, ``serve`` and ``precision`` in the modules of those names.
 """
 from __future__ import annotations
 
@@ -66,4 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if (not batches or min(batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.reps < 1
             or args.rounds < 1):
         raise Dsr1Error("--batch-size ≥ 1, --prompt-len ≥ 1, --new-tokens ≥ 2, --reps ≥ 1 and --rounds ≥ 1 are required")
+    from dsr1.cli import launched_rank
+
+    rank = launched_rank()
+    if rank is not None:  # torchrun with several ranks: each measures its shards in this process
+        return throughput.run_launched(args, rank)
     return throughput.run(args)

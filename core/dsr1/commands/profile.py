@@ -42,6 +42,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per random prompt")
     p.add_argument("--steps", type=int, default=32, help="decode steps per batch size")
     p.add_argument("--every", type=int, default=1, help="time the operators of every Nth step")
+    p.add_argument("--layers", default="1",
+                   help="decoder layers timed per sampled step, in turn, scaled to the stack (an integer, or 'all': "
+                        "every layer, with the hooks' own cost in the figures)")
     p.add_argument("--graph", default="eager",
                    help="graph plugin; operators are timed in eager forwards only (a captured or compiled step "
                         "gives its step time alone)")
@@ -70,6 +73,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
                         ("--top", args.top)):
         if value < 1:
             raise Dsr1Error(f"{flag} must be an integer >= 1, got {value}")
+    if args.layers != "all" and not (args.layers.isdigit() and int(args.layers) >= 1):
+        raise Dsr1Error(f"--layers must be an integer >= 1 or 'all', got {args.layers!r}")
     if args.steps < args.every:
         raise Dsr1Error(f"--steps {args.steps} samples no step at --every {args.every}; pass --steps >= --every")
     return batches
@@ -223,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     from dsr1.auto import AutoModel
     from dsr1.progress import progress
 
-    monitor = {"name": "profiler", "options": {"every": args.every, "keep": args.steps + 2}}
+    layers = args.layers if args.layers == "all" else int(args.layers)
+    monitor = {"name": "profiler", "options": {"every": args.every, "keep": args.steps + 2, "layers": layers}}
     with progress(f"loading {args.model}", quiet=args.quiet):
         model = AutoModel.from_pretrained(args.model, args.config, dtype=args.dtype, monitor=monitor,
                                           graph=args.graph, device=args.device)
@@ -241,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         "writer": REPORT_WRITER, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "model": str(args.model), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
         "graph": args.graph, "prompt_len": args.prompt_len, "steps": args.steps, "every": args.every,
+        "layers": layers,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "results": results,

@@ -1,5 +1,9 @@
 """``dsr1 serve``: an OpenAI-compatible HTTP server (``/v1/completions``, ``/v1/chat/completions``,
-``/v1/models``, ``/health``, ``/metrics``) over one engine."""
+``/v1/models``, ``/health``, ``/metrics``) over one engine.
+
+Under ``torchrun`` with several ranks, rank 0 serves HTTP and schedules; every other rank builds the
+same engine and follows rank 0's plans (:mod:`dsr1.parallel.lockstep`) without opening a socket.
+Stopping rank 0 stops them; a rank that dies stops rank 0's server with a one-line error."""
 from __future__ import annotations
 
 import argparse
@@ -61,22 +65,47 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as err:
         raise Dsr1Error(f"dsr1 serve needs the serve extra ({err.name} is missing): pip install 'dsr1[serve]'") from None
+    from dsr1.cli import launched_rank
+
+    rank = launched_rank()
+    if rank:  # a follower: the same engine, rank 0's plans, no socket
+        from dsr1.parallel.lockstep import follow
+
+        follow(_build(args))
+        return 0
     from dsr1.serve.server import serve
     from dsr1.serve.state import ServeSettings, ServeState
 
     name = args.served_model_name or (args.shape if args.shape else args.model)
     state = ServeState(ServeSettings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                      drain_timeout_s=args.drain_timeout,
-                                     reasoning_parser=args.reasoning_parser))
+                                     reasoning_parser=args.reasoning_parser,
+                                     exit_on_engine_error=rank is not None))
     serve(state, lambda: _engine(args), args.host, args.port, args.log_level)
     if state.load_error is not None:
         err = state.load_error
         raise err if isinstance(err, Dsr1Error) else Dsr1Error(f"loading {name!r} failed: {type(err).__name__}: {err}")
+    if state.engine is not None and state.engine.error is not None:
+        err = state.engine.error
+        raise err if isinstance(err, Dsr1Error) else Dsr1Error(f"the engine loop failed: {type(err).__name__}: {err}")
     return 0
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    from dsr1.engine import AsyncEngine, Engine
+    from dsr1.engine import AsyncEngine
+    from dsr1.parallel.lockstep import lead
+
+    engine = _build(args)
+    if args.reasoning_parser is not None:
+        from dsr1.decoding.reasoning import parser_markers
+
+        engine.reasoning = parser_markers(args.reasoning_parser)
+    lead(engine)  # under a launch: the other ranks follow this engine's plans (None alone)
+    return AsyncEngine(engine)
+
+
+def _build(args: argparse.Namespace) -> Any:
+    from dsr1.engine import Engine
 
     if args.shape:
         from dsr1.benchmarks.common import random_model
@@ -90,8 +119,4 @@ def _engine(args: argparse.Namespace) -> Any:
         engine = Engine.from_pretrained(args.model, args.config, num_blocks=args.num_blocks)
     if not hasattr(engine.model, "generate"):
         raise Dsr1Error(f"model {args.model!r} is an encoder; it cannot generate")
-    if args.reasoning_parser is not None:
-        from dsr1.decoding.reasoning import parser_markers
-
-        engine.reasoning = parser_markers(args.reasoning_parser)
-    return AsyncEngine(engine)
+    return engine

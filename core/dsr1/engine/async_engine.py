@@ -160,14 +160,34 @@ class AsyncEngine:
     # --- the loop thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        finally:
+            leader = self.engine.lockstep
+            if leader is not None and self._error is None:
+                leader.stop()  # the other ranks' follower loops end with this one
+
+    def _run(self) -> None:
         engine = self.engine
+        leader = engine.lockstep
         stopping = False
         while True:
             items: list[_Add | _Abort | _AbortAll | None] = []
             if not engine.has_unfinished():
                 if stopping:
                     return
-                items.append(self._inbox.get())  # idle: sleep until something arrives
+                if leader is None:
+                    items.append(self._inbox.get())  # idle: sleep until something arrives
+                else:  # idle under a launch: wake up for the heartbeat the other ranks wait for
+                    try:
+                        items.append(self._inbox.get(timeout=leader.heartbeat_s))
+                    except queue.Empty:
+                        try:
+                            leader.idle()
+                        except BaseException as err:  # noqa: BLE001 - a follower is gone: the loop stops
+                            self._fail(err)
+                            return
+                        continue
             while True:
                 try:
                     items.append(self._inbox.get_nowait())
@@ -184,10 +204,7 @@ class AsyncEngine:
             try:
                 outs = engine.step()
             except BaseException as err:  # noqa: BLE001 - every waiting caller gets the error, the loop stops
-                self._error = err
-                for sink in self._sinks.values():
-                    sink(err)
-                self._sinks.clear()
+                self._fail(err)
                 return
             batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, RequestOutput]]] = {}
             direct: list[tuple[Any, RequestOutput]] = []
@@ -206,6 +223,12 @@ class AsyncEngine:
                 except RuntimeError:  # that event loop is closed: its requests have no reader left
                     self._orphaned(loop)
 
+    def _fail(self, err: BaseException) -> None:
+        self._error = err
+        for sink in self._sinks.values():
+            sink(err)
+        self._sinks.clear()
+
     def _orphaned(self, loop: asyncio.AbstractEventLoop) -> None:
         for rid in [rid for rid, sink in self._sinks.items() if sink.loop is loop]:
             del self._sinks[rid]
@@ -213,7 +236,8 @@ class AsyncEngine:
         self._publish()
 
     def _publish(self) -> None:
-        self._snapshot = {**self.engine.stats(), "live": len(self._sinks)}  # one reference swap: readers see a whole dict
+        # one reference swap: readers see a whole dict
+        self._snapshot = {**self.engine.stats(), "live": len(self._sinks)}
 
     def _handle(self, item: _Add | _Abort | _AbortAll) -> None:
         if isinstance(item, _Add):

@@ -21,6 +21,10 @@ KV tier: when the model's pool answers :meth:`~dsr1.interfaces.Pool.kv_swap` wit
 rather copy than recompute goes to a host swap space and comes back on readmission
 (:mod:`dsr1.engine.swap`); ``requests_swapped`` counts them.
 
+Several ranks (``torchrun``): rank 0's engine, given a
+:class:`~dsr1.parallel.lockstep.Leader` (:func:`dsr1.parallel.lockstep.lead`), broadcasts each plan and
+the requests added and dropped before executing it; the other ranks follow with the same runner.
+
 An engine is driven by one thread at a time (:class:`~dsr1.engine.async_engine.AsyncEngine`
 runs it in a background thread and is safe to call from any number of coroutines).
 """
@@ -33,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsr1.decoding.detokenize import IncrementalDetokenizer, StopChecker
 from dsr1.decoding.reasoning import ReasoningParser, ThinkMarkers, starts_in_thinking, with_thinking_ids
@@ -47,6 +51,9 @@ from dsr1.errors import Dsr1Error
 from dsr1.interfaces import SamplingParams, SwapPolicy
 from dsr1.models.common import plugin_capabilities
 from dsr1.scheduler.static import StaticScheduler
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from dsr1.parallel.lockstep import Leader
 
 #: what ``Engine.from_pretrained`` selects when the config leaves a family unset.
 ENGINE_DEFAULTS = {"scheduler": "continuous", "kvcache": "paged"}
@@ -222,6 +229,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._finished_since: list[str] = []
+        #: rank 0's side of a launch with several ranks (None: this engine's plans stay in this process)
+        self.lockstep: Leader | None = None
         #: how often each request was preempted (recomputed or swapped): plain counts for tests and metrics
         self.requests_preempted: collections.Counter[str] = collections.Counter()
         #: how many of those preemptions swapped the request's KV to host memory instead of dropping it
@@ -262,7 +271,15 @@ class Engine:
             budget = CPU_KV_BYTES
         else:
             budget = int(device.memory_info().free * KV_MEMORY_FRACTION)
-        return max(1, budget // per_block)
+        blocks = max(1, budget // per_block)
+        parallel = getattr(self.pipeline.config, "parallel", None)
+        if parallel is not None and (parallel.tensor > 1 or getattr(parallel, "pipeline", 1) > 1):
+            from dsr1.parallel.lockstep import agree_min, world_group
+
+            group = world_group(self)
+            if group is not None:  # every rank's pool holds the same block ids: the smallest one fits all
+                blocks = agree_min(blocks, group, self.model.device)
+        return blocks
 
     # --- requests -------------------------------------------------------------------------
 
@@ -295,6 +312,8 @@ class Engine:
                             f"generate")
         request = Request(request_id=rid, prompt_ids=ids, max_tokens=max_tokens, arrival=time.monotonic())
         self.scheduler.add(request)  # refuses what can never fit, and ids in use
+        if self.lockstep is not None:
+            self.lockstep.added(request, params)
         text = self.tokenizer is not None and (self.detokenize or bool(params.stop))
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if text else None
         tracked = _Tracked(params, detok, StopChecker(params, self.eos_ids))
@@ -312,6 +331,8 @@ class Engine:
             raise Dsr1Error(f"abort: no running or waiting request {request_id!r}")
         request = self.scheduler.abort(request_id)
         self._finished_since.append(request_id)
+        if self.lockstep is not None:
+            self.lockstep.dropped([request_id])
         return self._output(request, [], "", finished=True)
 
     def has_unfinished(self) -> bool:
@@ -335,9 +356,13 @@ class Engine:
         self.requests_preempted.update(plan.preempted)
         self.requests_swapped.update(plan.swapped)
         if not plan.scheduled and not (plan.swap_out or plan.swap_in):
+            if self.lockstep is not None:
+                self.lockstep.idle()
             return []
         started = time.perf_counter()
         params = {s.request_id: self.tracked[s.request_id].params for s in plan.scheduled}
+        if self.lockstep is not None:
+            self.lockstep.publish(plan)  # the other ranks execute the same plan, collectives in step
         stepper = self._stepper
         with self.model.run_lock.hold("engine step", nested_ok=True):  # a generate elsewhere may be repacking weights
             if stepper is None:
@@ -356,7 +381,8 @@ class Engine:
             deltas[rid], reason = self._decode(rid, s, now)
             if reason is not None:
                 stopped[rid] = reason
-        finished = self.scheduler.update(plan, {rid: s.token for rid, s in sampled.items()}, stopped)
+        tokens = {rid: s.token for rid, s in sampled.items()}
+        finished = self.scheduler.update(plan, tokens, stopped)
         if self._record_steps:
             prefill = sum(len(s.token_ids) for s in plan.scheduled if len(s.token_ids) > 1)
             self.monitor.record("engine.step", seconds=time.perf_counter() - started, requests=len(plan.scheduled),
@@ -364,6 +390,9 @@ class Engine:
                                 preempted=len(plan.preempted), swapped=len(plan.swapped),
                                 blocks_used=self.num_blocks - self.blocks.num_free())
         done = {r.request_id for r in finished}
+        if self.lockstep is not None:
+            self.lockstep.sampled(tokens)  # the followers append rank 0's tokens: the ranks never diverge
+            self.lockstep.dropped([r.request_id for r in finished])
         outs = [self._output(self.requests[rid], [s.token], deltas[rid], rid in done)
                 for rid, s in sampled.items() if every or rid in done]
         if done:

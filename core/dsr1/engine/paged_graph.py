@@ -18,7 +18,9 @@ persistent batch and CUDA graphs do:
   into one memory pool kept open for the runner's life, and replayed after.
 
 With ``capture=False`` the same static step runs eagerly (the CPU tests check it decodes
-exactly what the reference :class:`~dsr1.engine.paged.PagedStep` does).
+exactly what the reference :class:`~dsr1.engine.paged.PagedStep` does). The graph pass decides
+how each bucket's step runs (:mod:`dsr1.graph.paged_plans`): eager, compiled, captured, or
+compiled and captured, fixed or measured per bucket on its first step (graph ``adaptive``).
 """
 from __future__ import annotations
 
@@ -48,17 +50,20 @@ class _Bucket(AttentionContext):
     def __init__(self, owner: PagedDecode, size: int) -> None:
         self.owner, self.size = owner, size
         self.meta = torch.zeros((5, size), dtype=torch.long, device=owner.device)  # ids, pos, slot, row, len
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        #: captured graphs and their output buffers, by plan (``cudagraph``, ``cudagraph+compile``)
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        #: the plan this bucket runs (None: not decided yet, see :meth:`PagedDecode.plan_for`)
+        self.plan: str | None = None
         self.table32 = self.lens32 = torch.empty(0)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, compiled: bool = False) -> torch.Tensor:
         """The static step: logits ``(bucket, V)``."""
         o = self.owner
         self.table32 = o.tables.index_select(0, self.meta[3])  # (bucket, max_blocks) int32
         self.lens32 = self.meta[4].to(torch.int32)  # (bucket,)
         ids, pos = self.meta[0].view(-1, 1), self.meta[1].view(-1, 1)  # (bucket, 1)
-        return o.model.forward_step(ids, pos, 0, self, None, None, True)
+        step = o.compiled_step() if compiled else o.model.forward_step
+        return step(ids, pos, 0, self, None, None, True)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Any, scale: float,
@@ -69,28 +74,33 @@ class _Bucket(AttentionContext):
         kv.k[layer].view(-1, hkv, d).index_copy_(0, self.meta[2], k[:, :, 0])  # (bucket, Hkv, D)
         kv.v[layer].view(-1, hkv, d).index_copy_(0, self.meta[2], v[:, :, 0])
         window = self.owner.window if windowed else None
-        o = self.owner.kernel(q[:, :, 0], kv.k[layer], kv.v[layer], self.table32, self.lens32, scale, window)
+        kernel = self.owner.kernel
+        if torch.compiler.is_compiling():  # a kernel may offer an opaque form that compiled code calls as one op
+            kernel = getattr(kernel, "opaque", kernel)
+        o = kernel(q[:, :, 0], kv.k[layer], kv.v[layer], self.table32, self.lens32, scale, window)
         return o[:, :, None]  # (bucket, H, 1, D)
 
-    def run(self, capture: bool, pool: Any) -> torch.Tensor:
-        if not capture:
-            return self.forward()
-        if self.graph is None:
+    def run(self, plan: str, pool: Any) -> torch.Tensor:
+        """One step with ``plan`` (one of :data:`~dsr1.graph.paged_plans.PAGED_PLANS`)."""
+        compiled = plan.endswith("compile")
+        if not plan.startswith("cudagraph"):
+            return self.forward(compiled)
+        entry = self.graphs.get(plan)
+        if entry is None:
             # warm-up and capture write this step's keys at this step's slots, as the replay
             # that follows does again: the pool is left as the real step leaves it
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
-                    self.forward()
+                    self.forward(compiled)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.forward()
-            self.graph, self.logits = graph, logits
-        self.graph.replay()
-        assert self.logits is not None
-        return self.logits
+                logits = self.forward(compiled)
+            entry = self.graphs[plan] = (graph, logits)
+        entry[0].replay()
+        return entry[1]
 
 
 class PagedDecode:
@@ -99,9 +109,15 @@ class PagedDecode:
 
     def __init__(
         self, model: Any, kv: PagedKV, num_blocks: int, max_model_len: int, max_rows: int,
-        kernel: DecodeKernel, window: int | None, capture: bool,
+        kernel: DecodeKernel, window: int | None, capture: bool, chooser: Any = None,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        """``chooser``: the graph pass's ``GraphSteps.paged`` (None: ``capture`` decides, the step is
+        never compiled); ``compile_kwargs``: the pass's ``torch.compile`` arguments."""
         self.model, self.kv, self.kernel, self.window, self.capture = model, kv, kernel, window, capture
+        self.chooser = chooser
+        self.compile_kwargs = compile_kwargs or {}
+        self._compiled: Any = None
         self.device = model.device
         self.scratch = num_blocks  # the spare block
         self.max_blocks = -(-max_model_len // kv.block_size)
@@ -112,6 +128,35 @@ class PagedDecode:
         self.rows: dict[str, tuple[int, list[int]]] = {}  # request id -> (table row, blocks written there)
         self.buckets: dict[int, _Bucket] = {}
         self.mempool = torch.cuda.MemPool() if capture else None
+
+    def compiled_step(self) -> Any:
+        """``model.forward_step`` through ``torch.compile`` (made on first use, shared by the buckets)."""
+        if self._compiled is None:
+            import torch._dynamo
+
+            # one compiled graph per bucket size: past dynamo's default recompile limit the larger
+            # buckets would fall back to eager without a word
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), 2 * len(BUCKETS)))
+            self._compiled = torch.compile(self.model.forward_step, **self.compile_kwargs)
+        return self._compiled
+
+    def plan_for(self, bucket: _Bucket) -> str:
+        """The bucket's plan: the chooser's (graph ``adaptive`` measures every plan here, on this
+        step's rows: a step repeated writes the same keys at the same slots, so the trials leave
+        the pool as one step does), else captured or eager by ``capture``."""
+        if self.chooser is None:
+            return "cudagraph" if self.capture else "eager"
+        pool = self.mempool.id if self.mempool is not None else None
+
+        def trial(plan: str) -> Any:
+            return lambda: bucket.run(plan, pool)
+
+        plan = str(self.chooser(bucket.size, trial))
+        for other in [p for p in bucket.graphs if p != plan]:  # the losers' graphs go
+            del bucket.graphs[other]
+        return plan
 
     def fits(self, group: Sequence[ScheduledRequest]) -> bool:
         """Whether a bucket holds ``group``'s tokens and there are table rows for its new requests."""
@@ -188,7 +233,19 @@ class PagedDecode:
         meta = [ids + [0] * pad, pos + [0] * pad, slots + [self.scratch * bs] * pad,
                 table_rows + [self.max_rows] * pad, lens + [1] * pad]
         bucket.meta.copy_(torch.tensor(meta, dtype=torch.long))
-        logits = bucket.run(self.capture, self.mempool.id if self.mempool is not None else None)
+        pool = self.mempool.id if self.mempool is not None else None
+        if bucket.plan is None:
+            bucket.plan = self.plan_for(bucket)
+            try:
+                logits = bucket.run(bucket.plan, pool)
+            except Exception as err:  # a plan read from graph adaptive's cache that cannot run here any more
+                if not hasattr(self.chooser, "exclude"):
+                    raise
+                self.chooser.exclude(bucket.size, bucket.plan, err)
+                bucket.plan = self.plan_for(bucket)
+                logits = bucket.run(bucket.plan, pool)
+        else:
+            logits = bucket.run(bucket.plan, pool)
         if n == len(group):
             return logits[:n]
         return logits[torch.tensor(last, device=logits.device)]  # (B, V)

@@ -128,3 +128,28 @@ def paged_decode(
     w = torch.exp(m - top).nan_to_num_(0.0)  # (B, Hkv, SPLITS, BLOCK_G); empty splits weigh 0
     out = (acc * w[..., None]).sum(2) / (l_sum * w).sum(2)[..., None]  # (B, Hkv, BLOCK_G, D)
     return out[:, :, :g].reshape(b, h, d).to(q.dtype)
+
+
+@torch.library.custom_op("dsr1::paged_decode", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                     lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    return paged_decode(q, k_pool, v_pool, tables, lens, scale, window or None)
+
+
+@_paged_decode_op.register_fake
+def _(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+      scale: float, window: int) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, D)
+
+
+def paged_decode_opaque(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    scale: float, window: int | None,
+) -> torch.Tensor:
+    """:func:`paged_decode` as one opaque custom op, for code that ``torch.compile`` traces: inductor
+    would otherwise trace into the Triton launch and fail to compile the kernel's source again."""
+    return _paged_decode_op(q, k_pool, v_pool, tables, lens, float(scale), int(window or 0))
+
+
+#: what a compiled step calls instead (:mod:`dsr1.engine.paged_graph` looks for this attribute)
+paged_decode.opaque = paged_decode_opaque  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ from dsr1.engine.plan import ScheduledRequest, SchedulerOutput
 from dsr1.engine.prefill import PackedPrefill
 from dsr1.engine.request import Request
 from dsr1.engine.swap import HostKV
+from dsr1.errors import Dsr1Error
 from dsr1.interfaces import SamplingParams
 
 
@@ -51,6 +52,16 @@ def cuda_decode_kernel(device: torch.device, head_dim: int, block_size: int) -> 
     from dsr1.engine.paged_triton import paged_decode
 
     return paged_decode
+
+
+def paged_plans(model: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The graph pass's chooser for the paged step and its ``torch.compile`` arguments; no chooser
+    when the config names no graph pass (the runner's default: captured on CUDA)."""
+    runtime = getattr(model, "runtime", None)
+    if runtime is None or runtime.pipeline.config.graph is None:
+        return None, None
+    steps = runtime.steps
+    return steps.paged, steps.compile_kwargs
 
 
 class PagedRunner:
@@ -79,10 +90,15 @@ class PagedRunner:
         self.static_decode: PagedDecode | None = None
         if self.decode_kernel is not None:
             # a pool that streams weights in per layer runs its copies from Python hooks: no graph can hold them
-            capture = self.device.type == "cuda" and not getattr(model, "streams_weights", False) \
-                if capture is None else capture
+            streams = getattr(model, "streams_weights", False)
+            capture = self.device.type == "cuda" and not streams if capture is None else capture
+            chooser, kwargs = paged_plans(model)
+            if chooser is not None and streams and getattr(chooser, "plan", "").startswith("cudagraph"):
+                raise Dsr1Error("graph 'cudagraph' captures the decode step, and pool 'tiered' streams weights in "
+                                "per layer from Python (no graph can hold the copies); use graph 'eager' or "
+                                "'adaptive' (which measures only what can run)")
             self.static_decode = PagedDecode(model, self.kv, num_blocks, max_model_len, max_rows,
-                                             self.decode_kernel, self.window, capture)
+                                             self.decode_kernel, self.window, capture, chooser, kwargs)
         self.generators: dict[str, torch.Generator] = {}
         self.shared_generator = torch.Generator(device=self.device)
 

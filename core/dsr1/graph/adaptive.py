@@ -39,7 +39,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field
@@ -47,16 +47,14 @@ from pydantic import ConfigDict, Field
 from dsr1.errors import Dsr1Error
 from dsr1.graph.compile import CompileGraph, CompileOptions
 from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
+from dsr1.graph.candidates import Bucket, Candidate, KernelChoices, Step, captured, unbound, unfixed, with_kernel
+from dsr1.graph.paged_plans import PAGED_PLANS, MeasuredPaged
 from dsr1.graph.plan_cache import PlanCache, device_name, model_fingerprint
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Device, GraphPass, GraphSteps
 from dsr1.models.common import CausalLM
 from dsr1.specs import PluginSpec
 
-#: (batch rows, cache capacity)
-Bucket = tuple[int, int]
-#: one decode step of a generate call: ``(ids (B, 1), positions (B, 1), slot) -> logits (B, V)``
-Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 #: the plans, in the order a tie is broken (the simpler one wins)
 PLANS = ("eager", "compile", "cudagraph", "cudagraph+compile")
 #: calls after a choice whose median is the drift baseline
@@ -112,30 +110,6 @@ class StepTimer:
     def now(self) -> float:
         """A timestamp in seconds (the drift watch compares the time between calls)."""
         return time.perf_counter()
-
-
-@runtime_checkable
-class KernelChoices(Protocol):
-    """What a quant plugin implements to let ``adaptive`` pick its kernels per bucket too."""
-
-    def kernel_choices(self, device: Device) -> Sequence[str]:
-        """The kernels its layers can run on ``device`` (one or none: nothing to choose)."""
-
-    def use_kernel_(self, model: torch.nn.Module, kernel: str) -> None:
-        """Make ``model``'s quantized layers run ``kernel`` from now on (cheap: called once per
-        generate call, and before each candidate's trial)."""
-
-
-@dataclass
-class Candidate:
-    """A plan the pass may pick: ``bind(model, cache, key_valid)`` gives its step for one generate call."""
-
-    name: str
-    bind: Callable[[Any, Any, torch.Tensor], Step]
-    #: drop what the candidate keeps for a bucket it lost (a captured graph's memory)
-    release: Callable[[Bucket], None] = lambda bucket: None
-    #: the captured candidates' ``DecodeGraphs`` (None: not captured)
-    graphs: Any = None
 
 
 @dataclass
@@ -370,44 +344,6 @@ class BucketStep:
         return step(ids, positions, slot)
 
 
-# --- the candidates ---------------------------------------------------------------------------------
-
-
-def _unfixed(fn: Callable[..., torch.Tensor]) -> Callable[[Any, Any, torch.Tensor], Step]:
-    """A candidate over ``forward_step``'s signature: the batch runner's eager decode call."""
-
-    def bind(model: Any, cache: Any, key_valid: torch.Tensor) -> Step:
-        padded = not bool(key_valid.all())  # once per generate call
-
-        def step(ids: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-            mask = key_valid[:, None, None, : slot + 1] if padded else None  # (B, 1, 1, S) view
-            return fn(ids, positions, slot, cache, mask, mask, True)  # (B, V)
-
-        return step
-
-    return bind
-
-
-def _captured(name: str, graphs: Any) -> Candidate:
-    """A candidate over graph ``cudagraph``'s steps (``graphs``: its ``DecodeGraphs``)."""
-
-    def bind(model: Any, cache: Any, key_valid: torch.Tensor) -> Step:
-        return graphs.runner(model, cache, key_valid)  # type: ignore[no-any-return]
-
-    def release(bucket: Bucket) -> None:
-        graphs.graphs.pop(bucket, None)  # keyed by (batch, capacity), as buckets are
-
-    return Candidate(name, bind, release, graphs)
-
-
-def _with_kernel(candidate: Candidate, quant: KernelChoices, kernel: str) -> Candidate:
-    def bind(model: Any, cache: Any, key_valid: torch.Tensor) -> Step:
-        quant.use_kernel_(model, kernel)  # once per generate call (and per trial), never per token
-        return candidate.bind(model, cache, key_valid)
-
-    return Candidate(f"{candidate.name}[{kernel}]", bind, candidate.release, candidate.graphs)
-
-
 class AdaptiveGraph(GraphPass):
     Options = AdaptiveOptions
     options: AdaptiveOptions
@@ -439,11 +375,11 @@ class AdaptiveGraph(GraphPass):
         compile_kwargs = None
         for name in self.offered(device, model):
             if name == "eager":
-                candidates.append(Candidate(name, _unfixed(model.forward_step)))
+                candidates.append(Candidate(name, unfixed(model.forward_step)))
             elif name == "compile":
                 steps = CompileGraph(CompileOptions(**tuning)).apply(model, device)
                 if steps.decode_step is not None:  # None: no compile backend, fallback allowed (warned)
-                    candidates.append(Candidate(name, _unfixed(steps.decode_step)))
+                    candidates.append(Candidate(name, unfixed(steps.decode_step)))
                     compile_kwargs = steps.compile_kwargs
             else:
                 fused = name == "cudagraph+compile"
@@ -453,7 +389,7 @@ class AdaptiveGraph(GraphPass):
                 steps = CudaGraphPass(options).apply(model, device)
                 if fused and steps.decode_graphs.compiled is None:
                     continue  # no compile backend: the plain capture is a candidate already
-                candidates.append(_captured(name, steps.decode_graphs))
+                candidates.append(captured(name, steps.decode_graphs))
                 compile_kwargs = compile_kwargs or steps.compile_kwargs
         return candidates, compile_kwargs
 
@@ -465,21 +401,26 @@ class AdaptiveGraph(GraphPass):
         quant = model.pipeline.quant
         kernels = list(quant.kernel_choices(device)) if isinstance(quant, KernelChoices) else []
         if len(kernels) > 1:
-            candidates = [_with_kernel(c, quant, kernel) for kernel in kernels for c in self.plans(model, device)[0]]
+            candidates = [with_kernel(c, quant, kernel) for kernel in kernels for c in self.plans(model, device)[0]]
         torch_device = model.device
         timer = self.timer if self.timer is not None else StepTimer(torch_device)
-        cache = None
-        if o.plan_cache:
+
+        def cache(runner: str) -> PlanCache | None:  # the paged runner's plans in a file of their own
+            if not o.plan_cache:
+                return None
             from dsr1.models.loading import dsr1_home
 
-            config = model.pipeline.config.to_json()
-            cache = PlanCache(dsr1_home() / "plans", {"model": model_fingerprint(model),
-                                                      "device": device_name(torch_device),
-                                                      "config": config + o.model_dump_json()})
-        monitor = model.pipeline.monitor
-        planner = Planner(candidates, timer, o, cache, monitor.record if monitor is not None else None)
-        adaptive = AdaptiveSteps(planner, timer)
-        return GraphSteps(decode_graphs=adaptive, compile_kwargs=compile_kwargs, report=adaptive.report)
+            config = model.pipeline.config.to_json() + o.model_dump_json() + runner
+            return PlanCache(dsr1_home() / "plans", {"model": model_fingerprint(model),
+                                                     "device": device_name(torch_device), "config": config})
+
+        record = model.pipeline.monitor.record if model.pipeline.monitor is not None else None
+        adaptive = AdaptiveSteps(Planner(candidates, timer, o, cache(""), record), timer)
+        # the paged step's plans, by the same names; the quant plugin's kernels are not multiplied in there
+        paged = MeasuredPaged(Planner([Candidate(name, unbound) for name in self.offered(device, model)
+                                       if name in PAGED_PLANS], timer, o, cache("|paged"), record))
+        return GraphSteps(decode_graphs=adaptive, compile_kwargs=compile_kwargs, paged=paged,
+                          report=lambda: {**adaptive.report(), "paged": paged.report()})
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         wanted = self.options.candidates or []

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from dsr1.errors import Dsr1Error
+from dsr1.graph.paged_plans import FixedPaged
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Device, GraphPass, GraphSteps
 from dsr1.models.common import CausalLM
@@ -79,7 +80,8 @@ class CompileGraph(GraphPass):
         kwargs = compile_kwargs(self.options, device)
         if kwargs is None:  # no compile backend, fallback allowed (and warned about)
             return GraphSteps()
-        return GraphSteps(decode_step=torch.compile(model.forward_step, **kwargs), compile_kwargs=kwargs)
+        return GraphSteps(decode_step=torch.compile(model.forward_step, **kwargs), compile_kwargs=kwargs,
+                          paged=FixedPaged("compile"))
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         reasons = []

@@ -37,6 +37,7 @@ from pydantic import ConfigDict, Field
 
 from dsr1.errors import Dsr1Error
 from dsr1.graph.compile import CompileOptions, compile_kwargs
+from dsr1.graph.paged_plans import FixedPaged
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Device, GraphPass, GraphSteps
 from dsr1.models.common import CausalLM
@@ -193,8 +194,11 @@ class CudaGraphPass(GraphPass):
                 opts["triton.cudagraphs"] = False
                 kwargs["options"] = opts
             compiled = torch.compile(step, **kwargs)
+        paged = ("cudagraph" if capture else "eager") + ("+compile" if compiled is not None else "")
+        paged = {"eager+compile": "compile"}.get(paged, paged)
         return GraphSteps(decode_graphs=DecodeGraphs(plain, capture, compiled, self.options.compile_max_batch),
-                          compile_kwargs=kwargs or None)
+                          compile_kwargs=kwargs or None,
+                          paged=FixedPaged(paged, self.options.compile_max_batch if compiled is not None else None))
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         if self.options.capture and device != "cuda":

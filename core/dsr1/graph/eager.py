@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsr1.graph.paged_plans import FixedPaged
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Device, GraphPass, GraphSteps
 from dsr1.specs import PluginSpec
@@ -10,7 +11,7 @@ from dsr1.specs import PluginSpec
 
 class EagerGraph(GraphPass):
     def apply(self, model: Any, device: Device) -> GraphSteps:
-        return GraphSteps()  # the model's own forward_step
+        return GraphSteps(paged=FixedPaged("eager"))  # the model's own forward_step
 
 
 @hookimpl

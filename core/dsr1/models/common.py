@@ -20,6 +20,7 @@ from torch import nn
 
 from dsr1.errors import Dsr1Error
 from dsr1.interfaces import GraphSteps
+from dsr1.parallel.pipeline import PipelineStage, pipelined_step
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dsr1.interfaces import AttentionMechanism
@@ -521,6 +522,14 @@ class CausalLM(Dsr1Model):
     recurrent: bool = False
     #: the fused fast path (False: the reference layers, module for module as transformers).
     fused: bool = True
+    #: this rank's pipeline stage (``parallel.pipeline`` > 1): the model holds its layers only, and
+    #: :meth:`forward_step` receives and sends hidden states (:mod:`dsr1.parallel.pipeline`).
+    stage: PipelineStage | None = None
+
+    @property
+    def streams_weights(self) -> bool:
+        # a pipeline stage moves activations between ranks from Python each step: no captured graph either
+        return self.stage is not None or super().streams_weights
 
     @property
     def compiled_step(self) -> Callable[..., torch.Tensor] | None:
@@ -559,12 +568,31 @@ class CausalLM(Dsr1Model):
 
         This is the transformers layout (``model.embed_tokens`` → ``model.layers``, each called as
         ``layer(x, cos, sin, (mask, window_mask), cache, start)`` → ``model.norm`` → ``lm_head``, rope in
-        ``rope``; ``fused`` picks the signed sine table); a model laid out otherwise overrides it."""
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        ``rope``; ``fused`` picks the signed sine table); a model laid out otherwise overrides it.
+        A pipeline stage runs its part and every rank returns the last stage's logits."""
+        if self.stage is not None:
+            return pipelined_step(self, self.stage, input_ids, positions, start, cache, mask, window_mask, last_only)
+        x = self.embed(input_ids)  # (B, T, C)
+        x = self.forward_layers(x, positions, start, cache, mask, window_mask)
+        return self.forward_head(x, last_only)  # (B, V) or (B, T, V)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` → hidden states ``(B, T, C)``."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, start: int | torch.Tensor, cache: Any,
+        mask: torch.Tensor | None, window_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Every layer this model holds over hidden states ``(B, T, C)``."""
         cos, sin = self.rope(positions, signed=self.fused)  # (B, T, 1, D)
         masks = (mask, window_mask)
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks, cache, start)
+        return x
+
+    def forward_head(self, x: torch.Tensor, last_only: bool | torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B, T, C)`` → logits of the tokens ``last_only`` picks (see :meth:`forward_step`)."""
         if isinstance(last_only, torch.Tensor):
             x = x[0, last_only]  # (R, C)
         elif last_only:

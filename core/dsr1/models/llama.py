@@ -11,8 +11,10 @@ At load, q/k/v and gate/up projections are fused into one matmul each (``fuse`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,7 +46,9 @@ from dsr1.models.loading import (
 )
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
+from dsr1.parallel.pipeline import PipelineStage, check_pipeline, join_stages, stage_names
 from dsr1.parallel.tensor import ParallelLMHead, TensorPlan
+from dsr1.parallel.topology import check_tensor, stage_tensor_group
 from dsr1.specs import PluginSpec
 
 
@@ -282,20 +286,27 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    def __init__(self, a: LlamaArgs, attn: AttentionCall, fused: bool) -> None:
+    """``first``/``last``: whether this (pipeline stage's) model embeds the ids and holds the final norm."""
+
+    def __init__(self, a: LlamaArgs, attn: AttentionCall, fused: bool, first: bool = True, last: bool = True) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size) if first else None
         self.layers = nn.ModuleList(LlamaBlock(a, i, attn, fused) for i in range(a.n_layers))
-        self.norm = RMSNorm(a.hidden_size, a.eps)
+        self.norm = RMSNorm(a.hidden_size, a.eps) if last else None
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, a: LlamaArgs, attn: AttentionCall, fused: bool) -> None:
+    """``stage``: the pipeline stage this model is (``a`` then describes its layers alone, numbered
+    from 0, see :func:`stage_args`); None: the whole model."""
+
+    def __init__(self, a: LlamaArgs, attn: AttentionCall, fused: bool, stage: PipelineStage | None = None) -> None:
         super().__init__()
         self.args = a
         self.fused = fused
-        self.model = LlamaBackbone(a, attn, fused)
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.stage = stage
+        first, last = stage is None or stage.first, stage is None or stage.last
+        self.model = LlamaBackbone(a, attn, fused, first, last)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False) if last else None
         inv_freq, scaling = rope_inv_freq(a.rope, a.head_dim, a.context_length)
         self.rope = RotaryEmbedding(inv_freq, scaling)
         self.context_length = a.context_length
@@ -337,6 +348,9 @@ class LlamaForCausalLM(CausalLM):
         if isinstance(self.lm_head, ParallelLMHead):
             raise Dsr1Error("this model holds one tensor-parallel rank's shards (parallel.tensor > 1); save it "
                             "from a load with parallel.tensor 1")
+        if self.stage is not None:
+            raise Dsr1Error("this model holds one pipeline stage's layers (parallel.pipeline > 1); save it "
+                            "from a load with parallel.pipeline 1")
         split = {
             "self_attn.qkv_proj": [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim],
             "mlp.gate_up_proj": [a.intermediate_size, a.intermediate_size],
@@ -386,19 +400,38 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     state = build_state(pipeline)  # before weight_device: the pool may plan from the checkpoint first
     device = pipeline.pool.weight_device(pipeline.device)  # the pool decides where the weights live
     parallel = pipeline.config.parallel
-    plan = TensorPlan.create(a, pipeline, device) if parallel is not None and parallel.tensor > 1 else None
+    stage, stage_group = None, None
+    if parallel is not None and parallel.pipeline > 1:
+        check_pipeline(parallel.pipeline, a.model_type, a.n_layers)
+        if parallel.tensor > 1:  # before the rendezvous: a shape that cannot split needs no torchrun to say so
+            check_tensor(parallel.tensor, a.model_type, a.n_heads, a.n_kv_heads, a.intermediate_size)
+        graph = pipeline.config.choice("graph")
+        if graph is not None and graph.name != "eager":
+            raise Dsr1Error(f"parallel.pipeline {parallel.pipeline} runs eagerly (each stage sends its hidden "
+                            f"states from Python), but graph is {graph.name!r}; use graph eager")
+        stage, stage_group = join_stages(parallel, a.n_layers, device)
+    plan = None
+    if parallel is not None and parallel.tensor > 1:
+        with stage_tensor_group(stage_group) if stage_group is not None else nullcontext():
+            plan = TensorPlan.create(a, pipeline, device)
     local = a if plan is None else plan.local  # this rank's heads, KV heads and MLP width
+    if stage is not None:
+        local = stage_args(local, stage)
+        names = stage_names(names, stage, a.tie_embeddings)
     attn = bind_attention(pipeline, local.n_heads, local.n_kv_heads, hf)
     with torch.device("meta"):
-        model = LlamaForCausalLM(local, attn, options.fuse)
+        model = LlamaForCausalLM(local, attn, options.fuse, stage)
         if plan is not None:
             plan.shard_modules_(model)
+            if stage is not None:  # shard_modules_ swaps in an embedding and a head on every stage
+                model.model.embed_tokens = model.model.embed_tokens if stage.first else None
+                model.lm_head = model.lm_head if stage.last else None
     layout = options.weight_layout
     # the layout follows where the model computes, not where its weights are read to (a pool may read on the CPU)
     on_cpu = pipeline.device.torch_device().type == "cpu"
     kn = layout == "kn" or (layout == "auto" and on_cpu)
     linear_weights = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-    if a.tie_embeddings:
+    if local.tie_embeddings:
         linear_weights.discard("lm_head.weight")  # shares the embedding's (V, C) storage
     order = sorted(model.state_dict(), key=lambda n: n != "lm_head.weight")  # largest first: smallest peak
     # the device's kernel, else oneDNN-packed weights, for CPU decode (dsr1.models.packing). Whatever the quant
@@ -407,10 +440,19 @@ def build_llama(hf: Mapping[str, Any], reader: Any, pipeline: Any, options: Llam
     with pipeline.device.relayout_memory():  # each tensor's read buffer is freed once it is placed
         read = (plan.reader(reader, names, dtype, device) if plan is not None
                 else lambda n: reader.read(names[n], dtype, device))
-        _read_state(read, order, a, kn, linear_weights, state)
-    assign_weights_(model, state, a.tie_embeddings, device, hf)
+        _read_state(read, order, local, kn, linear_weights, state)
+    assign_weights_(model, state, local.tie_embeddings, device, hf)
     model.batch_layout = batch_layout
     return model
+
+
+def stage_args(a: LlamaArgs, stage: PipelineStage) -> LlamaArgs:
+    """``a`` for the layers of ``stage`` alone, numbered from 0: their windows and dense layers
+    follow their indices in the whole model. A stage's ``lm_head`` is its own tensor (the last
+    stage reads the embedding matrix into it when the checkpoint ties them)."""
+    lo, hi = stage.layers.start, stage.layers.stop
+    return dataclasses.replace(a, n_layers=hi - lo, windows=a.windows[lo:hi], tie_embeddings=False,
+                               dense_layers=frozenset(i - lo for i in a.dense_layers if lo <= i < hi))
 
 
 def _read_state(

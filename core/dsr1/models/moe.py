@@ -18,6 +18,13 @@ expert and the builders stack them at load). Two ways to run them:
   (:mod:`dsr1.models.moe_triton`); the other CUDA paths would dequantize whole stacks per step.
   It is checked against the reference in Triton's interpreter on the CPU, and not yet timed on a
   GPU, so float experts keep the grouped GEMM that was.
+
+Under tensor parallelism (:mod:`dsr1.parallel.tensor`) an :class:`Experts` holds ``count`` whole
+experts starting at ``first``; the (replicated) router still picks among all ``E``. The pairs routed
+to another rank's experts weigh nothing here: they go to a sink id (``count``) that the reference and
+grouped paths skip, and that the gathered and Triton paths clamp onto a local expert with weight 0
+(they compute it and throw it away: no host sync). The rank's partial sums are all-reduced by
+the caller.
 """
 from __future__ import annotations
 
@@ -158,11 +165,15 @@ class Experts(nn.Module):
     #: what quant policies and the precision map recognise (they see no ``nn.Linear`` here)
     stacked_experts = True
 
-    def __init__(self, a: MoEArgs, grouped: bool) -> None:
+    def __init__(self, a: MoEArgs, grouped: bool, first: int = 0, count: int | None = None) -> None:
         super().__init__()
-        self.n, self.f, self.grouped = a.n_experts, a.intermediate_size, grouped
-        self.gate_up_proj = nn.Parameter(torch.empty(a.n_experts, 2 * a.intermediate_size, a.hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(a.n_experts, a.hidden_size, a.intermediate_size))
+        #: this module's experts are ``[first, first + n)`` of the router's ``total`` (all of them but under
+        #: tensor parallelism)
+        self.n = a.n_experts if count is None else count
+        self.first, self.total = first, a.n_experts
+        self.f, self.grouped = a.intermediate_size, grouped
+        self.gate_up_proj = nn.Parameter(torch.empty(self.n, 2 * a.intermediate_size, a.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.n, a.hidden_size, a.intermediate_size))
         #: weight-only quantized (:meth:`quantize_`): ``{name}_q`` (int8 or fp8) and ``{name}_scale`` per output row
         self.quantized = False
 
@@ -189,6 +200,10 @@ class Experts(nn.Module):
         return (q.float() * scale.float()[..., None]).to(dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.n < self.total:  # expert parallelism: another rank's pairs go to the sink id n, weight 0
+            ids = ids - self.first
+            foreign = (ids < 0) | (ids >= self.n)  # (N, k)
+            ids, weights = ids.masked_fill(foreign, self.n), weights.masked_fill(foreign, 0)
         # quantized on CUDA: the kernel reads the quantized rows (dequantizing whole stacks per step costs more)
         if self.quantized and self.grouped and x.is_cuda and ids.numel() <= GEMV_MAX_PAIRS and _triton():
             return self.forward_gemv(x, weights, ids)
@@ -203,8 +218,8 @@ class Experts(nn.Module):
     def reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Expert by expert over the tokens routed to it, as transformers does."""
         out = torch.zeros_like(x)  # (N, C)
-        hit = torch.zeros(self.n, dtype=torch.bool, device=ids.device).scatter_(0, ids.flatten(), True)
-        for e in hit.nonzero().flatten().tolist():
+        hit = torch.zeros(self.n + 1, dtype=torch.bool, device=ids.device).scatter_(0, ids.flatten(), True)
+        for e in hit[: self.n].nonzero().flatten().tolist():  # (the sink n: pairs another rank computes)
             token, slot = torch.where(ids == e)  # (n_e,) each
             gate, up = F.linear(x[token], self.weight("gate_up_proj", x.dtype, e)).chunk(2, dim=-1)  # 2 × (n_e, F)
             y = F.linear(F.silu(gate) * up, self.weight("down_proj", x.dtype, e))  # (n_e, C)
@@ -214,7 +229,10 @@ class Experts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sorted by expert, each projection one grouped GEMM; group ends computed on the device."""
         n, k = ids.shape
-        order, ends = sort_by_expert(ids.flatten(), self.n)  # (N·k,) pairs grouped by expert; (E,) group ends
+        sharded = self.n < self.total  # the sink group n sorts last and is left out of the GEMMs
+        flat = ids.flatten()
+        order, ends = sort_by_expert(flat, self.n + sharded)  # (N·k,) pairs grouped by expert; (E,) group ends
+        ends = ends[: self.n]
         token = order // k  # (N·k,) the token of each sorted pair
         w13, w2 = self.weight("gate_up_proj", x.dtype), self.weight("down_proj", x.dtype)
         gate_up = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=ends)  # (N·k, 2F)
@@ -222,6 +240,8 @@ class Experts(nn.Module):
         h = F.silu(gate) * up  # (N·k, F)
         y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # (N·k, C)
         y = y * weights.flatten()[order, None]  # fp32 weights: the product is fp32, as in the reference
+        if sharded:  # the sink's rows past the last group end hold whatever memory was there
+            y = torch.where((flat[order] < self.n)[:, None], y, 0.0)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, C)
 
     def forward_gemv(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -229,7 +249,7 @@ class Experts(nn.Module):
         from dsr1.models.moe_triton import moe_gemv
 
         n, k = ids.shape
-        flat = ids.flatten()  # (N·k,)
+        flat = ids.flatten().clamp(max=self.n - 1)  # (N·k,); the sink (weight 0) onto a local expert
         xs = x.repeat_interleave(k, dim=0)  # (N·k, C): pair i is token i // k
         if self.quantized:
             gate, up = moe_gemv(xs, flat, self.gate_up_proj_q, self.gate_up_proj_scale).chunk(2, dim=-1)
@@ -243,7 +263,7 @@ class Experts(nn.Module):
         """Each (token, expert) pair against a gathered copy of its expert's weights: no host sync and any
         dtype, but it copies the chosen experts' weights (the path where grouped GEMMs do not run)."""
         n, k = ids.shape
-        flat = ids.flatten()  # (N·k,)
+        flat = ids.flatten().clamp(max=self.n - 1)  # (N·k,); the sink (weight 0) onto a local expert
         xs = x.repeat_interleave(k, dim=0)[:, :, None]  # (N·k, C, 1)
         w13, w2 = self.weight("gate_up_proj", x.dtype), self.weight("down_proj", x.dtype)
         gate, up = torch.bmm(w13[flat], xs)[..., 0].chunk(2, dim=-1)  # 2 × (N·k, F)
@@ -296,7 +316,9 @@ def expert_sources(prefix: str, n_experts: int) -> dict[str, tuple[list[str], st
 
 
 def stack_experts(parts: list[torch.Tensor], how: str) -> torch.Tensor:
-    """Checkpoint tensors in :func:`expert_sources` order → the stacked parameter."""
+    """Checkpoint tensors in :func:`expert_sources` order → the stacked parameter. Under tensor parallelism
+    the experts another rank holds are read as empty slices (no bytes read) and left out here."""
+    parts = [p for p in parts if p.numel()]
     if how == "gate_up":
         return torch.stack([torch.cat(parts[i : i + 2], dim=0) for i in range(0, len(parts), 2)])  # (E, 2F, C)
     return torch.stack(parts)  # (E, C, F)

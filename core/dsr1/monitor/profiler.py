@@ -15,7 +15,12 @@ Everything :mod:`dsr1.monitor.timing` keeps (the ``prefill`` / ``decode`` spans)
 
 Cost. Forward hooks exist only during a sampled step: they are put on the model's sub-blocks
 when it begins and removed when it ends, so an unsampled step runs the model exactly as without
-this monitor and pays two clock reads and one running-mean update in the engine loop. A step
+this monitor and pays two clock reads and one running-mean update in the engine loop. A sampled
+step times the sub-blocks of ``layers`` decoder layers (one by default, the next ones at the next
+sample, round the model) and everything outside the layers; a layer category's time is the timed
+layers' times scaled to the whole stack. Hooks and marks on every sub-block of every layer cost
+a launch-bound eager step several times its own length, and that would be the overhead of
+sampling; ``layers: all`` times them all (its own cost then shows in the figures). A step
 that replays a captured CUDA graph or runs compiled code does not call module hooks (torch
 ignores hooks added after compiling): those steps get their step time only, and operator timings
 come from eager forwards (prefill, or ``graph: eager``, which ``dsr1 profile`` uses). The hooks do
@@ -33,12 +38,13 @@ import collections
 import heapq
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -47,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import OperatorStat
+from dsr1.monitor.clocks import CudaClock, HostClock, RunningStat
 from dsr1.monitor.timing import TimingMonitor
 from dsr1.specs import PluginSpec
 
@@ -69,6 +76,10 @@ _NAMES: dict[str, str] = {
 }
 
 
+#: the decoder layer a dotted module name sits in (``model.layers.3.mlp`` → 3; GPT-2's ``h.3``, BERT's ``layer.3``)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+
+
 def bucket(n: int) -> int:
     """``n`` rounded up to a power of two (1 for 0 and 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -82,95 +93,16 @@ def classify(name: str) -> str | None:
     return _NAMES.get(leaf)
 
 
+Key = tuple[str, int, int]  # (phase, batch bucket, context bucket)
+
+
 class ProfilerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(100, ge=1, description="time the operators of every Nth engine step (1: every step)")
     keep: int = Field(256, ge=1, description="sampled steps kept for stream() and the Chrome trace (the newest)")
-
-
-# --- clocks ------------------------------------------------------------------------------------
-
-
-class HostClock:
-    """Marks are ``now()`` floats (``perf_counter``), ready at once."""
-
-    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
-        self.now = now
-
-    def mark(self) -> Any:
-        return self.now()
-
-    def ready(self, mark: Any) -> bool:
-        return True
-
-    def wait(self, mark: Any) -> None:
-        pass
-
-    def seconds(self, start: Any, end: Any) -> float:
-        return float(end - start)
-
-    def release(self, marks: list[Any]) -> None:
-        pass
-
-
-class CudaClock:
-    """Marks are CUDA events recorded on the current stream; events are reused once read."""
-
-    def __init__(self) -> None:
-        self.free: list[torch.cuda.Event] = []
-
-    def mark(self) -> Any:
-        event = self.free.pop() if self.free else torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def ready(self, mark: Any) -> bool:
-        return bool(mark.query())
-
-    def wait(self, mark: Any) -> None:
-        mark.synchronize()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        return float(start.elapsed_time(end)) / 1e3  # elapsed_time is in milliseconds
-
-    def release(self, marks: list[Any]) -> None:
-        self.free.extend(marks)
-
-
-# --- statistics --------------------------------------------------------------------------------
-
-
-@dataclass
-class RunningStat:
-    """Count, mean and population variance, updated one value at a time (Welford)."""
-
-    count: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def add(self, x: float) -> None:
-        self.count += 1
-        d = x - self.mean
-        self.mean += d / self.count
-        self.m2 += d * (x - self.mean)
-
-    def merge(self, other: RunningStat) -> None:
-        """Fold in another stat's values (Chan et al.'s pairwise update)."""
-        n = self.count + other.count
-        if not other.count:
-            return
-        d = other.mean - self.mean
-        self.m2 += other.m2 + d * d * self.count * other.count / n
-        self.mean += d * other.count / n
-        self.count = n
-
-    @property
-    def variance(self) -> float:
-        return self.m2 / self.count if self.count else 0.0
-
-
-Key = tuple[str, int, int]  # (phase, batch bucket, context bucket)
+    layers: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        1, description="decoder layers whose sub-blocks one sampled step times, taken in turn ('all': every layer)")
 
 
 @dataclass
@@ -185,6 +117,7 @@ class _Sample:
     time: float  # time.time() at the step's start, as the timing monitor's events carry
     wall_start: float  # the step clock at its start (the trace's time line)
     plan: _Plan  # the plan the spans index into (a later walk may replace the monitor's)
+    layers: tuple[int, ...] = ()  # the decoder layers whose sub-blocks this step timed
     # one entry per span, in the order spans opened: parallel lists, so a hook appends plain values
     points: list[int] = field(default_factory=list)  # index into plan.points
     parents: list[int] = field(default_factory=list)  # index of the enclosing timed span, -1 at the top
@@ -203,6 +136,18 @@ class _Plan:
     tree: list[tuple[torch.nn.Module, tuple[torch.nn.Module, ...]]]  # every module with children, and them
     pre_hooks: list[Callable[..., None]] = field(default_factory=list)  # one per point, made once
     ids: list[int] = field(default_factory=list)  # each point's hook id in the module's hook dicts
+    layer_of: list[int] = field(default_factory=list)  # each point's decoder layer (-1: outside the layers)
+    n_layers: int = 0  # decoder layers holding a timed point
+
+    def chosen(self, layers: int | str, turn: int) -> tuple[list[int], tuple[int, ...]]:
+        """The points one sampled step times and the layers they cover: every point outside the layers,
+        and the sub-blocks of ``layers`` consecutive layers starting at ``turn * layers`` (mod the count)."""
+        n = self.n_layers
+        if layers == "all" or int(layers) >= n:
+            return list(range(len(self.points))), tuple(range(n))
+        k = int(layers)
+        timed = tuple(sorted((turn * k + i) % n for i in range(k)))
+        return [i for i, layer in enumerate(self.layer_of) if layer < 0 or layer in timed], timed
 
     def current(self) -> bool:
         """Whether no module was added, removed or replaced since the walk: every parent still has the
@@ -226,6 +171,8 @@ class ProfilerMonitor(TimingMonitor):
     def __init__(self, options: Any = None, clock: Any = None, wall: Callable[[], float] = time.perf_counter) -> None:
         super().__init__(options)
         self.every = int(self.options.every)
+        self.layers = self.options.layers
+        self._turn = 0  # sampled steps so far: which layers the next one times
         self._fixed_clock = clock
         self.clock: Any = clock if clock is not None else HostClock()
         self.wall = wall
@@ -278,18 +225,23 @@ class ProfilerMonitor(TimingMonitor):
 
     def _start_sample(self) -> None:
         self._resolve(block=False)  # the previous samples' events are done by now, as a rule
+        self.clock.begin()
         b, c, _ = self._shape
         self._stack = []
         plan = self._planned() if self.model is not None else _Plan([], [], [])
+        points, layers = plan.chosen(self.layers, self._turn)
+        self._turn += 1
         # what register_forward_{pre_,}hook do, less a RemovableHandle per hook and step: the ids were
         # taken from torch's counter once, by the walk, so they collide with no other hook
         post = self._post
-        for (module, _, _), pre, hid in zip(plan.points, plan.pre_hooks, plan.ids):
-            module._forward_pre_hooks[hid] = pre
+        for i in points:
+            module, hid = plan.points[i][0], plan.ids[i]
+            module._forward_pre_hooks[hid] = plan.pre_hooks[i]
             module._forward_hooks[hid] = post
         self._hooked = plan
         self._t0 = self.wall()  # the step's clock starts after the profiler's own set-up
-        self._sample = _Sample(self.steps_seen, ("", 0, 0), b, c, self.clock.mark(), time.time(), self._t0, plan)
+        self._sample = _Sample(self.steps_seen, ("", 0, 0), b, c, self.clock.mark(), time.time(), self._t0, plan,
+                               layers)
 
     def _planned(self) -> _Plan:
         """The model's plan: walked on the first sampled step, and again only when a module was added,
@@ -331,6 +283,12 @@ class ProfilerMonitor(TimingMonitor):
                 owned.append((module, timed[owner]))
         plan = _Plan(points, owned, tree)
         plan.pre_hooks = [self._pre(i) for i in range(len(points))]
+        found = [_LAYER.findall(name) for _, _, name in points]
+        plan.layer_of = [int(m[0]) if m else -1 for m in found]  # the outermost layer index in the name
+        ids = sorted({x for x in plan.layer_of if x >= 0})
+        renumber = {x: i for i, x in enumerate(ids)}  # dense: a pipeline stage's layers may not start at 0
+        plan.layer_of = [renumber.get(x, -1) for x in plan.layer_of]
+        plan.n_layers = len(ids)
         plan.ids = [RemovableHandle(collections.OrderedDict()).id for _ in points]  # reserves unique hook ids
         return plan
 
@@ -397,10 +355,13 @@ class ProfilerMonitor(TimingMonitor):
             if parent >= 0:
                 own[parent] -= durs[i]
         closed = [i for i, z in enumerate(sample.ends) if z is not None]
+        # the sub-blocks of the timed layers stand for every layer's (the layers of one model do the same work)
+        scale = sample.plan.n_layers / len(sample.layers) if sample.layers else 1.0
         per_op: dict[str, float] = {}
         for i in closed:
-            op = points[sample.points[i]][1]
-            per_op[op] = per_op.get(op, 0.0) + own[i]
+            point = sample.points[i]
+            op = points[point][1]
+            per_op[op] = per_op.get(op, 0.0) + own[i] * (scale if sample.plan.layer_of[point] >= 0 else 1.0)
         heads = [i for i in closed if points[sample.points[i]][1] == "lm_head"]
         if heads:
             per_op["sampling"] = clock.seconds(sample.ends[heads[-1]], sample.end)
@@ -412,6 +373,7 @@ class ProfilerMonitor(TimingMonitor):
             "event": "profile.step", "time": sample.time, "step": sample.index,
             "phase": phase, "batch_size": sample.batch_size, "context_len": sample.context_len, "batch_bucket": bb,
             "context_bucket": cb, "seconds": sample.wall_s, "operators": per_op, "wall_start": sample.wall_start,
+            "layers": list(sample.layers),
             "spans": [(points[sample.points[i]][1], points[sample.points[i]][2],
                        clock.seconds(sample.begin, sample.starts[i]), durs[i]) for i in closed],
         })
@@ -461,8 +423,8 @@ class ProfilerMonitor(TimingMonitor):
                                    "share": s.mean / sampled.mean if sampled.mean else None}
                               for op, s in ops.items() if op != "step"},
             })
-        out["profile"] = {"every": self.every, "steps": self.steps_seen, "weight_bytes": dict(self.weight_bytes),
-                          "buckets": buckets}
+        out["profile"] = {"every": self.every, "layers": self.layers, "steps": self.steps_seen,
+                          "weight_bytes": dict(self.weight_bytes), "buckets": buckets}
         return out
 
     # --- Chrome trace --------------------------------------------------------------------------

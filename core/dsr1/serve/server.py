@@ -47,6 +47,12 @@ class DrainingServer(uvicorn.Server):
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.on_listening(str(host), int(port))
 
+    async def on_tick(self, counter: int) -> bool:  # uvicorn's main loop, every 0.1 s
+        engine = self.state.engine
+        if self.state.settings.exit_on_engine_error and engine is not None and engine.error is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # uvicorn's signal hook
         # Not uvicorn's: it would re-raise the signal after serving, and the process would die of it.
         if self.state.draining or self._loop is None:  # a second signal, or one before the socket is up

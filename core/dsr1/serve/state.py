@@ -28,6 +28,9 @@ class ServeSettings:
     max_body_bytes: int = 16 << 20
     #: ``--reasoning-parser``: chat replies carry the thinking as ``reasoning_content`` (None: off).
     reasoning_parser: str | None = None
+    #: exit when the engine loop stops on an error (a launch with several ranks: a rank is gone, and
+    #: the server cannot answer again), instead of answering 503 with the error on ``/health``.
+    exit_on_engine_error: bool = False
 
 
 class ServeState:

@@ -26,13 +26,13 @@ class CpuReferenceDevice(Device):
     def device_count(self) -> int:
         return 1
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
         page = os.sysconf("SC_PAGE_SIZE")
         total = os.sysconf("SC_PHYS_PAGES") * page
         free = min(os.sysconf("SC_AVPHYS_PAGES") * page, total)
         return MemoryInfo(total=total, free=free, used=total - free)
 
-    def synchronize(self, index: int = 0) -> None:
+    def synchronize(self, index: int | None = None) -> None:
         """CPU kernels run synchronously: nothing to wait for."""
 
     def supported_dtypes(self) -> list[torch.dtype]:

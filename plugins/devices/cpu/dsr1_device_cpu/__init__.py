@@ -146,10 +146,10 @@ class CpuDevice(Device):
     def device_count(self) -> int:
         return 1
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
         return read_memory()
 
-    def synchronize(self, index: int = 0) -> None:
+    def synchronize(self, index: int | None = None) -> None:
         """CPU kernels are synchronous: nothing to wait for."""
 
     def supported_dtypes(self) -> list[torch.dtype]:

@@ -79,7 +79,7 @@ class CudaDevice(Device):
 
     # --- needing a device ---------------------------------------------------------------
 
-    def torch_device(self, index: int = 0) -> torch.device:
+    def torch_device(self, index: int | None = None) -> torch.device:
         # the engine refuses an unavailable device when it resolves the config; this catches
         # callers that build the device by hand, before torch's assertion deep in a tensor copy
         if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]  # untyped in torch
@@ -87,15 +87,18 @@ class CudaDevice(Device):
                             f"install a CUDA build of torch, or use device: cpu")
         return super().torch_device(index)
 
+    def _index(self, index: int | None) -> int:
+        return self.local_index() if index is None else index
+
     def device_count(self) -> int:
         return torch.cuda.device_count()
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(index)  # whole device, all processes
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(self._index(index))  # whole device, all processes
         return MemoryInfo(total=int(total), free=int(free), used=int(total - free))
 
-    def synchronize(self, index: int = 0) -> None:
-        torch.cuda.synchronize(index)
+    def synchronize(self, index: int | None = None) -> None:
+        torch.cuda.synchronize(self._index(index))
 
     def supported_dtypes(self) -> list[torch.dtype]:
         dtypes = [torch.float32, torch.float16, torch.float64]
@@ -103,14 +106,14 @@ class CudaDevice(Device):
             dtypes.insert(1, torch.bfloat16)
         return dtypes
 
-    def compute_capability(self, index: int = 0) -> tuple[int, int]:
+    def compute_capability(self, index: int | None = None) -> tuple[int, int]:
         """``(major, minor)``: 8.0 A100, 8.9 L4/4090, 9.0 H100/H200."""
-        major, minor = torch.cuda.get_device_capability(index)
+        major, minor = torch.cuda.get_device_capability(self._index(index))
         return int(major), int(minor)
 
-    def stream(self, index: int = 0) -> torch.cuda.Stream:
+    def stream(self, index: int | None = None) -> torch.cuda.Stream:
         """A new CUDA stream on device ``index`` (capability ``streams``)."""
-        return torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]  # untyped in torch
+        return torch.cuda.Stream(device=self._index(index))  # type: ignore[no-untyped-call]  # untyped in torch
 
     def event(self, enable_timing: bool = True) -> torch.cuda.Event:
         """A CUDA event for timing and cross-stream waits (capability ``events``)."""

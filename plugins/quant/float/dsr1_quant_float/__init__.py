@@ -9,17 +9,28 @@ back, whose error is at most half a unit in the last place of the target dtype
 Declared SQNR thresholds (dB, of the round trip against fp32 on the kit's cases):
 fp32 150 (the round trip is exact), fp16 60 (11 significant bits: 73-75 dB measured on
 the kit's cases), bf16 40 (8 significant bits: 55-57 dB measured).
+
+``bf16`` with ``options.cuda_kernel: triton`` sends one-row calls of the linear layers on CUDA
+(decode at batch 1) through the SDK's Triton GEMV (:mod:`dsr1_sdk.kernels.weight_only`, format
+``bf16``, split over K where that tuned faster) instead of cuBLAS, whose one-row kernels read the
+smaller layers well below the memory bandwidth. Calls of two rows or more stay on cuBLAS.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import functools
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from dsr1_sdk import PluginSpec, QuantPolicy, hookimpl
+from dsr1_sdk import Field, PluginOptions, PluginSpec, QuantPolicy, hookimpl
+from dsr1_sdk.kernels import triton_problem
+from dsr1_sdk.quant import refuse_unless_valid, replace_linears_
 from dsr1_sdk.reference.quant import cast_error_bound
 
-__all__ = ["Bf16Cast", "FloatCast", "Fp16Cast", "Fp32Cast", "dsr1_quant"]
+__all__ = ["Bf16Cast", "Bf16Options", "FloatCast", "Fp16Cast", "Fp32Cast", "GemvLinear", "dsr1_quant"]
 
 
 class FloatCast(QuantPolicy):
@@ -51,9 +62,59 @@ class Fp16Cast(FloatCast):
     sqnr_threshold = 60.0
 
 
+class Bf16Options(PluginOptions):
+    #: ``cublas``: torch's matmul for every call; ``triton``: one-row calls on CUDA through the SDK's Triton GEMV.
+    cuda_kernel: Literal["cublas", "triton"] = Field("cublas")
+
+
+@functools.cache
+def _triton_mm() -> Callable[..., torch.Tensor]:
+    """The SDK's Triton op, imported on the first CUDA call (the plugin itself loads without triton)."""
+    from dsr1_sdk.kernels.weight_only import weight_only_mm
+
+    return weight_only_mm
+
+
+class GemvLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state dict) whose one-row bf16 CUDA calls run the Triton GEMV."""
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> GemvLinear:
+        """A GemvLinear holding ``linear``'s own parameters (no copy; a tied weight stays tied)."""
+        with torch.device("meta"):
+            gemv = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        gemv.weight = linear.weight
+        gemv.bias = linear.bias
+        return gemv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:  # one row: decode at batch 1
+            y = _triton_mm()(x.reshape(1, -1), "bf16", self.weight, None, None, 0)  # (1, out)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class Bf16Cast(FloatCast):
     dtype = torch.bfloat16
     sqnr_threshold = 40.0
+    Options = Bf16Options
+    options: Bf16Options
+
+    def quantize_(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = super().quantize_(model)
+        if self.options.cuda_kernel == "triton":
+            refuse_unless_valid(self, model)
+            replace_linears_(model, lambda name, linear: GemvLinear.sharing(linear))
+        return model
+
+    def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        if self.options.cuda_kernel != "triton":
+            return []
+        if device != "cuda":
+            return [f"bf16 cuda_kernel 'triton' runs on CUDA devices, not {device!r}; set options.cuda_kernel: cublas"]
+        problem = triton_problem("bf16 cuda_kernel 'triton'")
+        return [f"{problem}, or set options.cuda_kernel: cublas"] if problem else []
 
 
 @hookimpl
@@ -63,6 +124,6 @@ def dsr1_quant() -> list[PluginSpec]:
                    description="cast the model to float32 and compute in float32"),
         PluginSpec(name="fp16", family="quant", impl=Fp16Cast, capabilities=frozenset({"cast"}),
                    description="cast the model to float16 and compute in float16 (slow on CPU)"),
-        PluginSpec(name="bf16", family="quant", impl=Bf16Cast, capabilities=frozenset({"cast"}),
+        PluginSpec(name="bf16", family="quant", impl=Bf16Cast, options=Bf16Options, capabilities=frozenset({"cast"}),
                    description="cast the model to bfloat16 and compute in bfloat16"),
     ]

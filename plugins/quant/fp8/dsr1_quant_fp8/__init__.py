@@ -8,7 +8,14 @@ cores) with the activation scale, then the per-channel weight scale on its outpu
 8.9 (Ada) and 9.0 (Hopper); ``_scaled_mm`` wants K and N in multiples of 16 (and M is padded
 to 16).
 
-GPU only: ``validate`` refuses every other device, and a GPU older than sm89, with the
+``options.cuda_kernel: triton`` makes the layers weight-only instead: activations stay in the compute
+dtype and the SDK's Triton kernels (:mod:`dsr1_sdk.kernels.weight_only`) read the e4m3 bytes and
+dequantize them in registers (a GEMV for one row, ``tl.dot`` for 2-64 fp16/bf16 rows; more rows
+dequantize the weight and run cuBLAS). Decode reads one byte per weight either way; this path skips
+quantizing the activations and runs on any GPU of compute capability 8.0+, and graph ``adaptive`` may
+switch between the two per bucket (same weight buffers) where both run.
+
+GPU only: ``validate`` refuses every other device, and a GPU older than the kernel needs, with the
 reason. Not measured (no device budget); the CPU tests check the quantization math, the
 reference path and the checkpoint layout. The weight is held as a uint8 view of its bytes,
 so ``model.to(dtype)`` never upcasts it.
@@ -22,18 +29,21 @@ dequantizes per block on the fly (any device: the reference), or, on a GPU whose
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1_sdk import Dsr1Error, PluginSpec, hookimpl
+from dsr1_sdk import Dsr1Error, Field, PluginSpec, hookimpl
+from dsr1_sdk.kernels import MAX_ROWS, triton_problem
 from dsr1_sdk.quant import (
     FP8_E4M3_MAX,
     QuantizedLinear,
+    QuantOptions,
     StaticQuantPolicy,
     block_dequantize,
     block_fp8_reader,
@@ -53,8 +63,39 @@ from dsr1_sdk.quant import (
 __all__ = ["BlockFp8Linear", "Fp8E4M3", "Fp8Linear", "block_fp8_linear", "blockwise_kernel_works", "dsr1_quant",
            "fp8_linear", "kernel_grid"]
 
-#: compute capability ``torch._scaled_mm`` needs for e4m3.
+#: compute capability ``torch._scaled_mm`` needs for e4m3; the Triton weight-only kernels need bf16 (8.0).
 MIN_CAPABILITY = (8, 9)
+TRITON_MIN_CAPABILITY = (8, 0)
+#: the CUDA kernels of :class:`Fp8Linear` (see :class:`Fp8Options`).
+CudaKernel = Literal["scaled_mm", "triton"]
+CUDA_KERNELS: tuple[str, ...] = get_args(CudaKernel)
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Fp8Options(QuantOptions):
+    #: ``scaled_mm``: e4m3 activations too, fp8 tensor cores (``torch._scaled_mm``, sm89+); ``triton``:
+    #: weight-only, the SDK's Triton kernels read the e4m3 weight and keep activations in the compute dtype.
+    cuda_kernel: CudaKernel = Field("scaled_mm")
+
+
+@functools.cache
+def _triton_mm() -> Callable[..., torch.Tensor]:
+    """The SDK's Triton op, imported on the first CUDA call (the plugin itself loads without triton)."""
+    from dsr1_sdk.kernels.weight_only import weight_only_mm
+
+    return weight_only_mm
+
+
+def fp8_weight_only_linear(x: torch.Tensor, qweight_bytes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x (..., in)`` times the e4m3 weight (its bytes, ``(out, in)``) with per-channel ``scales``, activations
+    unquantized → ``(..., out)`` in ``x.dtype``: Triton up to ``MAX_ROWS`` fp16/bf16 rows, else dequantize + GEMM."""
+    x2 = flat(x)  # (M, in)
+    if x2.shape[0] <= MAX_ROWS and x2.dtype in TRITON_DTYPES:
+        y = _triton_mm()(x2, "fp8", qweight_bytes, scales, None, 0)  # (M, out)
+    else:
+        w = qweight_bytes.view(torch.float8_e4m3fn).to(x2.dtype) * scales.to(x2.dtype)[:, None]  # (out, in)
+        y = F.linear(x2, w)
+    return y.reshape(*x.shape[:-1], qweight_bytes.shape[0])
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -76,8 +117,9 @@ class Fp8Linear(QuantizedLinear):
     FORMAT: ClassVar[str] = "fp8_e4m3_per_channel"
     precision = "fp8"
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, cuda_kernel: str = "scaled_mm") -> None:
         super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
+        self.cuda_kernel = cuda_kernel
         q, scales = fp8_per_channel(linear.weight)
         device = linear.weight.device
         self.register_buffer("qweight_bytes", q.view(torch.uint8).to(device), persistent=False)  # (out, in)
@@ -92,7 +134,10 @@ class Fp8Linear(QuantizedLinear):
         return fp8_dequantize(self.qweight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.qweight, self.scales)
+        if self.cuda_kernel == "triton":
+            y = fp8_weight_only_linear(x, self.qweight_bytes, self.scales)
+        else:
+            y = fp8_linear(x, self.qweight, self.scales)
         return y + self.bias if self.bias is not None else y
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -242,8 +287,11 @@ class BlockFp8Linear(QuantizedLinear):
 
 
 class Fp8E4M3(StaticQuantPolicy):
-    """float8 e4m3 weights and activations on NVIDIA GPUs of compute capability 8.9 or newer."""
+    """float8 e4m3 weights and activations on NVIDIA GPUs of compute capability 8.9 or newer (or e4m3 weights
+    only, ``cuda_kernel: triton``, on 8.0 or newer)."""
 
+    Options = Fp8Options
+    options: Fp8Options
     name = "fp8"
     distribution = "dsr1-quant-fp8"
     FORMAT = "fp8_e4m3_per_channel"
@@ -251,18 +299,29 @@ class Fp8E4M3(StaticQuantPolicy):
     sqnr_threshold = 30.0
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+        if self.options.cuda_kernel == "triton" and (device != "cuda" or not torch.cuda.is_available()):
+            where = f"{device} has none" if device != "cuda" else "no CUDA device is visible"
+            return [f"fp8 cuda_kernel 'triton' needs an NVIDIA GPU of compute capability 8.0+; {where}: use int8"]
         if device != "cuda":
             return [f"fp8 e4m3 needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper) for torch._scaled_mm; "
                     f"{device} has no fp8 matmul: use int8"]
         if not torch.cuda.is_available():
             return ["fp8 e4m3 needs an NVIDIA GPU of compute capability 8.9+; no CUDA device is visible: use int8"]
         cap = torch.cuda.get_device_capability()
+        if self.options.cuda_kernel == "triton":
+            if cap < TRITON_MIN_CAPABILITY:
+                return [f"fp8 cuda_kernel 'triton' needs compute capability 8.0+; {torch.cuda.get_device_name()} is "
+                        f"sm{cap[0]}{cap[1]}: use int8"]
+            problem = triton_problem("fp8 cuda_kernel 'triton'")
+            return [f"{problem}, or set options.cuda_kernel: scaled_mm"] if problem else []
         if cap < MIN_CAPABILITY:
             return [f"fp8 e4m3 needs compute capability 8.9+ (Ada, Hopper); {torch.cuda.get_device_name()} is "
                     f"sm{cap[0]}{cap[1]}, without fp8 tensor cores: use int8"]
         return []
 
     def check_layers(self, model: nn.Module) -> None:
+        """Both kernels take the same layers (the Triton one needs no multiple of 16, but graph ``adaptive``
+        may switch a model to ``scaled_mm``)."""
         for name, linear in linear_layers(model, self.options.skip):
             if linear.in_features % 16 or linear.out_features % 16:
                 raise Dsr1Error(f"fp8 needs in/out features in multiples of 16 (torch._scaled_mm); layer {name!r} "
@@ -270,7 +329,21 @@ class Fp8E4M3(StaticQuantPolicy):
                                 f"options.skip")
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
-        return Fp8Linear(linear, self.compute_dtype())
+        return Fp8Linear(linear, self.compute_dtype(), self.options.cuda_kernel)
+
+    def kernel_choices(self, device: Any) -> Sequence[str]:
+        """What graph ``adaptive`` may try per bucket: both kernels on a CUDA GPU that runs both (same buffers:
+        switching sets an attribute), else nothing to choose."""
+        if device.torch_device_type != "cuda" or triton_problem("fp8") or not torch.cuda.is_available():
+            return []
+        return list(CUDA_KERNELS) if torch.cuda.get_device_capability() >= MIN_CAPABILITY else []
+
+    def use_kernel_(self, model: nn.Module, kernel: str) -> None:
+        if kernel not in CUDA_KERNELS:
+            raise Dsr1Error(f"fp8 has no cuda_kernel {kernel!r}; use one of {', '.join(CUDA_KERNELS)}")
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                module.cuda_kernel = kernel
 
     def quantize_experts_(self, name: str, experts: nn.Module) -> None:
         """MoE experts take e4m3 weights per output row too (weight-only: activations stay in the compute dtype)."""
@@ -344,5 +417,6 @@ def dsr1_quant() -> PluginSpec:
     return PluginSpec(
         name="fp8", family="quant", impl=Fp8E4M3, options=Fp8E4M3.Options,
         capabilities=frozenset({"per_channel", "dynamic_activations", "save", "device:cuda"}),
-        description="float8 e4m3 weights (per channel) and activations (dynamic), torch._scaled_mm on sm89+",
+        description=("float8 e4m3 weights (per channel) and activations (dynamic), torch._scaled_mm on sm89+; or "
+                     "weight-only through Triton (cuda_kernel: triton, sm80+)"),
     )

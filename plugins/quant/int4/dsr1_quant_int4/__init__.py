@@ -13,20 +13,28 @@ first one instead, and ``options.skip`` chooses the floating-point layers explic
 kept are recorded in the written checkpoint's ``quantization_config.options.skip``.
 Kernels and packing: :mod:`dsr1_quant_int4.kernels` (torch's tinygemm on
 CPU and CUDA; other devices are refused with "int4 has no kernel on <device>; use int8").
+On CUDA, ``options.cuda_kernel`` picks the decode kernel: ``tinygemm`` (torch's, a one-row kernel) or
+``triton`` (the SDK's weight-only kernels, :mod:`dsr1_sdk.kernels.weight_only`: a GEMV for one row and
+``tl.dot`` for 2-64 fp16/bf16 rows, over the canonical nibble pairs; more rows dequantize and run cuBLAS).
+The two keep the weight in different layouts, so the choice is made when the layer is built (graph
+``adaptive`` is offered no switch between them).
 torchao is not used: its int4 weight-only config needs the ``mslk`` package, which has no
 CPU build, and its CPU path calls the same aten kernel used here.
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsr1_quant_int4 import kernels
 from dsr1_sdk import Dsr1Error, Field, PluginSpec, hookimpl
+from dsr1_sdk.kernels import MAX_ROWS, triton_problem
 from dsr1_sdk.quant import (
     QuantizedLinear,
     QuantOptions,
@@ -54,34 +62,60 @@ class Int4Options(QuantOptions):
     #: a layer the group size or the kernel does not fit: ``keep`` it in floating point (one warning
     #: lists them all) or ``refuse`` the model with a one-line error naming the first.
     unfit: Literal["keep", "refuse"] = Field("keep")
+    #: the CUDA decode kernel: ``tinygemm`` (torch's ``_weight_int4pack_mm``) or ``triton`` (the SDK's
+    #: weight-only kernels, also at 2-64 rows); ignored on the CPU. The default is this one line.
+    cuda_kernel: Literal["tinygemm", "triton"] = Field("tinygemm")
+
+
+#: activation dtypes the Triton kernels take.
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _triton_mm() -> Callable[..., torch.Tensor]:
+    """The SDK's Triton op, imported on the first CUDA call (the plugin itself loads without triton)."""
+    from dsr1_sdk.kernels.weight_only import weight_only_mm
+
+    return weight_only_mm
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
     """``y = x · ((q - 8) · scale + zero)ᵀ + b`` with a packed int4 weight.
 
-    Runtime tensors (not saved): ``packed`` in the device kernel's layout and
-    ``scales_and_zeros`` ``(in / group, out, 2)``. ``state_dict`` holds the canonical
-    ``qweight`` uint8 ``(out, in / 2)``, ``scales`` and ``zeros`` ``(out, in / group)``.
+    Runtime tensors (not saved), in the layout of the kernel the layer runs (``triton``: on CUDA with
+    ``cuda_kernel: triton``; ``tinygemm`` everywhere else): tinygemm keeps ``packed`` in its device
+    layout and ``scales_and_zeros`` ``(in / group, out, 2)``; triton keeps ``packed`` as the canonical
+    nibble pairs ``(out, in / 2)`` and ``scales_and_zeros`` ``(2, out, in / group)``. ``state_dict``
+    holds the canonical ``qweight`` uint8 ``(out, in / 2)``, ``scales`` and ``zeros`` ``(out, in / group)``.
     """
 
     FORMAT: ClassVar[str] = "int4_groupwise"
     precision = "int4"
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, group: int) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, group: int, cuda_kernel: str = "tinygemm") -> None:
         super().__init__(linear.in_features, linear.out_features, linear.bias, dtype)
         self.group = group
+        self.cuda_kernel = cuda_kernel
         q, scales, zeros = int4_groupwise(linear.weight, group, dtype)  # (out, in), (out, G), (out, G)
         self._set(q, scales, zeros, linear.weight.device)
 
     def _set(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, device: torch.device) -> None:
-        self.register_buffer("packed", kernels.pack(q, device), persistent=False)
-        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(device=device, dtype=self.compute_dtype)  # (G, out, 2)
+        self.layout = "triton" if device.type == "cuda" and self.cuda_kernel == "triton" else "tinygemm"
+        if self.layout == "triton":
+            packed = pack_nibbles(q.to(torch.uint8)).to(device)  # (out, in/2)
+            sz = torch.stack([scales, zeros]).to(device=device, dtype=self.compute_dtype)  # (2, out, G)
+        else:
+            packed = kernels.pack(q, device)
+            sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(device=device, dtype=self.compute_dtype)  # (G, out, 2)
+        self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", sz.contiguous(), persistent=False)
 
     def canonical(self) -> dict[str, torch.Tensor]:
         """``qweight`` (nibble pairs), ``scales`` and ``zeros`` as a checkpoint stores them (on the CPU)."""
-        q = kernels.unpack(self.packed, self.out_features, self.in_features)  # (out, in) uint8
         sz = self.scales_and_zeros.cpu()
+        if self.layout == "triton":
+            return {"qweight": self.packed.cpu(), "scales": sz[0].contiguous(), "zeros": sz[1].contiguous()}
+        q = kernels.unpack(self.packed, self.out_features, self.in_features)  # (out, in) uint8
         return {"qweight": pack_nibbles(q), "scales": sz[..., 0].t().contiguous(),
                 "zeros": sz[..., 1].t().contiguous()}
 
@@ -90,7 +124,16 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return int4_dequantize(unpack_nibbles(c["qweight"]), c["scales"], c["zeros"], self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.matmul(flat(x).contiguous(), self.packed, self.group, self.scales_and_zeros)  # (M, out)
+        x2 = flat(x).contiguous()  # (M, in)
+        if self.layout == "tinygemm":
+            y = kernels.matmul(x2, self.packed, self.group, self.scales_and_zeros)  # (M, out)
+        elif x2.shape[0] <= MAX_ROWS and x2.dtype in TRITON_DTYPES:
+            sz = self.scales_and_zeros
+            y = _triton_mm()(x2, "int4", self.packed, sz[0], sz[1], self.group)  # (M, out)
+        else:  # prefill: compute-bound, dequantize once and run cuBLAS
+            s, z = self.scales_and_zeros[0], self.scales_and_zeros[1]
+            w = int4_dequantize(unpack_nibbles(self.packed), s, z, self.group).to(x2.dtype)  # (out, in)
+            y = F.linear(x2, w)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -142,9 +185,11 @@ class Int4WeightOnly(StaticQuantPolicy):
         if not torch.cuda.is_available():
             return ["int4 on cuda: no CUDA device is visible; use int8 on the CPU"]
         major, minor = torch.cuda.get_device_capability()
+        kernel = self.options.cuda_kernel
         if major < 8:
-            return [f"int4 has no kernel on cuda sm{major}{minor} (tinygemm needs compute capability 8.0+); use int8"]
-        return []
+            return [f"int4 has no kernel on cuda sm{major}{minor} ({kernel} needs compute capability 8.0+); use int8"]
+        problem = triton_problem("int4 cuda_kernel 'triton'") if kernel == "triton" else None
+        return [f"{problem}, or set options.cuda_kernel: tinygemm"] if problem else []
 
     def unfit_layers(self, model: nn.Module) -> dict[str, str]:
         """Layers (not skipped) that the group size or the device's kernel does not fit, each with why."""
@@ -160,7 +205,8 @@ class Int4WeightOnly(StaticQuantPolicy):
             elif device == "cpu" and n % 16:
                 unfit[name] = (f"int4 on cpu needs output dims in multiples of 16; layer {name!r} has {n}: "
                                f"keep it in floating point with options.skip")
-            elif device == "cuda" and (kernels.cuda_inner_k_tiles(k) is None or n % 8):
+            elif device == "cuda" and self.options.cuda_kernel == "tinygemm" and (
+                    kernels.cuda_inner_k_tiles(k) is None or n % 8):
                 unfit[name] = (f"int4 on cuda needs input dims in multiples of 32 and output dims in multiples "
                                f"of 8; layer {name!r} is {k}->{n}: keep it in floating point with options.skip")
         return unfit
@@ -193,7 +239,17 @@ class Int4WeightOnly(StaticQuantPolicy):
             self.options = asked
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
-        return Int4WeightOnlyLinear(linear, self.compute_dtype(), self.options.group_size)
+        return Int4WeightOnlyLinear(linear, self.compute_dtype(), self.options.group_size, self.options.cuda_kernel)
+
+    def kernel_choices(self, device: Any) -> Sequence[str]:
+        """None for graph ``adaptive``: tinygemm and triton keep the weight in different layouts, so the layer's
+        kernel is fixed when it is built (``options.cuda_kernel``); switching would repack every weight under
+        graphs captured on the old buffers."""
+        return []
+
+    def use_kernel_(self, model: nn.Module, kernel: str) -> None:
+        raise Dsr1Error(f"int4 cannot switch its layers to kernel {kernel!r} after quantizing; set "
+                        f"options.cuda_kernel: {kernel}")
 
     def quantize_tensor(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.options.group_size
@@ -210,5 +266,6 @@ def dsr1_quant() -> PluginSpec:
     return PluginSpec(
         name="int4", family="quant", impl=Int4WeightOnly, options=Int4Options,
         capabilities=frozenset({"weight_only", "group_wise", "save", "device:cpu", "device:cuda"}),
-        description="weight-only int4, asymmetric group-wise (32/64/128), torch tinygemm kernels (CPU, CUDA sm80+)",
+        description=("weight-only int4, asymmetric group-wise (32/64/128), torch tinygemm kernels (CPU, CUDA sm80+) "
+                     "or Triton on CUDA"),
     )

@@ -1,7 +1,10 @@
 """int4 against the SDK's conformance kit; packing, kernel and the one-line errors of bad input."""
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from dsr1.config import PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_quant_int4 import Int4WeightOnlyLinear, kernels
+from dsr1_sdk.kernels import INTERPRETER_CASES, run_interpreted
 from dsr1_sdk.reference.quant import sqnr
 from dsr1_sdk.testing import QuantConformance
 from dsr1_sdk.testing.quant import TinyMLP, check_pretrained_round_trip, tiny_llama_checkpoint
@@ -95,3 +99,75 @@ def test_device_without_kernel_is_refused(device: str) -> None:
 def test_group_size_outside_the_offered_ones_is_refused() -> None:
     with pytest.raises(Dsr1Error, match=r"quant.options.group_size"):
         PluginRegistry().make("quant", PluginChoice(name="int4", options={"group_size": 48}))
+
+
+#: the plugin's layer quantizes (CPU layout; fp16: the interpreter has no bf16 atomics and a wrong bf16 dot), and
+#: the SDK kernel that ``cuda_kernel: triton`` runs on CUDA takes its canonical tensors, as the CUDA layer keeps them.
+_INTERPRETED = """
+import json, torch
+import torch.nn.functional as F
+from dsr1_quant_int4 import Int4WeightOnlyLinear
+from dsr1_sdk.kernels import INTERPRETER_CASES
+from dsr1_sdk.kernels.weight_only import weight_only_mm_with
+g = torch.Generator().manual_seed(0)
+errors = []
+for group, cases in [(32, INTERPRETER_CASES), (64, [(1, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2}),
+                                                   (3, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3})])]:
+    layer = Int4WeightOnlyLinear(torch.nn.Linear(256, 48), torch.float16, group)
+    c = layer.canonical()
+    for rows, config in cases:
+        x = torch.randn(rows, 256, generator=g).to(torch.float16)
+        y = weight_only_mm_with(x, "int4", c["qweight"], c["scales"], c["zeros"], group, config)
+        want = F.linear(x.float(), layer.dequantize())
+        errors.append(float((y.float() - want).abs().max() / want.abs().max()))
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed (CUDA builds of torch ship it)")
+def test_triton_kernels_in_the_interpreter() -> None:
+    """``cuda_kernel: triton``'s kernels (the SDK's) on this plugin's quantization, run on the CPU by Triton's
+    interpreter: one row and three, split-K off and on, groups 32 and 64, against the layer's dequantized weight."""
+    errors = json.loads(run_interpreted(_INTERPRETED).strip().splitlines()[-1])
+    assert len(errors) == len(INTERPRETER_CASES) + 2 and max(errors) < 1e-2, errors
+
+
+def test_cuda_kernel_option_is_checked_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cuda_kernel: triton`` needs triton (refused in one line naming the package and the alternative) and
+    sm80+ as tinygemm does; adaptive is offered no switch (the kernels keep different layouts)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    reasons = policy(cuda_kernel="triton").validate("cuda")
+    if importlib.util.find_spec("triton") is None:
+        assert reasons == ["int4 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of "
+                           "torch ship it), or set options.cuda_kernel: tinygemm"]
+    else:
+        assert reasons == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert policy(cuda_kernel="triton").validate("cuda") == [
+        "int4 has no kernel on cuda sm75 (triton needs compute capability 8.0+); use int8"]
+    assert policy(cuda_kernel="triton").kernel_choices(SimpleNamespace(torch_device_type="cuda")) == []
+    with pytest.raises(Dsr1Error, match=r"int4 cannot switch its layers to kernel 'tinygemm' after quantizing; "
+                                        r"set options.cuda_kernel: tinygemm"):
+        policy().use_kernel_(torch.nn.Sequential(), "tinygemm")
+
+
+def test_cuda_kernel_outside_the_offered_ones_is_refused() -> None:
+    with pytest.raises(Dsr1Error, match=r"quant.options.cuda_kernel"):
+        PluginRegistry().make("quant", PluginChoice(name="int4", options={"cuda_kernel": "marlin"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["tinygemm", "triton"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 65])
+def test_cuda_kernels_match_reference(kernel: str, rows: int) -> None:
+    """Both CUDA kernels at every row count a layer can see (65: dequantize + cuBLAS on the triton layout), and
+    the triton layout's checkpoint tensors are the canonical ones."""
+    layer = Int4WeightOnlyLinear(torch.nn.Linear(256, 96).cuda(), torch.bfloat16, 64, kernel)
+    assert layer.layout == kernel
+    x = torch.randn(rows, 256, device="cuda").to(torch.bfloat16)
+    assert sqnr(layer.reference(x).float(), layer(x).float()) > 35
+    other = Int4WeightOnlyLinear(torch.nn.Linear(256, 96).cuda(), torch.bfloat16, 64, "tinygemm")
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.dequantize(), layer.dequantize())

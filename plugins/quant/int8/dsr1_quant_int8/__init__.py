@@ -11,9 +11,10 @@ Kernels, one per device type:
   (bf16/fp16/fp32 activations × int8 weight, scales applied in the kernel). With fp32
   activations that kernel is slower than an fp32 matmul on the CPU measured (see README):
   keep the default ``compute_dtype: bf16``.
-* CUDA, up to :data:`~dsr1_quant_int8.triton_kernels.MAX_ROWS` fp16/bf16 rows (decode), option
-  ``cuda_kernel: triton`` (the default): our Triton kernels (:mod:`dsr1_quant_int8.triton_kernels`)
-  read the int8 weight and convert it in registers. ``cuda_kernel: int8pack`` runs
+* CUDA, up to :data:`dsr1_sdk.kernels.MAX_ROWS` fp16/bf16 rows (decode), option
+  ``cuda_kernel: triton`` (the default): the SDK's weight-only Triton kernels
+  (:mod:`dsr1_sdk.kernels.weight_only`, shared with int4 and fp8) read the int8 weight and convert it
+  in registers. ``cuda_kernel: int8pack`` runs
   ``aten._weight_int8pack_mm`` instead and ``dequant`` the formulation below; both measured
   slower than bf16 on the H200 (README).
 * Everything else (CPU and CUDA prefill, fp32 activations on CUDA, other devices):
@@ -27,15 +28,16 @@ on the CPU measured, while ``_weight_int8pack_mm`` is faster (README has the fig
 from __future__ import annotations
 
 import functools
-import importlib.util
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsr1_sdk import PluginSpec, hookimpl
+from dsr1_sdk import Dsr1Error, PluginSpec, hookimpl
+from dsr1_sdk.kernels import MAX_ROWS as TRITON_MAX_ROWS
+from dsr1_sdk.kernels import triton_problem
 from dsr1_sdk.quant import Int8PerChannelLinear, Int8PerChannelPolicy, QuantizedLinear, QuantOptions, flat
 
 __all__ = ["CudaKernel", "Int8WeightOnly", "Int8WeightOnlyLinear", "cuda_kernel_problems", "dsr1_quant",
@@ -46,16 +48,14 @@ __all__ = ["CudaKernel", "Int8WeightOnly", "Int8WeightOnlyLinear", "cuda_kernel_
 #: rows (a matrix-vector loop): at 16 rows it ties with dequantize + bf16 GEMM, at 64 it is 2.6x
 #: slower, at 512 8x (768x2048 weights, 1 thread; README has the command).
 INT8PACK_MAX_ROWS = 12
-#: rows and activation dtypes the CUDA Triton kernels take (``triton_kernels.MAX_ROWS``; not imported here,
-#: so the plugin loads without triton).
-TRITON_MAX_ROWS = 64
+#: activation dtypes the CUDA Triton kernels take (up to ``TRITON_MAX_ROWS`` rows).
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _triton_mm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The Triton op, imported on the first CUDA call (the plugin itself loads without triton)."""
-    from dsr1_quant_int8.triton_kernels import weight_only_mm
+def _triton_mm() -> Callable[..., torch.Tensor]:
+    """The SDK's Triton op, imported on the first CUDA call (the plugin itself loads without triton)."""
+    from dsr1_sdk.kernels.weight_only import weight_only_mm
 
     return weight_only_mm
 
@@ -73,7 +73,7 @@ def int8_weight_only_linear(
     x2 = flat(x)  # (M, in)
     rows, on = x2.shape[0], x.device.type
     if on == "cuda" and cuda_kernel == "triton" and rows <= TRITON_MAX_ROWS and x.dtype in TRITON_DTYPES:
-        y = _triton_mm()(x2, qweight, scales)  # (M, out)
+        y = _triton_mm()(x2, "int8", qweight, scales, None, 0)  # (M, out)
     elif rows <= INT8PACK_MAX_ROWS and (on == "cpu" or (on == "cuda" and cuda_kernel == "int8pack")):
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)  # (M, out)
     else:
@@ -96,14 +96,13 @@ class Int8WeightOnlyLinear(Int8PerChannelLinear):
 
 #: the CUDA kernels of decode-sized calls (see :class:`Int8Options`).
 CudaKernel = Literal["triton", "dequant", "int8pack"]
+CUDA_KERNELS: tuple[str, ...] = get_args(CudaKernel)
 
 
 def cuda_kernel_problems(device: str, cuda_kernel: str) -> list[str]:
     """Why ``cuda_kernel`` cannot run on ``device`` (empty when it can): ``triton`` needs the triton package."""
-    if device == "cuda" and cuda_kernel == "triton" and importlib.util.find_spec("triton") is None:
-        return [("int8 cuda_kernel 'triton' needs the triton package (pip install triton; CUDA builds of torch "
-                 "ship it), or set options.cuda_kernel: dequant")]
-    return []
+    problem = triton_problem("int8 cuda_kernel 'triton'") if device == "cuda" and cuda_kernel == "triton" else None
+    return [f"{problem}, or set options.cuda_kernel: dequant"] if problem else []
 
 
 class Int8Options(QuantOptions):
@@ -130,6 +129,20 @@ class Int8WeightOnly(Int8PerChannelPolicy):
 
     def make_layer(self, name: str, linear: nn.Linear) -> QuantizedLinear:
         return Int8WeightOnlyLinear(linear, self.compute_dtype(), self.options.cuda_kernel)
+
+    def kernel_choices(self, device: Any) -> Sequence[str]:
+        """Nothing for graph ``adaptive`` to choose: up to 64 rows the Triton kernels beat both others at every
+        Qwen2-7B shape measured (README), above 64 every kernel setting runs dequantize + cuBLAS, and each
+        kernel offered would double the compile-and-capture trials. :meth:`use_kernel_` still switches."""
+        return []
+
+    def use_kernel_(self, model: nn.Module, kernel: str) -> None:
+        """Every int8 layer of ``model`` runs ``kernel`` on CUDA from now on (one weight layout: an attribute)."""
+        if kernel not in CUDA_KERNELS:
+            raise Dsr1Error(f"int8 has no cuda_kernel {kernel!r}; use one of {', '.join(CUDA_KERNELS)}")
+        for module in model.modules():
+            if isinstance(module, Int8WeightOnlyLinear):
+                module.cuda_kernel = kernel
 
 
 @hookimpl

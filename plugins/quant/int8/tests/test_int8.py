@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_quant_int8 import Int8WeightOnlyLinear
+from dsr1_sdk.kernels import INTERPRETER_CASES, run_interpreted
 from dsr1_sdk.reference.quant import fake_quant_per_channel, sqnr
 from dsr1_sdk.testing import QuantConformance
 
@@ -50,59 +52,45 @@ def test_cuda_triton_kernel_needs_triton() -> None:
     assert PluginRegistry().load("quant", "int8").make({"cuda_kernel": "dequant"}).validate("cuda") == []
 
 
+#: the plugin's own layer quantizes (fp16 scales: the interpreter has no bf16 atomics and a wrong bf16 dot); the
+#: SDK kernel it calls on CUDA runs each case on its tensors, against the layer's dequantized weight.
 _INTERPRETED = """
-import os, sys
-os.environ["TRITON_INTERPRET"] = "1"
-import torch
-from dsr1_quant_int8.triton_kernels import weight_only_mm
+import json, torch
+import torch.nn.functional as F
+from dsr1_quant_int8 import Int8WeightOnlyLinear
+from dsr1_sdk.kernels import INTERPRETER_CASES
+from dsr1_sdk.kernels.weight_only import weight_only_mm_with
 g = torch.Generator().manual_seed(0)
-worst = 0.0
-# (rows, out, in): one row (GEMV kernel, masked and unmasked tiles), several rows (tl.dot kernel;
-# fp16 only: the interpreter's bf16 dot is wrong, the GPU's is not)
-for (m, n, k), dtype in [((1, 48, 64), torch.bfloat16), ((1, 37, 300), torch.float16), ((1, 32, 128), torch.float16),
-                         ((5, 37, 300), torch.float16), ((17, 40, 96), torch.float16)]:
-    x = torch.randn(m, k, generator=g).to(dtype)
-    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    s = (torch.rand(n, generator=g) / 100 + 1e-3).to(dtype)
-    y = weight_only_mm(x, q, s)
-    assert y.shape == (m, n) and y.dtype == dtype
-    want = x.float() @ (q.float() * s.float()[:, None]).T
-    worst = max(worst, float((y.float() - want).abs().max() / want.abs().max()))
-# a strided x (the last position of a (B, T, K) tensor) is read row by row correctly
-x = torch.randn(3, 5, 64, generator=g).to(torch.float16)[:, -1]
-q = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
-s = (torch.rand(32, generator=g) / 100 + 1e-3).to(torch.float16)
-want = x.float() @ (q.float() * s.float()[:, None]).T
-worst = max(worst, float((weight_only_mm(x, q, s).float() - want).abs().max() / want.abs().max()))
-# the int8 -> fp32 bit trick is exact for every code: a one-hot row picks one column of q
-q = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).reshape(16, 16).contiguous()
-for j in range(16):
-    x = torch.zeros(1, 16, dtype=torch.float16)
-    x[0, j] = 1
-    assert torch.equal(weight_only_mm(x, q, torch.ones(16, dtype=torch.float16))[0].float(), q[:, j].float())
-print(worst)
+layer = Int8WeightOnlyLinear(torch.nn.Linear(256, 40), torch.float16)
+errors = []
+for rows, config in INTERPRETER_CASES:
+    x = torch.randn(rows, 256, generator=g).to(torch.float16)
+    y = weight_only_mm_with(x, "int8", layer.qweight, layer.scales, None, 0, config)
+    want = F.linear(x.float(), layer.dequantize())
+    errors.append(float((y.float() - want).abs().max() / want.abs().max()))
+print(json.dumps(errors))
 """
 
 
-def _triton_version() -> tuple[int, ...] | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in version("triton").split(".")[:2] if p.isdigit())
-
-
-@pytest.mark.skipif(_triton_version() is None, reason="triton is not installed (CUDA builds of torch ship it)")
-@pytest.mark.skipif((_triton_version() or (99,)) < (3, 9),
-                    reason="Triton's interpreter before 3.9 fails on a loop bounded by a scalar argument with recent "
-                           "numpy (TypeError in range(0, K, BLOCK_K); seen with triton 3.6): the GPU test covers it")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed (CUDA builds of torch ship it)")
 def test_triton_kernels_in_the_interpreter() -> None:
-    """The CUDA kernels' code, run on the CPU by Triton's interpreter (its own process: the variable
-    must be set before triton is imported), against the dequantized weight's product."""
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-2
+    """The CUDA kernels' code (the SDK's, on this plugin's tensors), run on the CPU by Triton's interpreter:
+    one row and three, split-K off and on, against the layer's dequantized weight."""
+    errors = json.loads(run_interpreted(_INTERPRETED).strip().splitlines()[-1])
+    assert len(errors) == len(INTERPRETER_CASES) and max(errors) < 1e-2, errors
+
+
+def test_kernel_switch_sets_every_layer() -> None:
+    """Graph ``adaptive`` is offered nothing to choose (Triton wins up to 64 rows); ``use_kernel_`` sets every
+    layer's kernel, and an unknown one is refused in one line."""
+    policy = PluginRegistry().load("quant", "int8").make()
+    assert policy.kernel_choices(SimpleNamespace(torch_device_type="cuda")) == []
+    model = policy.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 64)))
+    policy.use_kernel_(model, "dequant")
+    assert [m.cuda_kernel for m in model] == ["dequant", "dequant"]
+    with pytest.raises(Dsr1Error, match=r"int8 has no cuda_kernel 'cublas'; use one of triton, dequant, int8pack"):
+        policy.use_kernel_(model, "cublas")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,52 @@
+"""Device kernels that plugins of several families share.
+
+* :mod:`dsr1_sdk.kernels.weight_only` - weight-only matmuls for decode-sized calls on CUDA, as Triton
+  kernels: int8 per channel, int4 two per byte with group-wise scales and zeros, fp8 e4m3 per channel
+  (dequantized in registers, activations stay in the compute dtype) and bf16/fp16 itself. One row runs
+  a GEMV, 2 to :data:`MAX_ROWS` rows a ``tl.dot`` kernel; split-K is a tuning axis. The int8, int4 and
+  fp8 quant plugins call it for ``cuda_kernel: triton``.
+
+Importing this package is cheap (no triton); ``weight_only`` imports triton, so a plugin imports it on
+its first CUDA call. :func:`triton_problem` says whether it can (without importing triton).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+__all__ = ["FORMATS", "INTERPRETER_CASES", "MAX_ROWS", "run_interpreted", "triton_problem"]
+
+#: most rows (tokens) a weight-only call takes; more rows are compute-bound: dequantize + cuBLAS wins.
+MAX_ROWS = 64
+#: the weight formats of :func:`dsr1_sdk.kernels.weight_only.weight_only_mm`.
+FORMATS = ("int8", "int4", "fp8", "bf16")
+
+
+def triton_problem(owner: str) -> str | None:
+    """Why ``owner``'s (``"int8 cuda_kernel 'triton'"`` ...) Triton kernels cannot load here, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return f"{owner} needs the triton package (pip install triton; CUDA builds of torch ship it)"
+    return None
+
+
+#: what the CPU tests run each format through in Triton's interpreter: (rows, config) for the GEMV and the dot
+#: kernel, each without and with split-K (a split that leaves the last program past K, so masks are hit too).
+INTERPRETER_CASES: tuple[tuple[int, dict[str, int]], ...] = (
+    (1, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),
+    (1, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}),
+    (3, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),
+    (3, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}),
+)
+
+
+def run_interpreted(code: str, timeout: float = 300) -> str:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (it must be set before triton is imported, so
+    not in the test's own process) and return its standard output; a failure raises with its stderr's tail."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                         check=False)
+    if out.returncode != 0:
+        raise AssertionError(f"interpreted kernel run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return out.stdout
