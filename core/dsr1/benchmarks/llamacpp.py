@@ -141,14 +141,21 @@ class LlamaCpp:
         """(prefill seconds, seconds of ``new`` one-token evals, the greedy tokens)."""
         import numpy as np
 
+        import llama_cpp
+
         llm = self.llm
+        ctx, vocab = llm.ctx, llm.n_vocab()
+
+        def last_logits() -> Any:  # the last evaluated token's row (llama-cpp-python keeps none without logits_all)
+            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
         tokens = []
         for _ in range(new):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
             tokens.append(tok)
             llm.eval([tok])
         return t1 - t0, time.perf_counter() - t1, tokens
