@@ -81,7 +81,7 @@ class _Bucket(AttentionContext):
         return o[:, :, None]  # (bucket, H, 1, D)
 
     def run(self, plan: str, pool: Any) -> torch.Tensor:
-        """One step with ``plan`` (one of :data:`~dsr1.graph.paged_plans.PAGED_PLANS`)."""
+        """One step with ``plan`` (one of :data:`~dsr1.graph.paged_plans.PLANS`)."""
         compiled = plan.endswith("compile")
         if not plan.startswith("cudagraph"):
             return self.forward(compiled)

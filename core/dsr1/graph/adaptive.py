@@ -48,15 +48,13 @@ from dsr1.errors import Dsr1Error
 from dsr1.graph.compile import CompileGraph, CompileOptions
 from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
 from dsr1.graph.candidates import Bucket, Candidate, KernelChoices, Step, captured, unbound, unfixed, with_kernel
-from dsr1.graph.paged_plans import PAGED_PLANS, MeasuredPaged
+from dsr1.graph.paged_plans import PLANS, MeasuredPaged
 from dsr1.graph.plan_cache import PlanCache, device_name, model_fingerprint
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import Device, GraphPass, GraphSteps
 from dsr1.models.common import CausalLM
 from dsr1.specs import PluginSpec
 
-#: the plans, in the order a tie is broken (the simpler one wins)
-PLANS = ("eager", "compile", "cudagraph", "cudagraph+compile")
 #: calls after a choice whose median is the drift baseline
 BASELINE_STEPS = 8
 
@@ -417,8 +415,8 @@ class AdaptiveGraph(GraphPass):
         record = model.pipeline.monitor.record if model.pipeline.monitor is not None else None
         adaptive = AdaptiveSteps(Planner(candidates, timer, o, cache(""), record), timer)
         # the paged step's plans, by the same names; the quant plugin's kernels are not multiplied in there
-        paged = MeasuredPaged(Planner([Candidate(name, unbound) for name in self.offered(device, model)
-                                       if name in PAGED_PLANS], timer, o, cache("|paged"), record))
+        paged = MeasuredPaged(Planner([Candidate(name, unbound) for name in self.offered(device, model)],
+                                      timer, o, cache("|paged"), record))
         return GraphSteps(decode_graphs=adaptive, compile_kwargs=compile_kwargs, paged=paged,
                           report=lambda: {**adaptive.report(), "paged": paged.report()})
 

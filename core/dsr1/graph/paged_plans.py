@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-#: the plans the paged step can run, in the order a tie is broken (the simpler one wins)
-PAGED_PLANS = ("eager", "compile", "cudagraph", "cudagraph+compile")
+#: the plans of the builtin graph passes, for the batch runner's steps and the paged step alike, in the
+#: order a tie is broken (the simpler one wins)
+PLANS = ("eager", "compile", "cudagraph", "cudagraph+compile")
 #: ``trial(plan)`` → a call that runs the bucket's step with that plan (graph ``adaptive`` times it)
 Trial = Callable[[str], Callable[[], Any]]
 
@@ -40,13 +41,10 @@ class FixedPaged:
             return {"cudagraph+compile": "cudagraph", "compile": "eager"}.get(self.plan, self.plan)
         return self.plan
 
-    def report(self) -> dict[str, Any]:
-        return {"plan": self.plan, "compile_max_batch": self.compile_max_batch}
-
 
 class MeasuredPaged:
     """Graph ``adaptive`` for the paged step: a :class:`~dsr1.graph.adaptive.Planner` over
-    :data:`PAGED_PLANS` (those the device offers), bucket ``(rows, 0)``: the step reads the pool
+    :data:`PLANS` (those the device offers), bucket ``(rows, 0)``: the step reads the pool
     through block tables of a fixed width, so its shape depends on the rows alone. Plans are
     cached on disk like the batch runner's, in a file of their own. Unlike the batch runner's
     buckets, a paged bucket's calls are not timed for drift: its steps interleave with prefills
@@ -54,10 +52,6 @@ class MeasuredPaged:
 
     def __init__(self, planner: Any) -> None:
         self.planner = planner
-
-    @property
-    def offered(self) -> list[str]:
-        return list(self.planner.live)
 
     def __call__(self, size: int, trial: Trial) -> str:
         bucket = (size, 0)
