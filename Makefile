@@ -1,7 +1,8 @@
 # Two commands: `make demo` and `make test`. The first run creates .venv and installs
 # the core, the SDK and every plugin in this repo (editable), with torch pinned to the
 # CPU wheel available on these machines, then builds the cpu device's panel kernel (AVX-512
-# CPUs only; cached per torch build under $DSR1_HOME) so the first generate does not compile it.
+# CPUs only) and the SDK's CPU GEMV kernels (both cached per torch build under $DSR1_HOME), so
+# the first generate does not compile them.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check -q
@@ -18,6 +19,7 @@ $(STAMP): pyproject.toml sdk/pyproject.toml $(wildcard plugins/*/*/pyproject.tom
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-build-isolation -e '.[test,serve]' -e 'sdk[testing]' $(addprefix -e ,$(PLUGINS))
 	$(PY) -m dsr1_device_cpu.panels
+	$(PY) -m dsr1_sdk.kernels.cpu
 	touch $(STAMP)
 
 demo: $(STAMP)

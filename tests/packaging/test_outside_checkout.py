@@ -53,10 +53,12 @@ def wheel_metadata(wheel: Path) -> Message:
         return message_from_bytes(z.read(name))
 
 
-def kernel_cache() -> str:
-    """The caller's cpu-kernel cache, so this test reuses a kernel ``make`` already built (AVX-512 CPUs)."""
-    home = Path(os.environ.get("DSR1_HOME") or Path.home() / ".cache" / "dsr1").expanduser()
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(home / "kernels")
+def kernel_cache(root: Path) -> str:
+    """The venv's own cpu-kernel cache. Not the caller's: torch's ninja build line names torch's include
+    directory, which is the venv's ``deps`` symlink here, so a shared cache would be rebuilt for the venv
+    and then again for the next test in the checkout's environment. The venv builds its kernel (AVX-512
+    CPUs) once, from the source its wheel ships, at its first command."""
+    return str(root / "kernels")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Outside:
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DSR1_", "PYTHON", "VIRTUAL_ENV"))}
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", DSR1_HOME=str(root / "home"),
-               DSR1_OFFLINE="1", HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=kernel_cache())
+               DSR1_OFFLINE="1", HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=kernel_cache(root))
     return Outside(python=py, wheels=wheels, work=work, env=env)
 
 

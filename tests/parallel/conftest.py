@@ -1,7 +1,9 @@
 """Tiny random llama-family checkpoints for the tensor-parallel tests (a copy of the few lines of
-tests/engine/conftest.py they need: that package's autouse fixture is not wanted here)."""
+tests/engine/conftest.py they need: that package's autouse fixture is not wanted here), and the one
+two-rank spawn that the lockstep, tensor-parallel and quantized/MoE tensor-parallel modules share."""
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 #: transformers class, config class and the settings that make each family differ.
 TINY: dict[str, dict[str, Any]] = {
@@ -95,3 +98,30 @@ def parallel_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp-ckpt")
     return {kind: make_checkpoint(root / kind, kind) for kind in TINY}
+
+
+#: The package's two-rank work, spawned once: a spawn's start-up (two interpreters importing torch, the
+#: process group, the first model) is most of what each module's own spawn cost. (module, function, the
+#: folder it writes into); every rank calls each ``function(rank, port, paths, out)`` in turn on one process
+#: group. The tensor-parallel one ends with rank 1 leaving (the dead-rank check), so it comes last.
+TWO_RANK_JOBS = (
+    ("tests.parallel.test_tp_quant_moe", "_rank_cpu", "tp-quant-moe"),
+    ("tests.parallel.test_lockstep", "_rank", "lockstep"),
+    ("tests.parallel.test_tensor_parallel", "_rank_all", "tensor-parallel"),
+)
+
+
+def _two_ranks(rank: int, port: int, paths: dict[str, str], out: str) -> None:
+    for module, function, folder in TWO_RANK_JOBS:
+        getattr(importlib.import_module(module), function)(rank, port, paths, str(Path(out) / folder))
+
+
+@pytest.fixture(scope="package")
+def two_ranks(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the shared spawn's jobs wrote (one folder each, ``TWO_RANK_JOBS``)."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    for _, _, folder in TWO_RANK_JOBS:
+        (out / folder).mkdir()
+    paths = {kind: str(p) for kind, p in ckpts.items()}
+    mp.spawn(_two_ranks, args=(free_port(), paths, str(out)), nprocs=2, join=True)
+    return out

@@ -10,13 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsr1.auto import AutoModel
 from dsr1.engine.engine import Engine
 from dsr1.interfaces import SamplingParams
-
-from .conftest import free_port
 
 WORLD = 2
 NUM_BLOCKS = 48
@@ -65,13 +62,14 @@ def _drive(engine: Engine) -> dict[str, list[int]]:
     return out
 
 
-def _rank(rank: int, port: int, path: str, out: str) -> None:
+def _rank(rank: int, port: int, paths: dict[str, str], out: str) -> None:
+    """One rank, in the package's one two-rank spawn (conftest.py's ``TWO_RANK_JOBS``)."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     from dsr1.parallel.lockstep import CAPACITY, Channel, follow, lead, world_group
 
-    engine = _engine(path, WORLD)
+    engine = _engine(paths["qwen2"], WORLD)
     group = world_group(engine)
     assert group is not None
     channel = Channel(group, torch.device("cpu"))
@@ -105,10 +103,8 @@ def _rank(rank: int, port: int, path: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("lockstep")
-    mp.spawn(_rank, args=(free_port(), str(ckpts["qwen2"]), str(out)), nprocs=WORLD, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+def ranks(two_ranks: Path) -> list[dict[str, Any]]:
+    return [json.loads((two_ranks / "lockstep" / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 def test_two_ranks_give_one_process_tokens(ckpts: dict[str, Path], ranks: list[dict[str, Any]]) -> None:

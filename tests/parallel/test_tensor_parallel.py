@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsr1.auto import AutoModel
 from dsr1.errors import Dsr1Error
@@ -33,31 +32,47 @@ def _join_env(rank: int, port: int) -> None:
 
 
 def _outputs(model: Any) -> dict[str, Any]:
+    # counted before the first generate, where a device may repack fp32 layers into its own layout (the cpu
+    # device's AVX-512 panels pad each layer's outputs to a whole panel, which a tiny half-layer feels)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
         logits = model(IDS, MASK).logits
     tokens = model.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, do_sample=False)
     sampled = model.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0, seed=7)
-    return {"logits": logits[MASK.bool()], "tokens": tokens, "sampled": sampled,
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    return {"logits": logits[MASK.bool()], "tokens": tokens, "sampled": sampled, "param_bytes": param_bytes,
             "n_kv_heads": model.args.n_kv_heads}
 
 
 def _rank_all(rank: int, port: int, paths: dict[str, str], out: str) -> None:
-    """One rank: every checkpoint in turn on the same process group."""
+    """One rank, in the package's one two-rank spawn (conftest.py's ``TWO_RANK_JOBS``): every checkpoint in
+    turn on the same process group, then the dead-rank check (rank 1 leaves once the model is built; rank
+    0's next collective must fail, not wait forever)."""
     _join_env(rank, port)
     results = {}
     for kind, path in paths.items():
         model = AutoModel.from_pretrained(path, {"parallel": {"tensor": WORLD, "timeout_s": 60}}, dtype="fp32")
         results[kind] = _outputs(model)
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    model = AutoModel.from_pretrained(paths["llama"], {"parallel": {"tensor": WORLD, "timeout_s": 5}}, dtype="fp32")
+    if rank == 1:
+        os._exit(0)  # as a killed rank: no goodbye to the process group
+    try:
+        model.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, do_sample=False)
+        message = "generate finished without its peer"
+    except Dsr1Error as err:
+        message = str(err)
+    (Path(out) / "dead.txt").write_text(message)
 
 
 @pytest.fixture(scope="module")
-def parallel_results(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("tp-out")
-    paths = {kind: str(p) for kind, p in ckpts.items()}
-    mp.spawn(_rank_all, args=(free_port(), paths, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+def spawned(two_ranks: Path) -> Path:
+    """What ``_rank_all`` wrote, in the package's one two-rank spawn (conftest.py's ``TWO_RANK_JOBS``)."""
+    return two_ranks / "tensor-parallel"
+
+
+@pytest.fixture(scope="module")
+def parallel_results(spawned: Path) -> list[dict[str, Any]]:
+    return [torch.load(spawned / f"rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("kind", sorted(TINY))
@@ -104,23 +119,8 @@ def test_shapes_that_do_not_split_are_refused(args: tuple[Any, ...], message: st
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
 
 
-def _rank_dies(rank: int, port: int, path: str, out: str) -> None:
-    """Rank 1 leaves once the model is built; rank 0's next collective must fail, not wait forever."""
-    _join_env(rank, port)
-    model = AutoModel.from_pretrained(path, {"parallel": {"tensor": WORLD, "timeout_s": 5}}, dtype="fp32")
-    if rank == 1:
-        os._exit(0)  # as a killed rank: no goodbye to the process group
-    try:
-        model.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, do_sample=False)
-        message = "generate finished without its peer"
-    except Dsr1Error as err:
-        message = str(err)
-    (Path(out) / "rank0.txt").write_text(message)
-
-
-def test_a_dead_rank_fails_the_other_within_the_timeout(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    mp.spawn(_rank_dies, args=(free_port(), str(ckpts["llama"]), str(tmp_path)), nprocs=WORLD, join=True)
-    message = (tmp_path / "rank0.txt").read_text()
+def test_a_dead_rank_fails_the_other_within_the_timeout(spawned: Path) -> None:
+    message = (spawned / "dead.txt").read_text()
     assert message.startswith("rank 0 of 2: ") and "another rank died or hung" in message, message
     assert "\n" not in message
 

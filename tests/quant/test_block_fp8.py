@@ -153,9 +153,11 @@ def test_logits_equal_the_model_built_from_the_dequantized_weights(
     got, want = load(dirs[kind], dtype)(IDS).logits, load(dirs[f"{kind}-deq"], dtype)(IDS).logits
     assert got.dtype == getattr(torch, dtype)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    # and the fp8 model is the plain one up to e4m3's rounding
+    # and the fp8 model is the plain one up to e4m3's rounding: on these random weights that rounding alone sits
+    # near 20 dB at the logits in either dtype (bf16's own rounding and the CPU's kernels move it by a fraction of
+    # a dB), while a misplaced scale or block falls far below 0 dB
     plain = load(dirs["plain"], "float32")(IDS).logits
-    assert sqnr(plain, got.float()) > 20, sqnr(plain, got.float())
+    assert sqnr(plain, got.float()) > 18, sqnr(plain, got.float())
 
 
 # --- refusals -------------------------------------------------------------------------------------

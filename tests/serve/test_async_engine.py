@@ -77,8 +77,9 @@ def test_a_caller_whose_event_loop_closed_is_aborted_and_the_loop_lives_on(engin
 def test_the_snapshot_is_current_when_the_final_output_arrives(engine: AsyncEngine) -> None:
     for out in engine.stream_sync([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True)):
         stats = engine.stats()
-        assert stats["running"] == (0 if out.finished else 1)
-    assert stats["blocks_used"] == 0
+        # before the last output the loop may already have run ahead of this consumer and finished the request
+        assert stats["running"] in ((0,) if out.finished else (0, 1))
+    assert out.finished and stats["running"] == 0 and stats["blocks_used"] == 0
 
 
 def test_leaving_a_sync_stream_early_aborts_it(engine: AsyncEngine) -> None:

@@ -342,8 +342,8 @@ def _layer(spec: dict[str, Any], call: Any, device: Any, dtype: Any) -> dict[str
     """Peak memory (weights and input excluded, output included) and time of one decoder layer's prefill."""
     import torch
 
-    from dsr1.models.common import RotaryEmbedding, rope_inv_freq
     from dsr1.models.llama import LlamaArgs, LlamaBlock
+    from dsr1.models.rope import RotaryEmbedding, rope_inv_freq
 
     b, t, h, d = spec["batch"], int(spec["seq"]), spec["heads"], spec["head_dim"]
     a = LlamaArgs.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": h * d, "num_hidden_layers": 1,

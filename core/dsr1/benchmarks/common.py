@@ -67,7 +67,10 @@ def bandwidth_probe(device: str) -> dict[str, float]:
     * ``gemv_nk``: ``W @ x`` with ``W`` stored (out, in), as transformers and CUDA kernels read it;
     * ``gemv_kn``: ``x @ W`` with ``W`` stored (in, out), the layout dsr1 keeps on the CPU at small
       batches (on some CPUs it streams twice as fast as ``gemv_nk``);
-    * ``sum``: a reduction over the whole buffer, the plain streaming read.
+    * ``sum``: a reduction over the whole buffer, the plain streaming read;
+    * ``stream`` (CPU, where the SDK's CPU kernels build): :func:`dsr1_sdk.kernels.cpu.stream_read`,
+      plain vector loads on all threads, which on some CPUs reads faster than any torch op (a floor
+      from torch's reads alone was one llama.cpp beat).
     """
     import torch
 
@@ -76,7 +79,14 @@ def bandwidth_probe(device: str) -> dict[str, float]:
     x = torch.randn(768, device=device, generator=g)
     wt = w.view(768, 163_840)  # the same bytes read as (in, out): the access pattern, not the values, matters
     xt = x.view(1, 768)
-    ways = {"gemv_nk": lambda: torch.mv(w, x), "gemv_kn": lambda: xt @ wt, "sum": lambda: w.sum()}
+    ways: dict[str, Any] = {"gemv_nk": lambda: torch.mv(w, x), "gemv_kn": lambda: xt @ wt, "sum": lambda: w.sum()}
+    if device == "cpu":
+        try:  # the SDK ships with dsr1 but sits above it: imported only here, and only if installed
+            from dsr1_sdk.kernels import cpu as cpu_kernels
+        except ImportError:
+            cpu_kernels = None
+        if cpu_kernels is not None and cpu_kernels.unavailable() is None:
+            ways["stream"] = lambda: cpu_kernels.stream_read(w)
     out: dict[str, float] = {}
     for name, fn in ways.items():
         fn()  # warm-up: kernels picked, pages touched
@@ -95,7 +105,8 @@ def bandwidth_probe(device: str) -> dict[str, float]:
 
 def bandwidth_gbs(device: str) -> float:
     """Weight-streaming bandwidth (GB/s) for decode floors: the fastest of :func:`bandwidth_probe`'s
-    reads. A floor from a slower read than the engine's own would be one an engine beats."""
+    reads (on the CPU its ``stream`` read, where the SDK's kernels build). A floor from a slower read
+    than the engine's own would be one an engine beats."""
     return max(bandwidth_probe(device).values())
 
 

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="rounds per engine and precision, alternating")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
+    p.add_argument("--graph", choices=("eager", "compile"), default="eager",
+                   help="dsr1's graph pass for every pair (compile: inductor's CPU code, which cuts the per-token "
+                        "Python and launch cost of a small model)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     pairs = [x for x in args.pairs.split(",") if x]
@@ -198,20 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m dsr1.benchmarks.llamacpp " + shlex.join(sys.argv[1:] if argv is None else argv),
         **common.environment("cpu", args.threads), "shape": SHAPE, "bandwidth_gbs": round(bandwidth, 2),
         "settings": {"threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "rounds": args.rounds, "llama_cpp_python": llama_cpp.__version__},
+                     "rounds": args.rounds, "llama_cpp_python": llama_cpp.__version__,
+                     "dsr1_graph": args.graph},
         "results": rows,
     }
     context = args.prompt_len + args.new_tokens + 8
     for name in pairs:
         overrides, gguf_type, ftype = PAIRS[name]
         path = quantize(f32, ftype, work / f"{SHAPE}-{gguf_type}.gguf", args.threads)
-        model = AutoModel.from_pretrained(model_dir, device="cpu", **overrides)
+        model = AutoModel.from_pretrained(model_dir, device="cpu", graph=args.graph, **overrides)
         lcpp = LlamaCpp(path, args.threads, context)
 
         def dsr1_generate(n: int) -> Any:
             return model.generate(prompt, max_new_tokens=n, ignore_eos=True)
 
-        dsr1_generate(4)  # warm-up: packing, kernels
+        dsr1_generate(4 if args.graph == "eager" else args.new_tokens + 1)  # warm-up: packing, kernels, compiles
         lcpp.run(prompt[0].tolist(), 4)
         got: dict[str, list[float]] = {"dsr1_decode": [], "dsr1_prefill": [], "lcpp_decode": [], "lcpp_prefill": []}
         for _ in range(args.rounds):

@@ -42,13 +42,7 @@ from dsr1.models.common import (
     CausalLM,
     GatedMLP,
     RMSNorm,
-    RotaryEmbedding,
-    apply_rope,
-    apply_rope_fast,
     bind_attention,
-    rope_inv_freq,
-    rope_parameters,
-    yarn_mscale,
 )
 from dsr1.models.loading import (
     CheckpointBuilder,
@@ -59,6 +53,14 @@ from dsr1.models.loading import (
     choose_dtype,
 )
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
+from dsr1.models.rope import (
+    RotaryEmbedding,
+    apply_rope,
+    apply_rope_fast,
+    rope_inv_freq,
+    rope_parameters,
+    yarn_mscale,
+)
 from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
 

@@ -29,12 +29,7 @@ from dsr1.models.common import (
     CausalLM,
     GatedMLP,
     RMSNorm,
-    RotaryEmbedding,
-    apply_rope,
-    apply_rope_fast,
     bind_attention,
-    rope_inv_freq,
-    rope_parameters,
 )
 from dsr1.models.loading import (
     CheckpointBuilder,
@@ -46,6 +41,7 @@ from dsr1.models.loading import (
 )
 from dsr1.models.moe import MoEArgs, SparseMoE, expert_sources, stack_experts, unstack_experts
 from dsr1.models.packing import pack_for_device_, pack_linears_, unpack_linears_
+from dsr1.models.rope import RotaryEmbedding, apply_rope, apply_rope_fast, rope_inv_freq, rope_parameters
 from dsr1.parallel.pipeline import PipelineStage, check_pipeline, join_stages, stage_names
 from dsr1.parallel.tensor import ParallelLMHead, TensorPlan
 from dsr1.parallel.topology import check_tensor, stage_tensor_group

@@ -282,7 +282,9 @@ class _Entry:
         self.file, self.dtype, self.shape, self.begin, self.end = file, dtype, shape, begin, end
 
 
-def _read_safetensors_header(file: Path) -> dict[str, _Entry]:
+def read_safetensors_header(file: Path) -> dict[str, _Entry]:
+    """Tensor name → where its bytes lie in ``file``, from the safetensors header; a truncated or corrupt
+    header is one line naming the file."""
     with open_regular(file, "weights file") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
@@ -363,7 +365,7 @@ class CheckpointReader:
             files = [model_dir / n for n in listing if n.endswith(".safetensors")]
         if files:
             for file in files:
-                self.entries.update(_read_safetensors_header(file))
+                self.entries.update(read_safetensors_header(file))
             self._index_blocks()
             return
         pickles = [model_dir / n for n in listing if n.endswith((".bin", ".pt", ".pth"))]

@@ -6,6 +6,12 @@
   a GEMV, 2 to :data:`MAX_ROWS` rows a ``tl.dot`` kernel; split-K is a tuning axis. The int8, int4 and
   fp8 quant plugins call it for ``cuda_kernel: triton``.
 
+* :mod:`dsr1_sdk.kernels.cpu` - weight-only GEMV for decode-sized calls on the CPU, as a C++ extension
+  compiled at first use (cached per torch build; ``python -m dsr1_sdk.kernels.cpu`` builds it ahead):
+  int8 per channel, bf16, fp16 and fp32 weights read once per call and converted in registers, with
+  AVX-512, AVX2 and plain C++ paths picked at run time; and ``stream_read``, the plain streaming read
+  the benchmarks' bandwidth floor includes. The int8, fp16 and bf16 quant plugins call it on the CPU.
+
 Importing this package is cheap (no triton); ``weight_only`` imports triton, so a plugin imports it on
 its first CUDA call. :func:`triton_problem` says whether it can (without importing triton).
 """

@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ import torch
 from torch import nn
 
 from dsr1_sdk import Dsr1Error
+from dsr1_sdk.kernels import cpu as cpu_kernels
 from dsr1_sdk.layers import PackedLinear
 
 SOURCE = Path(__file__).with_name("panel_gemm.cpp")
@@ -66,78 +64,15 @@ def unavailable() -> str | None:
     return None
 
 
-def build_key() -> str:
-    """What a compiled kernel is valid for: torch's version, commit and C++ ABI, Python's ABI, the machine."""
-    commit = (torch.version.git_version or "unknown")[:12]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return f"torch-{torch.__version__}-{commit}-cxx11abi{abi}-{sys.implementation.cache_tag}-{platform.machine()}"
-
-
 def build_directory() -> Path:
     """Where the kernel is built and cached (see the module docstring)."""
-    base = os.environ.get("TORCH_EXTENSIONS_DIR")
-    # $DSR1_HOME as dsr1.models.loading.dsr1_home reads it (a plugin imports no core internals for it)
-    root = Path(base).expanduser() if base else Path(os.environ.get("DSR1_HOME") or Path.home() / ".cache" / "dsr1"
-                                                     ).expanduser() / "kernels"
-    return root / NAME / build_key()
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-
-
-def _stage_source(where: Path) -> Path:
-    """The kernel source copied into ``where``, rewritten only when its text changed: ninja rebuilds on a
-    newer source, and a reinstalled plugin's file is newer without being different."""
-    staged = where / SOURCE.name
-    text = SOURCE.read_bytes()
-    if not staged.is_file() or staged.read_bytes() != text:
-        tmp = staged.with_suffix(".tmp")
-        tmp.write_bytes(text)
-        tmp.replace(staged)
-    return staged
-
-
-def _notice(message: str) -> None:
-    """``message`` on a line of its own on stderr (stdout flushed first, so nothing half-written joins it)."""
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
+    return cpu_kernels.build_directory(NAME)
 
 
 @functools.cache
 def _kernels() -> Any:
-    from torch.utils import cpp_extension
-
-    _put_ninja_on_path()
-    if not cpp_extension.is_ninja_available():
-        raise Dsr1Error("building the panel kernel needs ninja (pip install ninja) and a C++ compiler")
-    where = build_directory()
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        source = _stage_source(where)
-    except OSError as err:
-        raise Dsr1Error(f"the panel kernel's build directory {where} is not writable ({err.strerror}); set "
-                        "TORCH_EXTENSIONS_DIR or DSR1_HOME to a writable directory") from None
-    built = where / f"{NAME}.so"
-    before = _mtime(built)
-    announced = before is None or (_mtime(source) or 0.0) > before  # what makes ninja build
-    if announced:  # a pause of half a minute deserves a word
-        _notice(f"dsr1: building the cpu device's panel kernel (once per torch build, about 25 s) in {where}")
-    try:
-        # -fopenmp: at::parallel_for is an OpenMP region compiled into this module; at run time it binds
-        # to the libgomp torch already loaded (same soname), so torch.set_num_threads governs it
-        module = cpp_extension.load(name=NAME, sources=[str(source)], build_directory=str(where),
-                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except (RuntimeError, OSError, ImportError) as err:  # compiler missing or failing
-        last = (str(err).strip().splitlines() or ["unknown error"])[-1]
-        raise Dsr1Error(f"building the panel kernel failed ({last}); install a C++ compiler (g++) or set the "
-                        "cpu device option linear_kernel: none") from None
-    if not announced and _mtime(built) != before:  # ninja rebuilt for a reason not foreseen: still say so
-        _notice(f"dsr1: rebuilt the cpu device's panel kernel in {where}")
-    return module
+    return cpu_kernels.load_extension(NAME, SOURCE, "the cpu device's panel kernel", took="about 25 s",
+                                      advice=" or set the cpu device option linear_kernel: none")
 
 
 def build() -> str:
@@ -147,20 +82,6 @@ def build() -> str:
         return f"panel kernel not built: it needs AVX-512 and this CPU offers {capability}"
     _kernels()
     return f"panel kernel ready in {build_directory()}"
-
-
-def _put_ninja_on_path() -> None:
-    """torch runs ``ninja`` from PATH; the ``ninja`` package (a dependency) installs it beside this
-    Python, which is not on PATH when the environment is used without activating it."""
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja  # the binary's directory, only when PATH lacks it
-
-        where = str(ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        where = str(Path(sys.executable).parent)
-    os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
 
 
 class PanelLinear(PackedLinear):

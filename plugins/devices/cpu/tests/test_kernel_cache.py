@@ -16,6 +16,7 @@ import torch
 from torch.utils import cpp_extension
 
 from dsr1_device_cpu import panels
+from dsr1_sdk.kernels import cpu as cpu_kernels
 
 OLD = 1_000_000_000.0  # a fixed mtime, long ago: what a finished build leaves
 
@@ -42,7 +43,7 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeCompil
     compiler = FakeCompiler()
     monkeypatch.setattr(cpp_extension, "load", compiler)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
-    monkeypatch.setattr(panels, "_put_ninja_on_path", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_put_ninja_on_path", lambda: None)
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("DSR1_HOME", str(tmp_path / "home"))
     source = tmp_path / "panel_gemm.cpp"
@@ -65,7 +66,7 @@ def test_cache_is_keyed_by_torch_build_under_dsr1_home_or_torch_extensions_dir(
 ) -> None:
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("DSR1_HOME", str(tmp_path / "home"))
-    key = panels.build_key()
+    key = cpu_kernels.build_key()
     assert panels.build_directory() == tmp_path / "home" / "kernels" / panels.NAME / key
     assert key.startswith(f"torch-{torch.__version__}-{(torch.version.git_version or 'unknown')[:12]}-")
     assert f"-cxx11abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}-{sys.implementation.cache_tag}-" in key

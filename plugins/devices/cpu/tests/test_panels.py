@@ -16,6 +16,7 @@ from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_device_cpu import panels
 from dsr1_device_cpu.panels import PanelLinear
+from dsr1_sdk.kernels import cpu as cpu_kernels
 
 REASON = panels.unavailable()
 needs_panels = pytest.mark.skipif(REASON is not None, reason=f"panel kernel: {REASON}")
@@ -133,6 +134,6 @@ def test_ninja_beside_the_interpreter_is_found_without_an_activated_environment(
 
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    panels._put_ninja_on_path()
+    cpu_kernels._put_ninja_on_path()  # shared by every kernel the SDK and the cpu device build
     first = os.environ["PATH"].split(os.pathsep)[0]
     assert first != "/nonexistent" and Path(first).is_dir()

@@ -7,10 +7,15 @@ Activations stay in the compute dtype (bf16 by default).
 
 Kernels, one per device type:
 
-* CPU, up to :data:`INT8PACK_MAX_ROWS` rows (decode): ``torch.ops.aten._weight_int8pack_mm``
-  (bf16/fp16/fp32 activations × int8 weight, scales applied in the kernel). With fp32
-  activations that kernel is slower than an fp32 matmul on the CPU measured (see README):
-  keep the default ``compute_dtype: bf16``.
+* CPU, up to :data:`dsr1_sdk.kernels.cpu.MAX_ROWS` rows (decode): the SDK's CPU GEMV
+  (:mod:`dsr1_sdk.kernels.cpu`, format ``int8``), which reads each int8 weight once, converts it to
+  fp32 in registers and applies the scales per channel (activations and scales converted to fp32
+  per call, the result back to the compute dtype). Over tiny-125m's layers it is faster than
+  ``aten._weight_int8pack_mm`` at 1 and 8 rows on the AVX-512 CPU measured, on its AVX-512 and its
+  AVX2 path (``bench/results/cpu-gemv/``). Where it cannot be built (no C++ compiler; one warning
+  says so) and for 9 to :data:`INT8PACK_MAX_ROWS` rows:
+  ``torch.ops.aten._weight_int8pack_mm`` (bf16/fp16/fp32 activations × int8 weight, scales applied
+  in the kernel), which with fp32 activations is slower than an fp32 matmul (see README).
 * CUDA, up to :data:`dsr1_sdk.kernels.MAX_ROWS` fp16/bf16 rows (decode), option
   ``cuda_kernel: triton`` (the default): the SDK's weight-only Triton kernels
   (:mod:`dsr1_sdk.kernels.weight_only`, shared with int4 and fp8) read the int8 weight and convert it
@@ -37,6 +42,7 @@ from torch import nn
 
 from dsr1_sdk import Dsr1Error, PluginSpec, hookimpl
 from dsr1_sdk.kernels import MAX_ROWS as TRITON_MAX_ROWS
+from dsr1_sdk.kernels import cpu as cpu_kernels
 from dsr1_sdk.kernels import triton_problem
 from dsr1_sdk.quant import Int8PerChannelLinear, Int8PerChannelPolicy, QuantizedLinear, QuantOptions, flat
 
@@ -65,14 +71,17 @@ def int8_weight_only_linear(
 ) -> torch.Tensor:
     """``x (..., in) @ (qweight · scales)ᵀ`` → ``(..., out)`` in ``x.dtype`` (scales in ``x.dtype``).
 
-    Decode-sized calls read the int8 weight directly: the aten int8 kernel on the CPU, the
-    ``cuda_kernel`` on CUDA (``triton`` or ``int8pack``). Otherwise the weight is converted to
-    ``x.dtype`` and multiplied by a GEMM, then scaled per column.
+    Decode-sized calls read the int8 weight directly: the SDK's CPU GEMV on the CPU (the aten int8
+    kernel where that cannot run, and from 9 to 12 rows), the ``cuda_kernel`` on CUDA (``triton`` or
+    ``int8pack``). Otherwise the weight is converted to ``x.dtype`` and multiplied by a GEMM, then
+    scaled per column.
     """
     out = qweight.shape[0]
     x2 = flat(x)  # (M, in)
     rows, on = x2.shape[0], x.device.type
-    if on == "cuda" and cuda_kernel == "triton" and rows <= TRITON_MAX_ROWS and x.dtype in TRITON_DTYPES:
+    if on == "cpu" and rows <= cpu_kernels.MAX_ROWS and cpu_kernels.usable("int8", "aten._weight_int8pack_mm"):
+        y = cpu_kernels.gemv(x2, "int8", qweight, scales)  # (M, out) in x.dtype
+    elif on == "cuda" and cuda_kernel == "triton" and rows <= TRITON_MAX_ROWS and x.dtype in TRITON_DTYPES:
         y = _triton_mm()(x2, "int8", qweight, scales, None, 0)  # (M, out)
     elif rows <= INT8PACK_MAX_ROWS and (on == "cpu" or (on == "cuda" and cuda_kernel == "int8pack")):
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)  # (M, out)
@@ -150,5 +159,5 @@ def dsr1_quant() -> PluginSpec:
     return PluginSpec(
         name="int8", family="quant", impl=Int8WeightOnly, options=Int8WeightOnly.Options,
         capabilities=frozenset({"weight_only", "per_channel", "save"}),
-        description="weight-only int8, symmetric per output channel (aten int8 matmul on CPU, Triton on CUDA)",
+        description="weight-only int8, symmetric per output channel (the SDK's GEMV on CPU, Triton on CUDA)",
     )

@@ -12,6 +12,7 @@ from dsr1.errors import Dsr1Error
 from dsr1.registry import PluginRegistry
 from dsr1_quant_int8 import Int8WeightOnlyLinear
 from dsr1_sdk.kernels import INTERPRETER_CASES, run_interpreted
+from dsr1_sdk.kernels import cpu as cpu_kernels
 from dsr1_sdk.reference.quant import fake_quant_per_channel, sqnr
 from dsr1_sdk.testing import QuantConformance
 
@@ -30,6 +31,28 @@ def test_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) ->
     got = layer(x)
     assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
     assert sqnr(layer.reference(x), got) > 40
+
+
+@pytest.mark.skipif(cpu_kernels.unavailable() is not None, reason="the SDK's CPU GEMV cannot be built here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_decode_runs_the_sdk_gemv(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, 1 to 8 rows go through the SDK's GEMV (13 do not) and match the dequantized reference."""
+    calls: list[int] = []
+    real = cpu_kernels.gemv
+
+    def spy(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu_kernels, "gemv", spy)
+    layer = Int8WeightOnlyLinear(torch.nn.Linear(200, 67), dtype)  # K, N: no multiple of a vector width
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 200), (2, 4, 200), (13, 200)]:  # 9 to 12 rows: aten int8pack, which crashes at this K
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 67) and got.dtype == dtype
+        assert sqnr(layer.reference(x).float(), got.float()) > (40 if dtype == torch.bfloat16 else 80)
+    assert calls == [1, 8]
 
 
 def test_fp32_scales_match_the_sdk_reference() -> None:
