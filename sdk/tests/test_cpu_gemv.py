@@ -1,4 +1,5 @@
-"""The SDK's CPU weight-only GEMV (:mod:`dsr1_sdk.kernels.cpu`) against the dequantized weight's product.
+"""The SDK's CPU GEMV (:mod:`dsr1_sdk.kernels.cpu`) against the dequantized weight's product, and its ``w8a8``
+format against the w8a8 plugin's torch formulation, bit for bit.
 
 Every format, 1 to 9 rows (9: a second pass over the weight), an odd number of output channels (so each
 path's row blocks leave a remainder) and a K that is no multiple of any vector width (masked and scalar
@@ -54,6 +55,35 @@ def test_matches_the_dequantized_product(fmt: str, path: str) -> None:
                                  f"{got.flatten()[worst].item()}, expected {want.flatten()[worst].item()}")
 
 
+def _w8a8_torch(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The w8a8 plugin's torch formulation (``int8_per_token``, an exact integer product, two rescales)."""
+    xf = x.float()
+    sx = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(1e-12)  # (M, 1)
+    q = torch.clamp(torch.round(xf / sx), -127, 127)  # (M, K), integers
+    acc = q.to(torch.int64) @ w.to(torch.int64).t()  # (M, N), exact
+    return (acc.float() * sx * scales).to(x.dtype)
+
+
+@pytest.mark.parametrize("path", cpu.paths("w8a8") if REASON is None else ())
+@pytest.mark.parametrize("k", [K, 200])  # 200 = 3·64 + 8: a masked VNNI tail; 83: K < 2 vectors
+def test_w8a8_is_the_torch_formulation_bit_for_bit(path: str, k: int) -> None:
+    """Quantizing x per row (round half to even), exact int32 sums and the same two fp32 products in the same
+    order: the kernel's result is the formulation's exactly, for fp32 and bf16 x, an all-zero row and ties."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randint(-127, 128, (N, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(N, generator=g) * 0.01 + 1e-3  # (N,) fp32, as the plugin keeps them
+    for rows in range(1, cpu.MAX_ROWS + 2):
+        x = torch.randn(rows, k, generator=g) * 3
+        x[0, :4] = torch.tensor([127.0, 0.5, -1.5, 2.5])  # row max 127 → scale 1: three ties to round
+        x[0, 4:] = x[0, 4:].clamp(-100, 100)
+        if rows > 2:
+            x[1] = 0.0  # the scale floor
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            got = cpu.gemv(xd, "w8a8", w, scales, path=path)
+            assert got.dtype == dtype and torch.equal(got, _w8a8_torch(xd, w, scales)), (path, rows, dtype)
+
+
 def test_paths_agree_exactly_on_exact_inputs() -> None:
     """Small integers make every product and partial sum exact in fp32: every path gives the same answer."""
     g = torch.Generator().manual_seed(1)
@@ -85,6 +115,9 @@ def test_stream_read_reads_every_byte() -> None:
     (lambda: cpu.gemv(torch.randn(2, 8), "bf16", torch.zeros(4, 8, dtype=torch.bfloat16), torch.ones(4)),
      "takes no scales"),
     (lambda: cpu.gemv(torch.randn(2, 8), "fp32", torch.zeros(4, 8), path="neon"), "not a CPU GEMV path"),
+    (lambda: cpu.gemv(torch.randn(2, 8), "w8a8", torch.zeros(4, 8, dtype=torch.int8)), "scales of shape (4,)"),
+    (lambda: cpu.gemv(torch.randn(1, 65_537), "w8a8", torch.zeros(1, 65_537, dtype=torch.int8), torch.ones(1)),
+     "takes K up to 65536"),
 ])
 def test_bad_input_is_one_line(call: object, message: str) -> None:
     with pytest.raises(Dsr1Error) as err:

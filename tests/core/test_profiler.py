@@ -100,6 +100,15 @@ TOY_BYTES = {"embed": 32, "norm": 4 * (2 * (2 + 1 + 2) + 2), "qkv": 2 * 48, "o_p
              "lm_head": 32}
 
 
+def toy_profiler(every: int = 1, layers: int | str = 1) -> tuple[FakeClock, Toy, ProfilerMonitor]:
+    """A fake clock, a :class:`Toy` that advances it, and a profiler on that clock attached to the toy."""
+    clock = FakeClock()
+    toy = Toy(clock)
+    mon = profiler(clock, every=every, layers=layers)
+    mon.attach(toy)
+    return clock, toy, mon
+
+
 def toy_step(mon: ProfilerMonitor, toy: Toy, clock: FakeClock, batch: int = 1, context: int = 9) -> None:
     mon.begin_step(batch, context, batch)
     clock.t += 0.5  # scheduling work before the forward
@@ -165,10 +174,7 @@ def test_running_stat_merge_equals_one_pass() -> None:
 
 
 def test_operators_of_a_sampled_step_exclusive_of_their_timed_children() -> None:
-    clock = FakeClock()
-    toy = Toy(clock)
-    mon = profiler(clock, every=1)
-    mon.attach(toy)
+    clock, toy, mon = toy_profiler()
     for _ in range(3):
         toy_step(mon, toy, clock)
     ops = {s.operator: s for s in mon.operator_stats() if (s.phase, s.batch_bucket, s.context_bucket) ==
@@ -183,11 +189,8 @@ def test_operators_of_a_sampled_step_exclusive_of_their_timed_children() -> None
 
 
 def test_a_sampled_step_times_one_layer_in_turn_and_scales_it_to_the_stack() -> None:
-    clock = FakeClock()
-    toy = Toy(clock)
+    clock, toy, mon = toy_profiler()
     toy.model.layers[1].mlp.cost = 9  # the layers differ: the turns average to the stack's true time
-    mon = profiler(clock, every=1)
-    mon.attach(toy)
     hooked = []
     for _ in range(4):
         mon.begin_step(1, 9, 1)
@@ -208,10 +211,7 @@ def test_a_sampled_step_times_one_layer_in_turn_and_scales_it_to_the_stack() -> 
 
 @pytest.mark.parametrize("every", [1, 3, 4])
 def test_every_n_times_exactly_the_nth_steps_and_hooks_only_then(every: int) -> None:
-    clock = FakeClock()
-    toy = Toy(clock)
-    mon = profiler(clock, every=every)
-    mon.attach(toy)
+    clock, toy, mon = toy_profiler(every=every)
     hooked: list[int] = []
     for i in range(1, 13):
         mon.begin_step(1, 9, 1)
@@ -228,10 +228,7 @@ def test_every_n_times_exactly_the_nth_steps_and_hooks_only_then(every: int) -> 
 
 
 def test_a_forward_that_raises_leaves_no_hooks_and_no_open_spans() -> None:
-    clock = FakeClock()
-    toy = Toy(clock)
-    mon = profiler(clock)
-    mon.attach(toy)
+    clock, toy, mon = toy_profiler()
     mon.begin_step(1, 4, 1)
     try:
         with pytest.raises(RuntimeError):
@@ -251,10 +248,7 @@ def test_a_forward_that_raises_leaves_no_hooks_and_no_open_spans() -> None:
 
 
 def sampled_monitor(steps: int = 3, layers: int | str = 1) -> ProfilerMonitor:
-    clock = FakeClock()
-    toy = Toy(clock)
-    mon = profiler(clock, layers=layers)
-    mon.attach(toy)
+    clock, toy, mon = toy_profiler(layers=layers)
     for i in range(steps):
         toy_step(mon, toy, clock, batch=2, context=20 + i)
     return mon
@@ -488,10 +482,7 @@ def test_dsr1_profile_without_matplotlib_says_what_to_install(tmp_path: Path, mo
 
 def test_the_module_tree_is_walked_once_per_model_and_again_only_when_it_changes() -> None:
     """A sampled step reuses the timed-module list; a swapped module is found and timed, the old one not."""
-    clock = FakeClock()
-    toy = Toy(clock)
-    mon = profiler(clock, every=1)
-    mon.attach(toy)
+    clock, toy, mon = toy_profiler()
     for _ in range(5):
         toy_step(mon, toy, clock)
     assert mon.walks == 1

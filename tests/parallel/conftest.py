@@ -1,6 +1,7 @@
 """Tiny random llama-family checkpoints for the tensor-parallel tests (a copy of the few lines of
-tests/engine/conftest.py they need: that package's autouse fixture is not wanted here), and the one
-two-rank spawn that the lockstep, tensor-parallel and quantized/MoE tensor-parallel modules share."""
+tests/engine/conftest.py they need: that package's autouse fixture is not wanted here), the one
+two-rank spawn that the lockstep, tensor-parallel and quantized/MoE tensor-parallel modules share, and
+the ranks-against-one-process comparison of the tensor- and pipeline-parallel modules."""
 from __future__ import annotations
 
 import importlib
@@ -73,6 +74,20 @@ def write_tokenizer(out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                            "pad_token": "<pad>", "model_max_length": 128}))
+
+
+def assert_ranks_match(kind: str, ranks: list[dict[str, Any]], single: dict[str, Any], rank_name: str = "rank",
+                       same: tuple[str, ...] = ()) -> None:
+    """What each rank saw (``_outputs`` of a test module) against one process's ``single``: logits within
+    1e-5, the same greedy ``tokens`` and entries named in ``same``, and the ``sampled`` tokens of rank 0
+    (every rank samples the same logits from the same seed). ``rank_name`` names a rank in the messages."""
+    for rank, got in enumerate(ranks):
+        torch.testing.assert_close(got["logits"], single["logits"], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{kind} {rank_name} {rank} logits: {m}")
+        assert torch.equal(got["tokens"], single["tokens"]), (kind, rank, got["tokens"], single["tokens"])
+        for key in same:
+            assert got[key] == single[key], (kind, rank, got[key], single[key])
+        assert torch.equal(got["sampled"], ranks[0]["sampled"]), (kind, rank)
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The SDK's CPU weight-only GEMV against the torch path it replaces, on tiny-125m's linear layers (issue 16).
+"""The SDK's CPU GEMV against the torch path it replaces, on tiny-125m's linear layers (issue 16).
 
     python -m dsr1.benchmarks.cpu_gemv --rows 1,8 --output bench/results/cpu-gemv/cpu-gemv.json
 
@@ -8,7 +8,8 @@ reads its weight from DRAM, and a 64 MB read between shapes evicts the last one 
 timed with:
 
 * ``old``: what the plugins ran before the kernel: ``int8``: ``aten._weight_int8pack_mm`` (bf16
-  activations and scales, the int8 plugin's default ``compute_dtype``); ``bf16``/``fp16``/``fp32``:
+  activations and scales, the int8 plugin's default ``compute_dtype``); ``w8a8``: the w8a8 plugin's torch
+  formulation (per-token quantization, ``torch._int_mm``, two rescales; fp32 scales); ``bf16``/``fp16``/``fp32``:
   ``F.linear`` in that dtype;
 * ``gemv``: :func:`dsr1_sdk.kernels.cpu.gemv` on the path ``auto`` picks here (activations in the same
   dtype as ``old``, converted to fp32 by the wrapper, the result converted back);
@@ -48,13 +49,24 @@ def _weights(fmt: str, n: int, k: int, copies: int, seed: int) -> list[tuple[Any
     out = []
     for _ in range(copies):
         w = torch.randn(n, k, generator=g) * 0.02
-        if fmt == "int8":
-            s = (w.abs().amax(1) / 127).to(torch.bfloat16)  # (N,) as the int8 plugin keeps them
+        if fmt in ("int8", "w8a8"):
+            # (N,) as the int8 plugin keeps them (bf16), or w8a8 (fp32)
+            s = (w.abs().amax(1) / 127).to(torch.bfloat16 if fmt == "int8" else torch.float32)
             q = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
             out.append((q, s))
         else:
             out.append((w.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt]), None))
     return out
+
+
+def w8a8_torch(x: Any, q: Any, s: Any) -> Any:
+    """The w8a8 plugin's product as torch runs it: ``x (M, K)`` quantized per row, ``torch._int_mm``, rescaled."""
+    import torch
+
+    from dsr1.quantization.schemes import int8_per_token
+
+    xq, xs = int8_per_token(x)  # (M, K) int8, (M, 1) fp32
+    return (torch._int_mm(xq, q.t()).float() * xs * s).to(x.dtype)  # (M, N)
 
 
 def _timings(fns: dict[str, Any], reps: int, flush: Any) -> dict[str, tuple[float, float]]:
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsr1.benchmarks.cpu_gemv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8")
-    p.add_argument("--formats", default="int8,bf16,fp16,fp32")
+    p.add_argument("--formats", default="int8,w8a8,bf16,fp16,fp32")
     p.add_argument("--paths", default="avx2", help="forced paths timed besides auto (comma-separated, may be empty)")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own count)")
@@ -106,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     def flush() -> None:
         cpu.stream_read(flush_buf)
 
-    dtypes = {"int8": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = {"int8": torch.bfloat16, "w8a8": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp32": torch.float32}
     busy0, load0 = cpu_busy(), os.getloadavg()[0]
     results: list[dict[str, Any]] = []
     for fmt in args.formats.split(","):
@@ -119,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                     def old(ws: Any = ws, x: Any = x) -> None:
                         for q, s in ws:
                             torch.ops.aten._weight_int8pack_mm(x, q, s)
+                elif fmt == "w8a8":
+                    def old(ws: Any = ws, x: Any = x) -> None:
+                        for q, s in ws:
+                            w8a8_torch(x, q, s)
                 else:
                     def old(ws: Any = ws, x: Any = x) -> None:
                         for w, _ in ws:
@@ -132,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 med = _timings(fns, args.reps, flush)
                 w0, s0 = ws[0]
                 want = F.linear(x.double(), w0.double() * (1 if s0 is None else s0.double()[:, None]))
-                got_old = (torch.ops.aten._weight_int8pack_mm(x, w0, s0) if fmt == "int8" else F.linear(x, w0))
+                got_old = (torch.ops.aten._weight_int8pack_mm(x, w0, s0) if fmt == "int8" else
+                           w8a8_torch(x, w0, s0) if fmt == "w8a8" else F.linear(x, w0))
                 entry: dict[str, Any] = {"format": fmt, "layer": layer, "shape": [n, k], "calls": calls, "rows": rows,
                                          "bytes_per_forward": nbytes}
                 for name, (sec, best) in med.items():

@@ -388,7 +388,8 @@ class CheckpointReader:
             self._pickled.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
         self._index_blocks()
 
-    def _stored_dtype(self, name: str) -> torch.dtype:
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` is stored in (before any dequantization :meth:`read` does)."""
         return self._pickled[name].dtype if name in self._pickled else self.entries[name].dtype
 
     def _index_blocks(self) -> None:
@@ -402,11 +403,11 @@ class CheckpointReader:
                 weight = name.removesuffix(SCALE_SUFFIX)
                 if weight not in raw:
                     raise Dsr1Error(f"{where} has scales {name!r} but no tensor {weight!r}")
-                if self._stored_dtype(weight) != torch.float8_e4m3fn:
+                if self.stored_dtype(weight) != torch.float8_e4m3fn:
                     raise Dsr1Error(f"{where} has scales {name!r}, but {weight!r} is stored in "
-                                    f"{str(self._stored_dtype(weight)).removeprefix('torch.')}, not float8_e4m3fn")
+                                    f"{str(self.stored_dtype(weight)).removeprefix('torch.')}, not float8_e4m3fn")
                 continue
-            if self._stored_dtype(name) != torch.float8_e4m3fn:
+            if self.stored_dtype(name) != torch.float8_e4m3fn:
                 continue
             scale, shape = name + SCALE_SUFFIX, self.shape(name)
             if scale not in raw:
@@ -418,8 +419,8 @@ class CheckpointReader:
             if got != want:
                 raise Dsr1Error(f"{where}: {scale!r} has shape {got}, but weight {name!r} {shape} in blocks of "
                                 f"{list(self.block)} needs {want}")
-            if not self._stored_dtype(scale).is_floating_point:
-                raise Dsr1Error(f"{where}: {scale!r} is {self._stored_dtype(scale)}, not a float tensor")
+            if not self.stored_dtype(scale).is_floating_point:
+                raise Dsr1Error(f"{where}: {scale!r} is {self.stored_dtype(scale)}, not a float tensor")
             self._scales[name] = scale
 
     def _index_files(self, index: Path) -> list[Path]:

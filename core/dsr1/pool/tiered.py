@@ -206,6 +206,12 @@ class TieredPool(Pool):
         """The plan for a checkpoint before loading it, from its tensors' sizes (headers only) in
         its floating dtype (or at ``itemsize`` bytes per floating element): what ``dsr1 config
         check --model M`` prints. A quant plugin shrinks the units."""
+        units, fixed, dtype = self._checkpoint_units(model_dir, itemsize)
+        return self._checkpoint_plan(units, fixed, dtype, device, model_dir)
+
+    def _checkpoint_units(self, model_dir: Path, itemsize: int | None = None
+                          ) -> tuple[list[Unit], int, torch.dtype | None]:
+        """The units of :meth:`plan_checkpoint`, the bytes outside them, and the checkpoint's floating dtype."""
         from dsr1.models.loading import CheckpointReader, read_hf_config
 
         reader = CheckpointReader(model_dir)
@@ -217,7 +223,7 @@ class TieredPool(Pool):
                 numel = 1
                 for d in reader.shape(name):
                     numel *= d
-                stored = reader._stored_dtype(name)
+                stored = reader.stored_dtype(name)
                 wide = itemsize or (dtype.itemsize if dtype is not None else stored.itemsize)
                 size = numel * (wide if stored.is_floating_point else stored.itemsize)
                 parts = name.split(".")
@@ -236,6 +242,10 @@ class TieredPool(Pool):
         units = [Unit("model.embed_tokens", sizes.get("model.embed_tokens", 0), "embed", movable=not tied)]
         units += [Unit(k, sizes[k], "layer") for k in layers]
         units.append(Unit("lm_head", sizes.get("lm_head", 0), "head", movable=not tied))
+        return units, fixed, dtype
+
+    def _checkpoint_plan(self, units: list[Unit], fixed: int, dtype: torch.dtype | None, device: Device,
+                         model_dir: Path) -> TierPlan:
         plan = self.plan(units, fixed, device, model_dir, dtype or torch.float32)
         where = str(dtype).removeprefix("torch.") if dtype is not None else "their stored dtypes"
         plan.notes.append(f"planned from the checkpoint's tensor sizes in {where}, before any quant plugin")
@@ -247,11 +257,21 @@ class TieredPool(Pool):
         model_dir = getattr(pipeline, "model_dir", None)
         if model_dir is None:
             return {}
-        compute = pipeline.device.torch_device()
-        if compute.type != "cpu":  # fits even in float32: built where it computes, nothing for place() to move
-            widest = self.plan_checkpoint(Path(model_dir), pipeline.device, itemsize=4)
-            self.direct = None if widest.hooked else compute
-        plan = self.plan_checkpoint(Path(model_dir), pipeline.device)
+        path, device = Path(model_dir), pipeline.device
+        compute = device.torch_device()
+        units, fixed, dtype = self._checkpoint_units(path)
+        if compute.type == "cpu":
+            plan = self._checkpoint_plan(units, fixed, dtype, device, path)
+        else:
+            # fits even in float32: built where it computes, nothing for place() to move. A float32
+            # checkpoint's own sizes are those: its one plan answers both questions
+            wide = (units, fixed) if dtype == torch.float32 else self._checkpoint_units(path, itemsize=4)[:2]
+            plan = self._checkpoint_plan(*wide, dtype, device, path)
+            self.direct = None if plan.hooked else compute
+            if self.direct is not None:  # read straight to the device: nothing in host memory to spill
+                return {}
+            if dtype != torch.float32:
+                plan = self._checkpoint_plan(units, fixed, dtype, device, path)
         disk = [u.name for u in plan.streamed if plan.tier[u.name] == "disk"]
         if not disk:
             return {}

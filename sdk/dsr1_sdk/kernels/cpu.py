@@ -1,9 +1,13 @@
-"""Weight-only GEMV on the CPU for decode-sized calls, and a streaming read (``cpu_gemv.cpp``).
+"""GEMV on the CPU for decode-sized calls, and a streaming read (``cpu_gemv.cpp``, ``cpu_gemv_w8a8.cpp``).
 
 :func:`gemv` computes ``y (M, N) = x (M, K) · W (N, K)ᵀ`` in fp32 with ``W`` in one of :data:`FORMATS`:
 
 * ``int8``: ``weight`` int8 ``(N, K)``, ``scales`` ``(N,)``; ``W = q · s`` (the int8 plugin's layout);
-* ``bf16``, ``fp16``, ``fp32``: ``weight`` of that dtype, no scales.
+* ``bf16``, ``fp16``, ``fp32``: ``weight`` of that dtype, no scales;
+* ``w8a8``: as ``int8``, but ``x`` is quantized too, per row (``s_x = max|x_row| / 127``), and multiplied in
+  integers: the w8a8 plugin's product, equal to its torch formulation bit for bit. Its AVX-512 path needs
+  VNNI (int8 dot products, four times the weights per instruction of the fp32 conversion); :func:`paths`
+  ``("w8a8")`` lists where it runs.
 
 At decode a linear layer costs the read of its weight, so the kernel reads every weight byte once per call
 (all ``M`` rows of ``x`` against each block of weight rows), converts it to fp32 in registers and accumulates
@@ -33,6 +37,7 @@ import platform
 import shutil
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +45,20 @@ import torch
 
 from dsr1_sdk import Dsr1Error
 
-__all__ = ["FORMATS", "MAX_ROWS", "PATHS", "build", "build_directory", "build_key", "gemv", "load_extension",
-           "paths", "stream_read", "unavailable", "usable"]
+__all__ = ["FORMATS", "MAX_ROWS", "PATHS", "W8A8_MAX_K", "build", "build_directory", "build_key", "build_main",
+           "gemv", "load_extension", "paths", "stream_read", "unavailable", "usable"]
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+#: the extension's files: its two sources and the header they share.
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_gemv.cpp", "cpu_gemv_w8a8.cpp", "cpu_gemv.h"))
 #: the extension's module name (the cache directory is named after it).
 NAME = "dsr1_sdk_cpu_gemv"
 #: the weight formats and the weight dtype each takes.
 FORMATS: dict[str, torch.dtype] = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16,
-                                   "fp32": torch.float32}
+                                   "fp32": torch.float32, "w8a8": torch.int8}
 #: most rows read the weight once (one pass of the kernel); callers send larger calls to a GEMM.
 MAX_ROWS = 8
+#: largest K of format ``w8a8`` (its sums are int32: 255 · 127 · K must fit).
+W8A8_MAX_K = 65536
 #: dispatch paths, fastest first; ``auto`` picks the first this CPU runs.
 PATHS = ("auto", "avx512", "avx2", "scalar")
 #: environment variable that forces a path for every call that names none.
@@ -100,11 +108,12 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
 
 
-def load_extension(name: str, source: Path, what: str, took: str = "", advice: str = "") -> Any:
+def load_extension(name: str, source: Path | Sequence[Path], what: str, took: str = "", advice: str = "") -> Any:
     """Compile (once per torch build, in :func:`build_directory`) and import the C++ extension ``name`` from
-    ``source``. ``what`` names it in the stderr line every build prints (with ``took``, how long a build
-    takes) and in errors; a missing compiler or ninja is a one-line :class:`Dsr1Error` ending in ``advice``
-    (what else the user can do). The cpu device's panel kernel is built here too."""
+    ``source`` (one file, or several: the ``.cpp`` files are compiled, the headers they include staged beside
+    them). ``what`` names it in the stderr line every build prints (with ``took``, how long a build takes) and
+    in errors; a missing compiler or ninja is a one-line :class:`Dsr1Error` ending in ``advice`` (what else the
+    user can do). The cpu device's panel kernel is built here too."""
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
@@ -113,26 +122,20 @@ def load_extension(name: str, source: Path, what: str, took: str = "", advice: s
     where = build_directory(name)
     try:
         where.mkdir(parents=True, exist_ok=True)
-        # rewritten only when its text changed: ninja rebuilds on a newer source, and a reinstalled package's
-        # file is newer without being different
-        staged = where / source.name
-        text = source.read_bytes()
-        if not staged.is_file() or staged.read_bytes() != text:
-            tmp = staged.with_suffix(".tmp")
-            tmp.write_bytes(text)
-            tmp.replace(staged)
+        staged = [_stage(file, where) for file in ([source] if isinstance(source, Path) else source)]
     except OSError as err:
         raise Dsr1Error(f"the build directory {where} of {what} is not writable ({err.strerror}); set "
                         "TORCH_EXTENSIONS_DIR or DSR1_HOME to a writable directory") from None
     built = where / f"{name}.so"
     before = _mtime(built)
-    announced = before is None or (_mtime(staged) or 0.0) > before  # what makes ninja build
+    announced = before is None or max(_mtime(file) or 0.0 for file in staged) > before  # what makes ninja build
     if announced:  # a pause deserves a word
         _notice(f"dsr1: building {what} (once per torch build{', ' + took if took else ''}) in {where}")
     try:
         # -fopenmp: at::parallel_for is an OpenMP region compiled into this module; at run time it binds to the
         # libgomp torch already loaded, so torch.set_num_threads governs it
-        module = cpp_extension.load(name=name, sources=[str(staged)], build_directory=str(where),
+        module = cpp_extension.load(name=name, sources=[str(f) for f in staged if f.suffix == ".cpp"],
+                                    build_directory=str(where),
                                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler missing or failing
         last = (str(err).strip().splitlines() or ["unknown error"])[-1]
@@ -140,6 +143,18 @@ def load_extension(name: str, source: Path, what: str, took: str = "", advice: s
     if not announced and _mtime(built) != before:  # ninja rebuilt for a reason not foreseen: still say so
         _notice(f"dsr1: rebuilt {what} in {where}")
     return module
+
+
+def _stage(source: Path, where: Path) -> Path:
+    """``source`` copied into the build directory ``where``, rewritten only when its text changed: ninja
+    rebuilds on a newer file, and a reinstalled package's file is newer without being different."""
+    staged = where / source.name
+    text = source.read_bytes()
+    if not staged.is_file() or staged.read_bytes() != text:
+        tmp = staged.with_suffix(".tmp")
+        tmp.write_bytes(text)
+        tmp.replace(staged)
+    return staged
 
 
 #: the loaded extension and the path calls default to, once :func:`_module` ran (plain globals, which
@@ -154,7 +169,7 @@ def _module() -> Any:
         try:
             if platform.machine().lower() not in ("x86_64", "amd64"):
                 raise Dsr1Error(f"the CPU GEMV kernel is written for x86-64, not {platform.machine()}")
-            module = load_extension(NAME, SOURCE, "the SDK's CPU GEMV kernel")
+            module = load_extension(NAME, SOURCES, "the SDK's CPU GEMV kernel")
             _loaded["paths"] = tuple(module.paths())
             path = os.environ.get(PATH_ENV) or "auto"
             _check_path(path, f"${PATH_ENV}")  # before the module is kept: a wrong setting fails every call alike
@@ -190,10 +205,10 @@ def usable(owner: str, fallback: str) -> bool:
 _warned: set[str] = set()
 
 
-def paths() -> tuple[str, ...]:
-    """The dispatch paths this CPU runs, fastest first (``scalar`` always)."""
-    _module()
-    return tuple(_loaded["paths"])
+def paths(fmt: str = "") -> tuple[str, ...]:
+    """The dispatch paths this CPU runs (for ``fmt``: ``w8a8``'s AVX-512 needs VNNI), fastest first (``scalar``
+    always)."""
+    return tuple(_module().paths(fmt))
 
 
 def _check_path(path: str, where: str) -> None:
@@ -233,13 +248,16 @@ def build() -> str:
     return f"CPU GEMV kernel ready in {build_directory()} (paths: {', '.join(paths())})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dsr1_sdk.kernels.cpu [--where]``: build the CPU GEMV kernel ahead of first use."""
-    parser = argparse.ArgumentParser(prog="python -m dsr1_sdk.kernels.cpu", description=main.__doc__)
+def build_main(prog: str, description: str | None, build: Callable[[], str], where: Callable[[], Path],
+               argv: list[str] | None = None) -> int:
+    """The command that builds a kernel ahead of first use (``prog [--where]``): ``--where`` prints its build
+    directory; otherwise it builds and prints what happened (exit 0) or the one-line reason it could not (exit 2).
+    The cpu device's panel kernel has the same command."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--where", action="store_true", help="print the build directory and exit")
     args = parser.parse_args(argv)
     if args.where:
-        print(build_directory())
+        print(where())
         return 0
     try:
         print(build())
@@ -247,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsr1: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dsr1_sdk.kernels.cpu [--where]``: build the CPU GEMV kernel ahead of first use."""
+    return build_main("python -m dsr1_sdk.kernels.cpu", main.__doc__, build, build_directory, argv)
 
 
 if __name__ == "__main__":

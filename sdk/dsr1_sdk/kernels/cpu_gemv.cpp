@@ -1,7 +1,8 @@
 // Weight-only GEMV on the CPU for decode-sized calls: y (M, N) = x (M, K) · W (N, K)ᵀ [· scales].
 //
 // W is row-major (N, K), as the quant plugins store it, in one of four formats: int8 (one fp32 scale
-// per output channel), bf16, fp16 or fp32. At decode the cost of a linear layer is reading W, so each
+// per output channel), bf16, fp16 or fp32; a fifth, w8a8 (int8 activations too), is cpu_gemv_w8a8.cpp's.
+// At decode the cost of a linear layer is reading W, so each
 // weight byte is read once per call: a thread takes R weight rows at a time, converts each vector of
 // them to fp32 in registers (int8: sign-extend + cvt; bf16: zero-extend + shift by 16; fp16: cvtph)
 // and multiplies it into all M rows of x (R·M fp32 accumulators, FMA), so M rows cost one pass over W.
@@ -19,43 +20,34 @@
 // the bandwidth probe's "stream" way, the read speed the kernels above are judged against.
 //
 // Built at first use by torch.utils.cpp_extension.load (dsr1_sdk/kernels/cpu.py).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "cpu_gemv.h"
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
+
+namespace dsr1_gemv {
+
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool has_avx512_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 
 namespace {
 
-enum Fmt { kInt8 = 0, kBf16 = 1, kFp16 = 2, kFp32 = 3 };
-enum Path { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Fmt { kInt8 = 0, kBf16 = 1, kFp16 = 2, kFp32 = 3, kW8A8 = 4 };
 
-constexpr int kMaxTile = 8;                 // rows of x per pass over W; more rows take more passes
-constexpr int64_t kThreadBytes = 1 << 16;   // least weight bytes worth a thread of their own
-
-#define DSR1_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define DSR1_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-int elem_bytes(Fmt f) { return f == kInt8 ? 1 : (f == kFp32 ? 4 : 2); }
-
-// R: weight rows per step, as many as keep R·M accumulators + R weights + 1 x in `regs` registers (at most 4).
-constexpr int rows_for(int m, int regs) { return std::max(1, std::min(4, (regs - 1) / (m + 1))); }
+int elem_bytes(Fmt f) { return f == kInt8 || f == kW8A8 ? 1 : (f == kFp32 ? 4 : 2); }
 
 template <Fmt F>
 constexpr int64_t kBytes = F == kInt8 ? 1 : (F == kFp32 ? 4 : 2);
-
-// The cache line at byte `at` of each row of the next block of R rows (contiguous after this block), so a
-// block's rows arrive while this one is multiplied: without it one thread read int8 at half the speed of a
-// plain stream. Past the last row it prefetches memory nobody reads, which cannot fault.
-template <int R>
-inline void prefetch_next(const uint8_t* w, int64_t ldw, int64_t at) {
-  for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * ldw + at), _MM_HINT_T0);
-}
 
 // ---- AVX-512: 16 weights per vector ----------------------------------------------------------------
 
@@ -246,21 +238,17 @@ Kernel pick(Fmt f, Path p, int m) {
   }
 }
 
-bool has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-bool has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
+// w8a8's AVX-512 path is built on VNNI's int8 dot products; every other format's on AVX-512 F/BW/VL/DQ.
+bool runs_avx512(bool vnni) { return vnni ? has_avx512_vnni() : has_avx512(); }
 
-Path best_path() { return has_avx512() ? kAvx512 : (has_avx2() ? kAvx2 : kScalar); }
+Path best_path(bool vnni) { return runs_avx512(vnni) ? kAvx512 : (has_avx2() ? kAvx2 : kScalar); }
 
-// The messages are one line each: cpu.py passes them on as a Dsr1Error.
-Path parse_path(c10::string_view name) {
-  if (name == "auto") return best_path();
+// The messages are one line each: cpu.py passes them on as a Dsr1Error. vnni: the path is for fmt w8a8.
+Path parse_path(c10::string_view name, bool vnni = false) {
+  if (name == "auto") return best_path(vnni);
   if (name == "avx512") {
-    TORCH_CHECK(has_avx512(), "CPU GEMV path 'avx512' cannot run on this CPU (it needs AVX-512 F/BW/VL/DQ)");
+    TORCH_CHECK(runs_avx512(vnni), "CPU GEMV path 'avx512' cannot run ", vnni ? "fmt 'w8a8' " : "",
+                "on this CPU (it needs AVX-512 F/BW/VL/DQ", vnni ? " and VNNI" : "", ")");
     return kAvx512;
   }
   if (name == "avx2") {
@@ -276,11 +264,13 @@ Fmt parse_fmt(c10::string_view name) {
   if (name == "int8") return kInt8;
   if (name == "bf16") return kBf16;
   if (name == "fp16") return kFp16;
-  TORCH_CHECK(name == "fp32", "CPU GEMV fmt '", std::string(name), "' is unknown; use one of int8, bf16, fp16, fp32");
+  if (name == "w8a8") return kW8A8;
+  TORCH_CHECK(name == "fp32", "CPU GEMV fmt '", std::string(name),
+              "' is unknown; use one of int8, bf16, fp16, fp32, w8a8");
   return kFp32;
 }
 
-constexpr at::ScalarType kWeightType[] = {at::kChar, at::kBFloat16, at::kHalf, at::kFloat};
+constexpr at::ScalarType kWeightType[] = {at::kChar, at::kBFloat16, at::kHalf, at::kFloat, at::kChar};
 
 // torch's Python name of a dtype (c10::toString says "Char" for int8)
 std::string dtype_name(at::ScalarType t) {
@@ -310,34 +300,78 @@ Fmt check(const at::Tensor& x, c10::string_view fmt_name, const at::Tensor& weig
   TORCH_CHECK(x.dim() == 2 && is_float(x.scalar_type()) && x.size(1) == weight.size(1),
               "CPU GEMV x must be a 2-D float tensor (M, ", weight.size(1), "), got ",
               dtype_name(x.scalar_type()), " ", x.sizes());
-  if (f == kInt8) {
+  if (f == kInt8 || f == kW8A8) {
     TORCH_CHECK(scales.has_value() && scales->dim() == 1 && scales->size(0) == weight.size(0) &&
                     is_float(scales->scalar_type()),
-                "CPU GEMV fmt 'int8' takes float scales of shape (", weight.size(0), ",)");
+                "CPU GEMV fmt '", fmt, "' takes float scales of shape (", weight.size(0), ",)");
   } else {
     TORCH_CHECK(!scales.has_value(), "CPU GEMV fmt '", fmt, "' takes no scales");
   }
   return f;
 }
 
-// y (M, N) in x's dtype; x and scales are converted to fp32 here (a few KB), the weight is read as it is.
+// A float tensor's values as fp32: its own memory when it is contiguous fp32, else converted into `buffer`. A
+// plain loop, not Tensor::to: per layer and token, the dispatcher's cost was most of a small layer's overhead.
+const float* as_float(const at::Tensor& t, std::vector<float>& buffer) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
+  const at::Tensor c = t.contiguous();
+  const size_t n = static_cast<size_t>(c.numel());
+  float* out = aligned(buffer, n);
+  if (c.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* p = c.data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  } else if (c.scalar_type() == at::kHalf) {
+    const c10::Half* p = c.data_ptr<c10::Half>();
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  } else {
+    const float* p = c.data_ptr<float>();
+    std::copy(p, p + n, out);
+  }
+  return out;
+}
+
+// n fp32 `values` rounded to out's dtype (bf16 or fp16; round to nearest even, as Tensor::to).
+void store(const float* values, size_t n, at::Tensor& out) {
+  if (out.scalar_type() == at::kBFloat16) {
+    c10::BFloat16* p = out.data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < n; ++i) p[i] = c10::BFloat16(values[i]);
+  } else {
+    c10::Half* p = out.data_ptr<c10::Half>();
+    for (size_t i = 0; i < n; ++i) p[i] = c10::Half(values[i]);
+  }
+}
+
+void gemv_into(Fmt f, Path p, const float* xp, int64_t M, int64_t K, const at::Tensor& w, int64_t N, const float* s,
+               float* op);
+
+// y (M, N) in x's dtype; x and scales are read as fp32 (converted here when they are not), the weight as it is.
 at::Tensor gemv(const at::Tensor& x, c10::string_view fmt_name, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& scales, c10::string_view path_name) {
   const Fmt f = check(x, fmt_name, weight, scales);
-  const Path p = parse_path(path_name);
+  const Path p = parse_path(path_name, f == kW8A8);
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU GEMV runs on CPU tensors, got x on ",
               x.device(), " and the weight on ", weight.device());
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor w = weight.contiguous();
-  at::Tensor sf;
-  if (f == kInt8) sf = scales->to(at::kFloat).contiguous();
-  const float* s = f == kInt8 ? sf.data_ptr<float>() : nullptr;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  at::Tensor out = at::empty({M, N}, xf.options());
-  if (M == 0 || N == 0) return out.to(x.scalar_type());
-  if (K == 0) return out.zero_().to(x.scalar_type());
-  const float* xp = xf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  std::vector<float> x_buffer, s_buffer, out_buffer;
+  const float* xp = as_float(x, x_buffer);
+  const float* s = scales.has_value() ? as_float(*scales, s_buffer) : nullptr;
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  float* op = fp32 ? out.data_ptr<float>() : aligned(out_buffer, static_cast<size_t>(M * N));
+  gemv_into(f, p, xp, M, K, weight.contiguous(), N, s, op);
+  if (!fp32) store(op, static_cast<size_t>(M * N), out);
+  return out;
+}
+
+// out (M, N) fp32 = x (M, K) fp32 · W (N, K)ᵀ in format f.
+void gemv_into(Fmt f, Path p, const float* xp, int64_t M, int64_t K, const at::Tensor& w, int64_t N, const float* s,
+               float* op) {
+  if (f == kW8A8) {
+    w8a8_gemv(xp, M, K, w.data_ptr<int8_t>(), N, s, p, op);
+    return;
+  }
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   const int64_t ldw = K * elem_bytes(f);
   const int64_t grain = std::max<int64_t>(1, kThreadBytes / ldw);
@@ -352,7 +386,6 @@ at::Tensor gemv(const at::Tensor& x, c10::string_view fmt_name, const at::Tensor
       for (; n < end; ++n) kn.one(xt, K, wp + n * ldw, ldw, s, ot, N, n);
     }
   });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 at::Tensor gemv_meta(const at::Tensor& x, c10::string_view fmt, const at::Tensor& weight,
@@ -430,25 +463,27 @@ int64_t stream_read(const at::Tensor& buffer, const std::string& path_name) {
   return static_cast<int64_t>(t);
 }
 
-std::vector<std::string> paths() {
+std::vector<std::string> paths(const std::string& fmt) {
   std::vector<std::string> out;
-  if (has_avx512()) out.push_back("avx512");
+  if (runs_avx512(fmt == "w8a8")) out.push_back("avx512");
   if (has_avx2()) out.push_back("avx2");
   out.push_back("scalar");
   return out;
 }
 
 }  // namespace
+}  // namespace dsr1_gemv
 
 TORCH_LIBRARY_FRAGMENT(dsr1_sdk, m) {
   m.def("cpu_gemv(Tensor x, str fmt, Tensor weight, Tensor? scales, str path) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(dsr1_sdk, CPU, m) { m.impl("cpu_gemv", &gemv); }
-TORCH_LIBRARY_IMPL(dsr1_sdk, Meta, m) { m.impl("cpu_gemv", &gemv_meta); }
+TORCH_LIBRARY_IMPL(dsr1_sdk, CPU, m) { m.impl("cpu_gemv", &dsr1_gemv::gemv); }
+TORCH_LIBRARY_IMPL(dsr1_sdk, Meta, m) { m.impl("cpu_gemv", &dsr1_gemv::gemv_meta); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("stream_read", &stream_read, "checksum of a buffer read with vector loads on all threads",
+  m.def("stream_read", &dsr1_gemv::stream_read, "checksum of a buffer read with vector loads on all threads",
         py::arg("buffer"), py::arg("path") = "auto");
-  m.def("paths", &paths, "the dispatch paths this CPU can run, fastest first");
-  m.attr("MAX_TILE") = kMaxTile;
+  m.def("paths", &dsr1_gemv::paths, "the dispatch paths this CPU can run for fmt, fastest first",
+        py::arg("fmt") = "");
+  m.attr("MAX_TILE") = dsr1_gemv::kMaxTile;
 }

@@ -13,7 +13,11 @@ process's own memory noise), loads it with the pool under test (``name`` + ``opt
   peak during a generate within the budget + a stated activation margin. The measure is the
   device allocator's peak (``"device"``: CUDA's ``max_memory_allocated``) or the process's peak
   resident set (``"rss"``: Linux ``VmHWM``, reset through ``/proc/self/clear_refs``); by
-  default the device's own (CUDA: ``device``, CPU: ``rss``);
+  default the device's own (CUDA: ``device``, CPU: ``rss``). Measured in a fresh interpreter
+  (spawned), so what ran before in the caller's process does not count: glibc serves a buffer
+  from a free hole of its heap before it maps a new one, and keeps a freed hole resident, so in
+  a heap that earlier work (a test suite) left fragmented the load's freed buffers stayed
+  resident and the peak depended on what had run before;
 * **refusal**: options that cannot fit (a budget smaller than one layer) are refused at load
   with a one-line :class:`~dsr1.errors.Dsr1Error` naming what does not fit and its size;
 * **swap policy**: ``kv_swap`` returns ``None`` or a :class:`~dsr1.interfaces.SwapPolicy` with
@@ -26,11 +30,13 @@ Two ways in: subclass :class:`PoolConformance` (the pytest kit, like every famil
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
 import gc
 import json
+import multiprocessing
 import re
 import shutil
 import tempfile
@@ -357,12 +363,24 @@ class PoolKit:
         the generate within ``budget_bytes + margin_bytes`` (activations, KV cache, logits).
 
         ``measure`` defaults to the device's own: ``device`` on CUDA, ``rss`` elsewhere. Skips
-        (pytest) with the reason when the measure cannot be taken here."""
+        (pytest) with the reason when the measure cannot be taken here. Runs in a spawned
+        interpreter (see the module docstring), which imports the caller's ``__main__`` module
+        again, as every ``spawn`` does: a script calling this keeps its work under
+        ``if __name__ == "__main__":``."""
         measure = measure or ("device" if self.device == "cuda" else "rss")
-        device = torch.device(self.device)
-        problem = measure_problem(measure, device)
+        problem = measure_problem(measure, torch.device(self.device))
         if problem:
             pytest.skip(f"{self.where}: budget not checked: {problem}")
+        args = (self.name, self.options, self.device, self.dtype, str(self.model_dir), self.new_tokens,
+                budget_bytes, margin_bytes, measure)
+        # a fresh process per check: its heap holds nothing that the caller's history left behind
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as fresh:
+            return fresh.submit(_check_budget_fresh, *args).result()
+
+    def _check_budget_here(self, budget_bytes: int, margin_bytes: int, measure: Measure) -> Peaks:
+        """:meth:`check_budget` in this process (what the spawned one runs)."""
+        device = torch.device(self.device)
         self.reference()  # warms the process up (imports, thread pools, kernels): not the pool's memory
         meter = PeakMemory(measure, device)
         meter.start()
@@ -399,6 +417,12 @@ class PoolKit:
         policy = model.pipeline.pool.kv_swap(kv_bytes_per_token, torch.device(self.device))
         check_swap_policy(policy, f"{self.where}: kv_swap")
         return policy  # type: ignore[no-any-return]
+
+
+def _check_budget_fresh(name: str, options: dict[str, Any], device: str, dtype: str, model_dir: str,
+                        new_tokens: int, budget_bytes: int, margin_bytes: int, measure: Measure) -> Peaks:
+    kit = PoolKit(name, options, device=device, dtype=dtype, model_dir=Path(model_dir), new_tokens=new_tokens)
+    return kit._check_budget_here(budget_bytes, margin_bytes, measure)
 
 
 class PoolConformance(PluginConformance):

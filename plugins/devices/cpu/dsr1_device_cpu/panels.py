@@ -32,9 +32,7 @@ needs a C++ compiler and ninja. :func:`unavailable` says why it cannot run here,
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,18 +121,7 @@ def pack_linear(linear: nn.Linear) -> PanelLinear:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dsr1_device_cpu.panels [--where]``: build the kernel ahead of first use."""
-    parser = argparse.ArgumentParser(prog="python -m dsr1_device_cpu.panels", description=main.__doc__)
-    parser.add_argument("--where", action="store_true", help="print the build directory and exit")
-    args = parser.parse_args(argv)
-    if args.where:
-        print(build_directory())
-        return 0
-    try:
-        print(build())
-    except Dsr1Error as err:
-        print(f"dsr1: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cpu_kernels.build_main("python -m dsr1_device_cpu.panels", main.__doc__, build, build_directory, argv)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ class FloatCast(QuantPolicy):
     def compute_dtype(self) -> torch.dtype:
         return self.dtype
 
+    @staticmethod
+    def gemv_linears_(model: torch.nn.Module, cuda_triton: bool, cpu_gemv: bool) -> None:
+        """Run ``model``'s linear layers as :class:`GemvLinear` sharing their parameters, where a kernel is on.
+        A bare layer keeps ``F.linear`` on the CPU: nothing holds a replacement of it."""
+        if cuda_triton or (cpu_gemv and not isinstance(model, nn.Linear)):
+            replace_linears_(model, lambda name, linear: GemvLinear.sharing(linear, cuda_triton, cpu_gemv))
+
 
 class Fp32Cast(FloatCast):
     dtype = torch.float32
@@ -161,8 +168,7 @@ class Fp16Cast(FloatCast):
 
     def quantize_(self, model: torch.nn.Module) -> torch.nn.Module:
         model = super().quantize_(model)
-        if self.options.cpu_kernel == "gemv" and not isinstance(model, nn.Linear):  # a bare layer: nothing holds it
-            replace_linears_(model, lambda name, linear: GemvLinear.sharing(linear, cuda_triton=False, cpu_gemv=True))
+        self.gemv_linears_(model, cuda_triton=False, cpu_gemv=self.options.cpu_kernel == "gemv")
         return model
 
 
@@ -177,8 +183,7 @@ class Bf16Cast(FloatCast):
         triton, cpu = self.options.cuda_kernel == "triton", self.options.cpu_kernel == "gemv"
         if triton:
             refuse_unless_valid(self, model)
-        if triton or (cpu and not isinstance(model, nn.Linear)):  # a bare layer: nothing holds a replacement
-            replace_linears_(model, lambda name, linear: GemvLinear.sharing(linear, cuda_triton=triton, cpu_gemv=cpu))
+        self.gemv_linears_(model, cuda_triton=triton, cpu_gemv=cpu)
         return model
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:

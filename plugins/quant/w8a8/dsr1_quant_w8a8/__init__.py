@@ -6,9 +6,18 @@ Each linear layer keeps int8 ``qweight`` ``(out, in)`` and fp32 ``scales`` ``(ou
 integers with int32 accumulation (``torch._int_mm``), and rescaled by both scales:
 ``y = (x_q · qweightᵀ) · s_x · s_w``, returned in the compute dtype.
 
-Kernels: ``torch._int_mm`` on CPU (oneDNN, VNNI/AMX int8 where the CPU has them) and on CUDA,
-where it needs more than 16 rows, so shorter inputs are zero-padded to 17 rows. Not measured
-on a GPU (no device budget). torchao is not used (see the ``int8`` plugin's README).
+Kernels:
+
+* CPU, up to :data:`dsr1_sdk.kernels.cpu.MAX_ROWS` rows (decode): the SDK's CPU GEMV, format ``w8a8``
+  (:mod:`dsr1_sdk.kernels.cpu`), which quantizes the rows and multiplies in int8 with VNNI dot products
+  (AVX2's byte multiplies without VNNI), reading each weight once; its result equals the torch formulation
+  below bit for bit, and it is faster than it at 1 and 8 rows (``bench/results/cpu-gemv/``). Where it
+  cannot be built (no C++ compiler; one warning says so), for more rows and for an input width past
+  :data:`dsr1_sdk.kernels.cpu.W8A8_MAX_K`: the torch formulation.
+* The torch formulation: ``torch._int_mm`` on CPU (oneDNN, VNNI/AMX int8 where the CPU has them) and on
+  CUDA, where it needs more than 16 rows, so shorter inputs are zero-padded to 17 rows.
+
+torchao is not used (see the ``int8`` plugin's README).
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsr1_sdk import Dsr1Error, PluginSpec, hookimpl
+from dsr1_sdk.kernels import cpu as cpu_kernels
 from dsr1_sdk.quant import (
     Int8PerChannelLinear,
     Int8PerChannelPolicy,
@@ -36,8 +46,12 @@ CUDA_MIN_ROWS = 17
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x (..., in)`` quantized per token, times int8 ``qweight (out, in)``; ``(..., out)`` in ``x.dtype``."""
     x2 = flat(x)  # (M, in)
+    m = x2.shape[0]
+    if x.device.type == "cpu" and m <= cpu_kernels.MAX_ROWS and qweight.shape[1] <= cpu_kernels.W8A8_MAX_K \
+            and cpu_kernels.usable("w8a8", "torch._int_mm"):
+        y = cpu_kernels.gemv(x2, "w8a8", qweight, scales)  # (M, out) in x.dtype
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
     xq, xs = int8_per_token(x2)  # (M, in) int8, (M, 1) fp32
-    m = xq.shape[0]
     if x.device.type == "cuda" and m < CUDA_MIN_ROWS:
         xq = F.pad(xq, (0, 0, 0, CUDA_MIN_ROWS - m))  # (17, in): zero rows, dropped below
     acc = torch._int_mm(xq, qweight.t())[:m]  # (M, out) int32
