@@ -362,6 +362,43 @@ def test_dsr1_profile_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert [r["batch_size"] for r in json.loads((out / "profile.json").read_text())["results"]] == [2]
 
 
+class _Kept:
+    """What ``decode_rows`` reads of a profiler: its stats, weight bytes and kept samples."""
+
+    def __init__(self, samples: list[dict[str, Any]]) -> None:
+        self.samples = samples
+        self.weight_bytes = {"mlp": 10**9}
+        self.step_stats = {("decode", 1, 1): RunningStat()}
+        ops: dict[str, RunningStat] = {"step": RunningStat()}
+        for x in samples:
+            self.step_stats[("decode", 1, 1)].add(x["seconds"])
+            ops["step"].add(x["seconds"])
+            for op, t in x["operators"].items():
+                ops.setdefault(op, RunningStat()).add(t)
+        self.op_stats = {("decode", 1, 1): ops}
+
+    def operator_stats(self) -> list[Any]:
+        return []
+
+
+def test_dsr1_profile_reports_medians_not_a_stall_times_the_layers() -> None:
+    """One sampled step whose timed layer stalled (its o_proj 50x, scaled by the layer count as every layer
+    sub-block is) moves the mean far, not the median: shares come from medians and add up to the step."""
+    from dsr1.commands.profile import decode_rows
+
+    samples = [{"phase": "decode", "seconds": 0.010, "operators": {"mlp": 0.006, "o_proj": 0.001, "norm": 0.003}}
+               for _ in range(9)]
+    samples[0] = {"phase": "decode", "seconds": 0.014, "operators": {"mlp": 0.006, "o_proj": 0.050, "norm": 0.003}}
+    samples.append({"phase": "prefill", "seconds": 9.0, "operators": {"mlp": 5.0}})  # not a decode step
+    step, rows = decode_rows(_Kept(samples))
+    by_op = {r["operator"]: r for r in rows}
+    assert step["sampled_step_median_s"] == pytest.approx(0.010)
+    assert by_op["o_proj"]["median_s"] == pytest.approx(0.001) and by_op["o_proj"]["mean_s"] > 0.006
+    assert by_op["mlp"]["share"] == pytest.approx(0.6) and by_op["mlp"]["gb_per_s"] == pytest.approx(1 / 0.006)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert [r["operator"] for r in rows] == ["mlp", "norm", "o_proj"]
+
+
 def _bad(args: list[str], tmp_path: Path) -> list[str]:
     return ["profile", "--out", str(tmp_path / "out"), "--quiet", *args]
 

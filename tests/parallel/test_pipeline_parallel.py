@@ -22,7 +22,7 @@ from dsr1.config import EngineConfig
 from dsr1.engine import Engine, SamplingParams
 from dsr1.errors import Dsr1Error
 from dsr1.parallel.pipeline import check_pipeline, split_layers
-from dsr1.parallel.topology import refuse_tensor_parallel
+from dsr1.parallel.topology import refuse_tensor_parallel, shutdown
 
 from .conftest import assert_ranks_match, free_port, make_checkpoint
 
@@ -90,6 +90,7 @@ def _rank_two_stages(rank: int, port: int, paths: dict[str, str], out: str) -> N
     except Dsr1Error as err:
         message = str(err)
     (Path(out) / "dead.txt").write_text(message)
+    os._exit(0)  # as in conftest's _two_ranks: no teardown of a group whose peer is gone
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,9 @@ def _rank_tensor_by_pipeline(rank: int, port: int, path: str, out: str) -> None:
     tokens = model.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, do_sample=False)
     torch.save({"tokens": tokens, "n_heads": model.args.n_heads, "n_layers": model.args.n_layers},
                Path(out) / f"rank{rank}.pt")
+    # what a launched command does at its end: all four ranks meet, then close the group. A rank that exited
+    # with the group open could see a gloo thread abort it (SIGABRT) as a peer closed its sockets.
+    shutdown()
 
 
 def test_tensor_by_pipeline_decodes_what_one_process_does(paths: dict[str, str], tmp_path: Path) -> None:

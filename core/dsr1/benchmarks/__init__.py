@@ -29,6 +29,7 @@ Modules run with ``python -m``:
 * :mod:`.graph_reuse` - successive captured generates on one model (CUDA);
 * :mod:`.int8_kernels`, :mod:`.semi24_kernels` - int8 weight-only and 2:4 sparse matmuls (CUDA);
 * :mod:`.gpu_profile` - a profile of one prefill (CUDA);
+* :mod:`.pdl_probe` - programmatic dependent launch in a captured chain of one-row GEMVs (CUDA, Hopper);
 * :mod:`.cpu_linear_kernels`, :mod:`.quant_kernels_cpu` - CPU matmul kernels by layout and precision;
 * :mod:`.quant` - accuracy and CPU speed of the quant policies;
 * :mod:`.pruning_speed` - a pruned stage against its dense model (also what ``dsr1 prune`` measures with);

@@ -4,8 +4,12 @@ Loads the model with ``monitor: profiler`` (every step sampled unless ``--every`
 and, by default, ``graph: eager``: captured graphs and compiled steps do not call the module
 hooks that time the operators. For each batch size it generates ``--steps`` new tokens from
 random prompts of ``--prompt-len`` tokens (after one short warm-up generate, not counted) and
-prints each operator's mean time per decode step, its share of the step and, for the operators
-that read weights, the achieved bandwidth (weight bytes / time). It writes to ``--out``:
+prints each operator's median time per decode step, its share of the step's median and, for the
+operators that read weights, the achieved bandwidth (weight bytes / time). Medians, because a
+sampled step times one decoder layer and multiplies it by the layer count: a one-off stall in
+that layer (a page fault, a first call) comes out tens of times larger, and a mean over a few
+dozen steps showed shares summing past 100 %. The JSON keeps the means and variances too. It
+writes to ``--out``:
 
 * ``profile.json``: the table, with the arguments, machine and versions;
 * ``profile.png``: a bar chart of the operators' time per step, one bar per batch size
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,9 +150,14 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 # --- measuring ---------------------------------------------------------------------------------
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
 def decode_rows(monitor: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The decode steps the monitor saw, over every context bucket: the step's figures and one row per
-    operator (mean seconds per step, share of the sampled step, GB/s for the weight-reading ones)."""
+    operator (median seconds per step over the kept sampled steps, share of the sampled step's median,
+    GB/s for the weight-reading ones; mean and variance beside them)."""
     from dsr1.monitor.profiler import WEIGHT_BOUND, RunningStat
 
     monitor.operator_stats()  # reads the pending marks
@@ -162,15 +172,18 @@ def decode_rows(monitor: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if phase == "decode":
             every.merge(s)
     sampled = merged.pop("step", RunningStat())
+    kept = [x for x in monitor.samples if x["phase"] == "decode"]
+    step_median = _median([x["seconds"] for x in kept])
     step = {"steps": every.count, "step_mean_s": every.mean, "sampled_steps": sampled.count,
-            "sampled_step_mean_s": sampled.mean}
+            "sampled_step_mean_s": sampled.mean, "sampled_step_median_s": step_median}
     rows = []
     for op, s in merged.items():
+        median = _median([x["operators"].get(op, 0.0) for x in kept])
         nbytes = monitor.weight_bytes.get(op) if op in WEIGHT_BOUND else None
-        rows.append({"operator": op, "mean_s": s.mean, "variance_s": s.variance,
-                     "share": s.mean / sampled.mean if sampled.mean else None,
-                     "weight_bytes": nbytes, "gb_per_s": nbytes / s.mean / 1e9 if nbytes and s.mean > 0 else None})
-    rows.sort(key=lambda r: -r["mean_s"])
+        rows.append({"operator": op, "median_s": median, "mean_s": s.mean, "variance_s": s.variance,
+                     "share": median / step_median if step_median else None,
+                     "weight_bytes": nbytes, "gb_per_s": nbytes / median / 1e9 if nbytes and median > 0 else None})
+    rows.sort(key=lambda r: -r["median_s"])
     return step, rows
 
 
@@ -182,7 +195,7 @@ def profile_batch(model: Any, batch: int, prompt_len: int, steps: int) -> dict[s
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(model.device)  # (B, T0)
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, ignore_eos=True, pad_token_id=0)  # warm-up, not counted
+        model.generate(ids, max_new_tokens=4, ignore_eos=True, pad_token_id=0)  # warm-up, not counted
         monitor.clear()
         model.generate(ids, max_new_tokens=steps + 1, ignore_eos=True, pad_token_id=0)  # prefill + steps decodes
     step, rows = decode_rows(monitor)
@@ -190,27 +203,30 @@ def profile_batch(model: Any, batch: int, prompt_len: int, steps: int) -> dict[s
 
 
 def _print_table(result: dict[str, Any], top: int) -> None:
-    print(f"batch {result['batch_size']}: {result['sampled_steps']} sampled decode steps, "
-          f"{result['sampled_step_mean_s'] * 1e3:.3f} ms per sampled step "
-          f"({result['step_mean_s'] * 1e3:.3f} ms over all {result['steps']})")
+    print(f"batch {result['batch_size']}: {result['sampled_steps']} sampled decode steps, median "
+          f"{result['sampled_step_median_s'] * 1e3:.3f} ms per sampled step "
+          f"(mean {result['step_mean_s'] * 1e3:.3f} ms over all {result['steps']})")
     print(f"  {'operator':<10} {'share':>7} {'ms/step':>9} {'GB/s':>8}")
     for r in result["operators"][:top]:
         share = f"{r['share'] * 100:6.1f}%" if r["share"] is not None else "      -"
         bw = f"{r['gb_per_s']:8.2f}" if r["gb_per_s"] is not None else "       -"
-        print(f"  {r['operator']:<10} {share} {r['mean_s'] * 1e3:9.3f} {bw}")
+        print(f"  {r['operator']:<10} {share} {r['median_s'] * 1e3:9.3f} {bw}")
+    shares = [r["share"] for r in result["operators"] if r["share"] is not None]
+    if shares:
+        print(f"  the operators' medians add up to {sum(shares) * 100:.1f}% of the step's")
 
 
 def draw_chart(plt: Any, results: list[dict[str, Any]], path: Path, title: str) -> None:
     ops = sorted({r["operator"] for res in results for r in res["operators"]},
-                 key=lambda op: -max(r["mean_s"] for res in results for r in res["operators"] if r["operator"] == op))
+                 key=lambda op: -max(r["median_s"] for res in results for r in res["operators"] if r["operator"] == op))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * len(ops)), 4.0))
     width = 0.8 / max(1, len(results))
     for i, res in enumerate(results):
-        by_op = {r["operator"]: r["mean_s"] * 1e3 for r in res["operators"]}
+        by_op = {r["operator"]: r["median_s"] * 1e3 for r in res["operators"]}
         xs = [j + i * width for j in range(len(ops))]
         ax.bar(xs, [by_op.get(op, 0.0) for op in ops], width, label=f"batch {res['batch_size']}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ops))], ops)
-    ax.set_ylabel("ms per decode step")
+    ax.set_ylabel("ms per decode step (median)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
