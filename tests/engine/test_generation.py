@@ -262,6 +262,23 @@ def test_compile_graph_wires_the_decode_step(ckpts: dict[str, Path]) -> None:
     assert auto["options"]["max_autotune"] is True and auto["options"]["freezing"] is True
 
 
+
+def test_compiled_step_compiles_once_for_every_max_new_tokens(ckpts: dict[str, Path]) -> None:
+    """The decode step's ids are a copy, not a view of the output buffer (whose row stride is the prompt plus
+    max_new_tokens): a generate of another length reuses the compiled step instead of compiling it again."""
+    from torch._dynamo.utils import counters
+
+    compiled = AutoModel.from_pretrained(ckpts["llama"], graph={"name": "compile", "options": {"mode": None}},
+                                         device="engine-test-device")
+    ids = torch.tensor([[1, 40, 41, 42]])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.generate(ids, max_new_tokens=6, ignore_eos=True)
+    first = counters["stats"]["unique_graphs"]
+    for n in (9, 4, 12):
+        compiled.generate(ids, max_new_tokens=n, ignore_eos=True)
+    assert first >= 1 and counters["stats"]["unique_graphs"] == first
+
 def test_compile_with_inductor_on_cpu(ckpts: dict[str, Path]) -> None:
     """The real thing: inductor compiles the tiny model's decode step (~35 s on 2 busy cores)."""
     compiled = AutoModel.from_pretrained(ckpts["llama"], graph="compile")

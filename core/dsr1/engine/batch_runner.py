@@ -248,8 +248,13 @@ class BatchRunner:
             logits = batch.graph(out[:, c : c + 1], batch.pos, c)  # (B, V), the graph's output buffer
         else:
             step = self.steps.decode_step or self.model.forward_step
+            ids = out[:, c : c + 1]  # (B, 1) view: its row stride is the batch's longest length
             step_mask = batch.key_valid[:, None, None, : c + 1] if batch.padded else None  # (B, 1, 1, S) view
-            logits = step(out[:, c : c + 1], batch.pos, c, self.kv, step_mask, step_mask, True)  # (B, V)
+            if self.steps.decode_step is not None:
+                # dynamo guards on strides: the view made a generate of another max_new_tokens than the first
+                # compile the step once more; a contiguous copy (B ids) has the same strides every time
+                ids = ids.clone(memory_format=torch.contiguous_format)
+            logits = step(ids, batch.pos, c, self.kv, step_mask, step_mask, True)  # (B, V)
         batch.pos += 1
         tok = self._sample(logits, out[:, : c + 1], group, requests, params)
         if batch.unfinished is not None:
