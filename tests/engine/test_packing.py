@@ -80,6 +80,29 @@ def test_panel_kernel_serves_every_batch_size_with_the_numerics(ckpts: dict[str,
     assert saved.keys() == before.keys() and all(torch.equal(saved[n], before[n]) for n in before)
 
 
+@needs_panels
+def test_a_compiled_decode_step_runs_the_panel_op(ckpts: dict[str, Path]) -> None:
+    """graph compile: the first generate takes the device's layout before the step is traced, and the traced step
+    calls the panel op (one opaque call; once a plain nn.Linear, which compiled to MKL's product at half the
+    speed). The oneDNN/kn switching stays off: a compiled step keeps the layout it was traced on."""
+    enc = padded_batch(ckpts["llama"])
+    eager = AutoModel.from_pretrained(ckpts["llama"])
+    model = AutoModel.from_pretrained(ckpts["llama"], {"graph": "compile"})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=6)  # batch 4
+    calls = [e.count for e in prof.key_averages() if e.key == "dsr1_device_cpu::panel_mm"]
+    assert all(type(m) is PanelLinear for m in _linears(model)) and model.device_layout is True
+    assert calls and calls[0] >= 5 * len(_linears(model))  # every decode step's every linear layer
+    assert torch.equal(got, eager.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=6))
+    single = model.generate(enc["input_ids"][2:3], max_new_tokens=4)  # batch 1: the same panels
+    assert all(type(m) is PanelLinear for m in _linears(model))
+    assert torch.equal(single, eager.generate(enc["input_ids"][2:3], max_new_tokens=4))
+
+    no_panels = AutoModel.from_pretrained(ckpts["llama"], {"graph": "compile", **NO_PANELS})
+    no_panels.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2)  # batch 4: no switch
+    assert all(type(m) is nn.Linear for m in _linears(no_panels)) and no_panels.device_layout is False
+
+
 def test_explicit_layouts_never_pack(ckpts: dict[str, Path]) -> None:
     enc = padded_batch(ckpts["llama"])
     for layout in ("kn", "nk"):

@@ -174,8 +174,9 @@ class BatchRunner:
         b, t0 = ids.shape
         t_max = t0 + max(requests[s.request_id].max_tokens for s in group)
         device = ids.device
-        if self.steps.decode_step is None:  # a compiled step keeps the layout it was built on
-            model.prepare_batch(b)
+        # a compiled step keeps the layout it was first traced on: the device's own, asked for before the first
+        # trace (a plain fp32 nn.Linear compiled to MKL's product read at half the panel kernel's speed)
+        model.prepare_batch(b, switch=self.steps.decode_step is None)
         kv.allocate(model.cache_shape(b, t_max), model.dtype, device)
         kv.clear_state()
         model.rope.ensure(t_max, model.dtype)

@@ -55,6 +55,15 @@ class EncoderOutput(_Output):
 # --- norms --------------------------------------------------------------------------------
 
 
+@functools.cache
+def _cpu_kernels() -> Any:
+    """The SDK's CPU kernels (``dsr1_sdk.kernels.cpu``) where they build and load, else ``None`` (one warning,
+    from ``usable``). Imported here, not at the top: the SDK imports dsr1's core."""
+    from dsr1_sdk.kernels import cpu
+
+    return cpu if cpu.usable("RMSNorm", "torch's rms_norm") else None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 like transformers' ``LlamaRMSNorm``."""
 
@@ -64,6 +73,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 3 and x.shape[1] == 1 \
+                and _cpu_kernels() is not None:
+            # eager CPU decode (B, 1, C): one C++ call (the SDK's), where torch's rms_norm is a handful of
+            # dispatcher ops. Decided by the step's shape, not its row count, so a batch split into micro-batches
+            # rounds as the whole; prefill and compiled steps keep torch's (inductor fuses it with its neighbours)
+            return _cpu_kernels().rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fused kernel, same math in fp32
         return self.reference(x)
@@ -397,8 +412,9 @@ class CausalLM(Dsr1Model):
     def cache_shape(self, batch_size: int, max_len: int) -> Any:
         raise NotImplementedError
 
-    def prepare_batch(self, batch_size: int) -> None:
-        """Called before a generate of ``batch_size`` rows (a model may relayout its weights for it)."""
+    def prepare_batch(self, batch_size: int, switch: bool = True) -> None:
+        """Called before a generate of ``batch_size`` rows (a model may relayout its weights for it);
+        ``switch=False``: a compiled decode step runs, so no layout that follows the batch size."""
 
     def forward_step(
         self,

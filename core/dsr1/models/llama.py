@@ -315,19 +315,22 @@ class LlamaForCausalLM(CausalLM):
         #: whether the device packed the linear layers in its own layout (None: not asked yet).
         self.device_layout: bool | None = None
 
-    def prepare_batch(self, batch_size: int) -> None:
+    def prepare_batch(self, batch_size: int, switch: bool = True) -> None:
         """Before a generate of ``batch_size`` rows, on the CPU ``auto`` layout: the first time, the
         device may take the linear layers into its own layout (``Device.pack_linear``: the cpu
         device's AVX-512 panel kernel), which then serves every batch size. Else oneDNN-packed
-        weights for 2+ rows and ``kn`` for one (:mod:`dsr1.models.packing` has the figures). Eager
-        only: the runner does not call it when a compiled step runs (it keeps the layout it was built on)."""
+        weights for 2+ rows and ``kn`` for one (:mod:`dsr1.models.packing` has the figures).
+        ``switch=False`` (a compiled decode step, which keeps the layout it was first traced on) asks
+        the device the first time, before any trace, and never switches between oneDNN and ``kn``."""
         if not self.batch_layout or self.device_layout:
             return  # (the device's layout serves every batch size)
         with self.pipeline.device.relayout_memory():  # the old layouts' buffers leave the resident set
             if self.device_layout is None:  # first generate: the device's own kernels, where it has them
                 self.device_layout = pack_for_device_(self, self.pipeline.device) > 0
-                if self.device_layout:
+                if self.device_layout or not switch:
                     return
+            if not switch:
+                return
             if batch_size > 1:
                 pack_linears_(self)
             else:

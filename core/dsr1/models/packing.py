@@ -18,11 +18,12 @@ and oneDNN's is slower (the measured per-step times of both on tiny-125m are in
 
 So the CPU ``auto`` layout follows the batch (``LlamaForCausalLM.prepare_batch``): every fp32
 linear layer is packed before a generate of 2 or more rows and goes back to ``kn`` before one
-of a single row. A switch reorders the weights once (≈ 0.3 s for 500 MB), one layer at a time,
-and a wide layer (the output head) in row blocks of at most :data:`BLOCK_BYTES`: the old layout
-of one layer, its new layout and one block are all the switch holds beyond the model (a
-whole-matrix reorder of the head would add two 98 MB copies: oneDNN copies a ``kn`` view to
-contiguous first).
+of a single row. Eager only: a compiled decode step keeps the layout it was first traced on, so
+it gets the device's layout (taken at the first generate, before any trace) or none. A switch
+reorders the weights once (≈ 0.3 s for 500 MB), one layer at a time, and a wide layer (the
+output head) in row blocks of at most :data:`BLOCK_BYTES`: the old layout of one layer, its new
+layout and one block are all the switch holds beyond the model (a whole-matrix reorder of the
+head would add two 98 MB copies: oneDNN copies a ``kn`` view to contiguous first).
 
 A packed layer (:class:`OnednnLinear`, a :class:`PackedLinear`) is CPU inference only: its blocks
 are opaque ``torch._mkldnn`` tensors that other ops refuse loudly. ``state_dict()`` (and so

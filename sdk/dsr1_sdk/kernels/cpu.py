@@ -46,10 +46,11 @@ import torch
 from dsr1_sdk import Dsr1Error
 
 __all__ = ["FORMATS", "MAX_ROWS", "PATHS", "W8A8_MAX_K", "build", "build_directory", "build_key", "build_main",
-           "gemv", "load_extension", "paths", "stream_read", "unavailable", "usable"]
+           "decode_attention", "gemv", "load_extension", "paths", "rms_norm", "stream_read", "unavailable", "usable"]
 
-#: the extension's files: its two sources and the header they share.
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_gemv.cpp", "cpu_gemv_w8a8.cpp", "cpu_gemv.h"))
+#: the extension's files: its sources and the header they share.
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("cpu_gemv.cpp", "cpu_gemv_w8a8.cpp", "cpu_attention.cpp", "cpu_rms_norm.cpp", "cpu_gemv.h"))
 #: the extension's module name (the cache directory is named after it).
 NAME = "dsr1_sdk_cpu_gemv"
 #: the weight formats and the weight dtype each takes.
@@ -177,6 +178,8 @@ def _module() -> Any:
             _loaded["error"] = str(err)
             raise
         _loaded["module"], _loaded["op"], _loaded["default"] = module, torch.ops.dsr1_sdk.cpu_gemv.default, path
+        _loaded["attention"] = torch.ops.dsr1_sdk.cpu_decode_attention.default
+        _loaded["rms_norm"] = torch.ops.dsr1_sdk.cpu_rms_norm.default
     return _loaded["module"]
 
 
@@ -229,6 +232,34 @@ def gemv(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tensor |
         return _loaded["op"](x, fmt, weight, scales, _loaded["default"] if path is None else path)  # (M, N)
     except RuntimeError as err:  # the op's one-line message (a tensor on another device: the dispatcher's)
         raise Dsr1Error((str(err).strip().splitlines() or ["CPU GEMV failed"])[0]) from None
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     path: str | None = None) -> torch.Tensor:
+    """One query per head against a key/value cache: ``softmax(scale · q · kᵀ) · v`` for ``q (B, Hkv, G, D)``
+    (the ``G`` query heads that share each key/value head) and ``k, v (B, Hkv, S, D)``, one float dtype, computed
+    in fp32, returned ``(B, Hkv, G, D)`` in that dtype. ``k`` and ``v`` may be views of a larger cache (their last
+    dimension contiguous); no mask. ``torch.ops.dsr1_sdk.cpu_decode_attention``: one opaque call under
+    ``torch.compile``, as :func:`gemv`. Bad input is one line."""
+    if "default" not in _loaded:
+        _module()
+    try:
+        return _loaded["attention"](q, k, v, scale, _loaded["default"] if path is None else path)  # (B, Hkv, G, D)
+    except RuntimeError as err:
+        raise Dsr1Error((str(err).strip().splitlines() or ["CPU decode attention failed"])[0]) from None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight · (x · rsqrt(mean(x²) + eps)).to(x.dtype)`` over the last dimension, as transformers' Llama
+    RMSNorm (the sum in fp32; the result in the dtype ``weight`` and ``x`` promote to). One thread, for a few
+    rows (decode): a plain loop where torch's CPU ``rms_norm`` is a handful of dispatcher ops.
+    ``torch.ops.dsr1_sdk.cpu_rms_norm``. Bad input is one line."""
+    if "default" not in _loaded:
+        _module()
+    try:
+        return _loaded["rms_norm"](x, weight, eps)  # (..., C)
+    except RuntimeError as err:
+        raise Dsr1Error((str(err).strip().splitlines() or ["CPU rms_norm failed"])[0]) from None
 
 
 def stream_read(buffer: torch.Tensor, path: str = "auto") -> int:

@@ -42,36 +42,7 @@ bool has_avx2() {
 
 namespace {
 
-enum Fmt { kInt8 = 0, kBf16 = 1, kFp16 = 2, kFp32 = 3, kW8A8 = 4 };
-
-int elem_bytes(Fmt f) { return f == kInt8 || f == kW8A8 ? 1 : (f == kFp32 ? 4 : 2); }
-
-template <Fmt F>
-constexpr int64_t kBytes = F == kInt8 ? 1 : (F == kFp32 ? 4 : 2);
-
 // ---- AVX-512: 16 weights per vector ----------------------------------------------------------------
-
-template <Fmt F>
-DSR1_AVX512 inline __m512 load16(const uint8_t* w, int64_t k, __mmask16 keep, bool masked) {
-  if constexpr (F == kInt8) {
-    const __m128i b = masked ? _mm_maskz_loadu_epi8(keep, w + k)
-                             : _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-  } else if constexpr (F == kBf16) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(w) + k;
-    const __m256i h = masked ? _mm256_maskz_loadu_epi16(keep, p)
-                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else if constexpr (F == kFp16) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(w) + k;
-    const __m256i h = masked ? _mm256_maskz_loadu_epi16(keep, p)
-                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_cvtph_ps(h);
-  } else {
-    const float* p = reinterpret_cast<const float*>(w) + k;
-    return masked ? _mm512_maskz_loadu_ps(keep, p) : _mm512_loadu_ps(p);
-  }
-}
 
 // out[m, n0 + r] = x[m] · W[n0 + r] (· scale) for m < M, r < R; W rows are ldw bytes apart.
 template <Fmt F, int M, int R>
@@ -106,45 +77,6 @@ DSR1_AVX512 void rows_avx512(const float* x, int64_t K, const uint8_t* w, int64_
 }
 
 // ---- AVX2 + FMA + F16C: 8 weights per vector -----------------------------------------------------
-
-template <Fmt F>
-DSR1_AVX2 inline __m256 load8(const uint8_t* w, int64_t k) {
-  if constexpr (F == kInt8) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  } else if constexpr (F == kBf16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(w) + k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else if constexpr (F == kFp16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(w) + k));
-    return _mm256_cvtph_ps(h);
-  } else {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(w) + k);
-  }
-}
-
-DSR1_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <Fmt F>
-inline float weight_at(const uint8_t* w, int64_t k) {
-  if constexpr (F == kInt8) {
-    return static_cast<float>(reinterpret_cast<const int8_t*>(w)[k]);
-  } else if constexpr (F == kBf16) {
-    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(w)[k]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  } else if constexpr (F == kFp16) {
-    return static_cast<float>(c10::Half(reinterpret_cast<const uint16_t*>(w)[k], c10::Half::from_bits()));
-  } else {
-    return reinterpret_cast<const float*>(w)[k];
-  }
-}
 
 template <Fmt F, int M, int R>
 DSR1_AVX2 void rows_avx2(const float* x, int64_t K, const uint8_t* w, int64_t ldw, const float* scales, float* out,
@@ -243,8 +175,9 @@ bool runs_avx512(bool vnni) { return vnni ? has_avx512_vnni() : has_avx512(); }
 
 Path best_path(bool vnni) { return runs_avx512(vnni) ? kAvx512 : (has_avx2() ? kAvx2 : kScalar); }
 
-// The messages are one line each: cpu.py passes them on as a Dsr1Error. vnni: the path is for fmt w8a8.
-Path parse_path(c10::string_view name, bool vnni = false) {
+}  // namespace
+
+Path parse_path(c10::string_view name, bool vnni) {
   if (name == "auto") return best_path(vnni);
   if (name == "avx512") {
     TORCH_CHECK(runs_avx512(vnni), "CPU GEMV path 'avx512' cannot run ", vnni ? "fmt 'w8a8' " : "",
@@ -259,6 +192,8 @@ Path parse_path(c10::string_view name, bool vnni = false) {
               "' is not a CPU GEMV path; use one of auto, avx512, avx2, scalar");
   return kScalar;
 }
+
+namespace {
 
 Fmt parse_fmt(c10::string_view name) {
   if (name == "int8") return kInt8;
@@ -387,6 +322,18 @@ void gemv_into(Fmt f, Path p, const float* xp, int64_t M, int64_t K, const at::T
     }
   });
 }
+
+}  // namespace
+
+void rows_into(Fmt f, Path p, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldw, int64_t N,
+               float* out) {
+  const Kernel kn = pick(f, p, static_cast<int>(M));
+  int64_t n = 0;
+  for (; n + kn.rows <= N; n += kn.rows) kn.many(x, K, w + n * ldw, ldw, nullptr, out, N, n);
+  for (; n < N; ++n) kn.one(x, K, w + n * ldw, ldw, nullptr, out, N, n);
+}
+
+namespace {
 
 at::Tensor gemv_meta(const at::Tensor& x, c10::string_view fmt, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& scales, c10::string_view path) {

@@ -17,6 +17,13 @@ Grouped-query attention passes ``enable_gqa=True`` (torch ≥ 2.5), except with 
 ``efficient`` kernel, which lacks it: there (and on older torch) key/value heads are
 repeated. On an H200 with torch 2.11, native GQA decodes about 2× faster than repeated
 heads (see the README for the figures and the command).
+
+One exception to "through SDPA": a one-query CPU call without a mask (decode) goes to the SDK's
+decode attention (:func:`dsr1_sdk.kernels.cpu.decode_attention`) while ``cpu_decode`` is
+``kernel`` and ``backend`` is ``auto``. torch's CPU kernel is built for blocks of queries; for one
+query against a cache of a few hundred keys its set-up per call cost more than the arithmetic, and
+decode calls it once per layer and token. Where the kernel cannot build, one warning says so and
+SDPA runs.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch.nn.attention
 import torch.nn.functional as F
 
 from dsr1_sdk import AttentionMechanism, Dsr1Error, Field, PluginOptions, PluginSpec, hookimpl
+from dsr1_sdk.kernels import cpu as cpu_kernels
 
 __all__ = ["SdpaAttention", "SdpaOptions", "dsr1_attention"]
 
@@ -58,6 +66,10 @@ class SdpaOptions(PluginOptions):
     backend: Backend = Field(
         "auto", description="pin an SDPA kernel on CUDA (flash, efficient, cudnn, math); auto lets torch choose"
     )
+    cpu_decode: Literal["kernel", "sdpa"] = Field(
+        "kernel", description="one-query CPU calls without a mask (decode) with backend auto: 'kernel' = the "
+        "SDK's decode attention (a warning and SDPA where it cannot build), 'sdpa' = torch's SDPA",
+    )
 
 
 class SdpaAttention(AttentionMechanism):
@@ -69,6 +81,7 @@ class SdpaAttention(AttentionMechanism):
     def __init__(self, options: SdpaOptions | None = None) -> None:
         super().__init__(options)
         self._pinned = None if self.options.backend == "auto" else self.options.backend
+        self._cpu_kernel = self._pinned is None and self.options.cpu_decode == "kernel"
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         backend = self.options.backend
@@ -114,6 +127,15 @@ class SdpaAttention(AttentionMechanism):
                 is_causal = True
             else:  # chunked prefill: queries are the last T positions (lower-right causal)
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
+        if self._cpu_kernel and query.device.type == "cpu" \
+                and not cpu_kernels.usable("sdpa", "torch's scaled_dot_product_attention for CPU decode"):
+            self._cpu_kernel = False  # warned once; asked at every CPU call, so the eager prefill loads the
+            # kernel before a compiled decode step is traced (a build inside a trace would break the graph)
+        if t == 1 and mask is None and self._cpu_kernel and query.device.type == "cpu":
+            b, d = query.shape[0], query.shape[3]
+            grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
+            out = cpu_kernels.decode_attention(grouped, key, value, d ** -0.5 if scale is None else scale)
+            return out.reshape(b, h, 1, d)  # (B, H, 1, D)
         if t == 1 and h != hkv:
             # GQA decode as plain multi-head attention: the G = H / Hkv query heads that share a key/value
             # head become G query rows of that head. Same math as repeating key/value heads, without

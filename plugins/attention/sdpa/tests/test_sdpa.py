@@ -90,12 +90,35 @@ def test_gqa_decode_packs_query_heads(monkeypatch: pytest.MonkeyPatch, masked: b
     q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[1, ..., :4] = False  # row 1 is left-padded
-    out = make()(q, k, v, mask=mask if masked else None)
+    out = make(cpu_decode="sdpa")(q, k, v, mask=mask if masked else None)
     (kwargs,) = recorder.calls
     assert "enable_gqa" not in kwargs and not kwargs.get("is_causal")
     assert (kwargs["attn_mask"] is mask) if masked else kwargs["attn_mask"] is None
     expected = softmax_attention(q, k, v, mask=mask if masked else None).float()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("h", "hkv"), [(6, 2), (4, 4)], ids=["gqa", "mha"])
+def test_cpu_decode_runs_the_sdk_kernel(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, h: int,
+                                        hkv: int) -> None:
+    """One-query CPU decode without a mask skips SDPA (the SDK's kernel, on a view of a longer cache) and
+    agrees with the reference; a mask, or cpu_decode: sdpa, goes through SDPA."""
+    recorder = Recorder()
+    monkeypatch.setattr(dsr1_attention_sdpa.F, "scaled_dot_product_attention", recorder)
+    cache = torch.randn(2, 2, hkv, 16, 24).to(dtype)  # (k/v, B, Hkv, capacity, D)
+    q, k, v = torch.randn(2, h, 1, 24).to(dtype), cache[0][:, :, :9], cache[1][:, :, :9]
+    out = make()(q, k, v)
+    assert out.dtype == dtype and out.shape == (2, h, 1, 24)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for scale in (None, 0.5):
+        expected = softmax_attention(q.float(), k.float(), v.float(), scale=scale, out_dtype=torch.float32)
+        torch.testing.assert_close(make()(q, k, v, scale=scale).float(), expected, atol=tol, rtol=tol)
+    assert recorder.calls == []
+    make(cpu_decode="sdpa")(q, k, v)
+    make()(q, k, v, mask=torch.ones(2, 1, 1, 9, dtype=torch.bool))
+    make(backend="math")(q, k, v)
+    assert len(recorder.calls) == 3
 
 
 def test_pinned_kernel_failure_is_a_one_line_error() -> None:

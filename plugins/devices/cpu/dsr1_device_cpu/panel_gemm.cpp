@@ -169,7 +169,17 @@ torch::Tensor mm(const torch::Tensor& x, const torch::Tensor& panels, const torc
   return out;
 }
 
+// The shape of mm's result, for torch.compile's tracing (which runs no kernel).
+torch::Tensor mm_meta(const torch::Tensor& x, const torch::Tensor& panels, const torch::Tensor& bias, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "panel mm: (M, K) float32 x expected");
+  return torch::empty_symint({x.sym_size(0), c10::SymInt(n)}, x.options());
+}
+
+// An op, not only a Python function: a compiled decode step keeps it as one call instead of breaking its graph.
+TORCH_LIBRARY(dsr1_device_cpu, m) { m.def("panel_mm(Tensor x, Tensor panels, Tensor bias, int n) -> Tensor"); }
+TORCH_LIBRARY_IMPL(dsr1_device_cpu, CPU, m) { m.impl("panel_mm", &mm); }
+TORCH_LIBRARY_IMPL(dsr1_device_cpu, Meta, m) { m.impl("panel_mm", &mm_meta); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack", &pack, "(N, K) fp32 weight -> (P, K, 64) panels");
-  module.def("mm", &mm, "x (M, K) @ panels -> (M, N), plus bias");
 }

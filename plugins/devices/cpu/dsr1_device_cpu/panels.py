@@ -95,7 +95,8 @@ class PanelLinear(PackedLinear):
         self.panels = nn.Parameter(panels, requires_grad=False)  # (P, K, 64)
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
         self._no_bias = torch.empty(0)
-        self._mm = _kernels().mm  # resolved once: this runs per token
+        _kernels()  # registers the op
+        self._mm = torch.ops.dsr1_device_cpu.panel_mm.default  # resolved once: this runs per token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":

@@ -1,0 +1,203 @@
+// One-query attention over a key/value cache on the CPU (decode): for each batch row b and key/value head h,
+//   out[b, h, g] = softmax(scale · q[b, h, g] · K[b, h]ᵀ) · V[b, h]      for the G query heads g that share h,
+// with q (B, Hkv, G, D), K and V (B, Hkv, S, D) in fp32, bf16 or fp16 (all one dtype), computed in fp32.
+//
+// Why it exists: torch's CPU attention kernel is written for long query blocks; for one query against a few
+// hundred keys its set-up (blocking, buffers, a parallel region per call) cost more than the arithmetic, and a
+// decode step calls it once per layer. Here a (b, h) pair is one task of at::parallel_for, its scores are
+// the GEMV rows of cpu_gemv.cpp (the G queries against each key row, read once: K is the "weight"), and the
+// weighted sum of V runs over 64 columns at a time in registers. K and V may be views of a larger cache (any
+// strides, the last one 1); nothing is copied. Paths as the GEMV's: AVX-512, AVX2 + FMA + F16C, plain C++.
+#include "cpu_gemv.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace dsr1_gemv {
+namespace {
+
+Fmt fmt_of(at::ScalarType t) { return t == at::kBFloat16 ? kBf16 : (t == at::kHalf ? kFp16 : kFp32); }
+
+float value_at(Fmt f, const uint8_t* p, int64_t j) {
+  return f == kBf16 ? weight_at<kBf16>(p, j) : (f == kFp16 ? weight_at<kFp16>(p, j) : weight_at<kFp32>(p, j));
+}
+
+// out (G, D) = p (G, S) · V (S, D), V rows ldv bytes apart: four vectors of columns at a time, every key row's
+// vectors loaded once per query head (a head's V is small enough to stay in L1/L2 between heads).
+template <Fmt F>
+DSR1_AVX512 void pv_avx512(const float* p, int64_t G, int64_t S, const uint8_t* v, int64_t ldv, int64_t D,
+                           float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* pg = p + g * S;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __mmask16 keep[4];
+      bool masked[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, D - d0 - 16 * j));
+        masked[j] = left < 16;
+        keep[j] = static_cast<__mmask16>((1u << left) - 1);
+      }
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t s = 0; s < S; ++s) {
+        const __m512 ps = _mm512_set1_ps(pg[s]);
+        const uint8_t* row = v + s * ldv;
+        for (int j = 0; j < 4; ++j)
+          acc[j] = _mm512_fmadd_ps(ps, load16<F>(row, d0 + 16 * j, keep[j], masked[j]), acc[j]);
+      }
+      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * j, keep[j], acc[j]);
+    }
+  }
+}
+
+template <Fmt F>
+DSR1_AVX2 void pv_avx2(const float* p, int64_t G, int64_t S, const uint8_t* v, int64_t ldv, int64_t D, float* out) {
+  const int64_t Dv = D - D % 8;  // vector columns; the D % 8 left go one by one
+  for (int64_t g = 0; g < G; ++g) {
+    const float* pg = p + g * S;
+    for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
+      const int n = static_cast<int>(std::min<int64_t>(4, (Dv - d0) / 8));
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t s = 0; s < S; ++s) {
+        const __m256 ps = _mm256_set1_ps(pg[s]);
+        const uint8_t* row = v + s * ldv;
+        for (int j = 0; j < n; ++j) acc[j] = _mm256_fmadd_ps(ps, load8<F>(row, d0 + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < n; ++j) _mm256_storeu_ps(out + g * D + d0 + 8 * j, acc[j]);
+    }
+    for (int64_t d = Dv; d < D; ++d) {
+      float t = 0.0f;
+      for (int64_t s = 0; s < S; ++s) t += pg[s] * weight_at<F>(v + s * ldv, d);
+      out[g * D + d] = t;
+    }
+  }
+}
+
+template <Fmt F>
+void pv_scalar(const float* p, int64_t G, int64_t S, const uint8_t* v, int64_t ldv, int64_t D, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * D;
+    std::fill(o, o + D, 0.0f);
+    for (int64_t s = 0; s < S; ++s) {
+      const float w = p[g * S + s];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * weight_at<F>(v + s * ldv, d);
+    }
+  }
+}
+
+template <Fmt F>
+void pv(Path path, const float* p, int64_t G, int64_t S, const uint8_t* v, int64_t ldv, int64_t D, float* out) {
+  if (path == kAvx512) {
+    pv_avx512<F>(p, G, S, v, ldv, D, out);
+  } else if (path == kAvx2) {
+    pv_avx2<F>(p, G, S, v, ldv, D, out);
+  } else {
+    pv_scalar<F>(p, G, S, v, ldv, D, out);
+  }
+}
+
+// Each row of scores (G, S) as softmax weights, left unnormalized: returns nothing, writes 1 / Σ into inv.
+void softmax_rows(float* scores, int64_t G, int64_t S, float* inv) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* r = scores + g * S;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; ++s) top = std::max(top, r[s]);
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; ++s) sum += (r[s] = std::exp(r[s] - top));
+    inv[g] = 1.0f / sum;
+  }
+}
+
+// Shapes and dtypes; the meta kernel's checks too, so they read sizes as symbols: under torch.compile the cache
+// length S is one, and reading it as a number (even to compare) would compile the step again for every length.
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "CPU decode attention takes q (B, Hkv, G, D) and k, v (B, Hkv, S, D), got ", q.sym_sizes(), ", ",
+              k.sym_sizes(), ", ", v.sym_sizes());
+  const auto t = q.scalar_type();
+  TORCH_CHECK((t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && k.scalar_type() == t &&
+                  v.scalar_type() == t,
+              "CPU decode attention takes q, k and v of one float dtype (float32, bfloat16, float16), got ",
+              q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sym_sizes() == v.sym_sizes() && k.sym_size(0) == q.sym_size(0) && k.sym_size(1) == q.sym_size(1) &&
+                  k.sym_size(3) == q.sym_size(3),
+              "CPU decode attention: k and v must be (B, Hkv, S, D) = (", q.sym_size(0), ", ", q.sym_size(1),
+              ", S, ", q.sym_size(3), ") for q ", q.sym_sizes(), ", got ", k.sym_sizes(), " and ", v.sym_sizes());
+  TORCH_CHECK(k.sym_stride(3) == 1 && v.sym_stride(3) == 1,
+              "CPU decode attention reads k and v rows in place: their last dimension must be contiguous");
+}
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale,
+                     c10::string_view path_name) {
+  check(q_in, k, v);
+  TORCH_CHECK(k.size(2) >= 1, "CPU decode attention needs at least one key, got S = 0");
+  const Path path = parse_path(path_name);
+  TORCH_CHECK(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "CPU decode attention runs on CPU tensors, got q on ", q_in.device(), ", k on ", k.device(),
+              ", v on ", v.device());
+  const at::Tensor q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2);
+  at::Tensor out = at::empty({B, H, G, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || H == 0 || G == 0 || D == 0) return out;
+  const Fmt f = fmt_of(q.scalar_type());
+  const int64_t es = elem_bytes(f);
+  const uint8_t* kp = static_cast<const uint8_t*>(k.data_ptr());
+  const uint8_t* vp = static_cast<const uint8_t*>(v.data_ptr());
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  uint8_t* op = static_cast<uint8_t*>(out.data_ptr());
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf, sbuf, obuf;
+    float* qf = aligned(qbuf, static_cast<size_t>(G * D));
+    float* scores = aligned(sbuf, static_cast<size_t>(G * S + G));
+    float* acc = aligned(obuf, static_cast<size_t>(G * D));
+    float* inv = scores + G * S;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const uint8_t* qi = qp + i * G * D * es;
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = sc * value_at(f, qi, j);
+      const uint8_t* ki = kp + (b * k.stride(0) + h * k.stride(1)) * es;
+      const uint8_t* vi = vp + (b * v.stride(0) + h * v.stride(1)) * es;
+      for (int64_t g0 = 0; g0 < G; g0 += kMaxTile)  // q · kᵀ: the G queries against every key row
+        rows_into(f, path, qf + g0 * D, std::min<int64_t>(kMaxTile, G - g0), D, ki, k.stride(2) * es, S,
+                  scores + g0 * S);
+      softmax_rows(scores, G, S, inv);
+      if (f == kBf16) {
+        pv<kBf16>(path, scores, G, S, vi, v.stride(2) * es, D, acc);
+      } else if (f == kFp16) {
+        pv<kFp16>(path, scores, G, S, vi, v.stride(2) * es, D, acc);
+      } else {
+        pv<kFp32>(path, scores, G, S, vi, v.stride(2) * es, D, acc);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv[g];
+      uint8_t* oi = op + i * G * D * es;
+      if (f == kFp32) {
+        std::copy(acc, acc + G * D, reinterpret_cast<float*>(oi));
+      } else if (f == kBf16) {
+        for (int64_t j = 0; j < G * D; ++j) reinterpret_cast<c10::BFloat16*>(oi)[j] = c10::BFloat16(acc[j]);
+      } else {
+        for (int64_t j = 0; j < G * D; ++j) reinterpret_cast<c10::Half*>(oi)[j] = c10::Half(acc[j]);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                          c10::string_view path) {
+  check(q, k, v);
+  return at::empty_symint(q.sym_sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+}  // namespace
+}  // namespace dsr1_gemv
+
+TORCH_LIBRARY_FRAGMENT(dsr1_sdk, m) {
+  m.def("cpu_decode_attention(Tensor q, Tensor k, Tensor v, float scale, str path) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(dsr1_sdk, CPU, m) { m.impl("cpu_decode_attention", &dsr1_gemv::attention); }
+TORCH_LIBRARY_IMPL(dsr1_sdk, Meta, m) { m.impl("cpu_decode_attention", &dsr1_gemv::attention_meta); }
