@@ -24,14 +24,16 @@ fastest plain read, which the benchmarks' bandwidth floor includes.
 
 The kernel is compiled at first use with ``torch.utils.cpp_extension.load`` (one line on stderr says so;
 ``python -m dsr1_sdk.kernels.cpu`` builds it ahead) and cached in :func:`build_directory`: one directory per
-torch build (version, git commit, C++ ABI) and Python ABI, under ``$TORCH_EXTENSIONS_DIR`` when set, else
-``$DSR1_HOME/kernels``. It is compiled without ``-march=native`` (each vector function names its own target),
-so a cache shared by machines of one torch build serves them all. It needs a C++ compiler and ninja;
-:func:`unavailable` says in one line why it cannot run here (callers then keep their torch path).
+torch build (version, git commit, C++ ABI), Python ABI and torch installation (:func:`build_key`), under
+``$TORCH_EXTENSIONS_DIR`` when set, else ``$DSR1_HOME/kernels``. It is compiled without ``-march=native`` (each
+vector function names its own target), so a cache shared by machines of one installation serves them all. It
+needs a C++ compiler and ninja; :func:`unavailable` says in one line why it cannot run here (callers then keep
+their torch path).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shutil
@@ -67,10 +69,15 @@ PATH_ENV = "DSR1_CPU_GEMV_PATH"
 
 
 def build_key() -> str:
-    """What a compiled kernel is valid for: torch's version, commit and C++ ABI, Python's ABI, the machine."""
+    """What a compiled kernel is valid for: torch's version, commit and C++ ABI, Python's ABI, the machine, and
+    where torch is installed. The build commands name torch's include directories, so two environments of one
+    torch build that shared a directory rebuilt each other's kernel, in place, under the processes that had it
+    loaded."""
     commit = (torch.version.git_version or "unknown")[:12]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return f"torch-{torch.__version__}-{commit}-cxx11abi{abi}-{sys.implementation.cache_tag}-{platform.machine()}"
+    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    return (f"torch-{torch.__version__}-{commit}-cxx11abi{abi}-{sys.implementation.cache_tag}-{platform.machine()}"
+            f"-{where}")
 
 
 def build_directory(name: str = NAME) -> Path:

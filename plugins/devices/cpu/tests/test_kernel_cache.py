@@ -72,6 +72,10 @@ def test_cache_is_keyed_by_torch_build_under_dsr1_home_or_torch_extensions_dir(
     assert f"-cxx11abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}-{sys.implementation.cache_tag}-" in key
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     assert panels.build_directory() == tmp_path / "ext" / panels.NAME / key
+    # another environment's torch of the same build: its own directory (the build commands name its includes)
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    other = cpu_kernels.build_key()
+    assert other != key and other.rsplit("-", 1)[0] == key.rsplit("-", 1)[0]
 
 
 def test_every_build_prints_one_line_and_a_cached_kernel_prints_nothing(
