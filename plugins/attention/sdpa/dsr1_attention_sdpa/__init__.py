@@ -127,10 +127,11 @@ class SdpaAttention(AttentionMechanism):
                 is_causal = True
             else:  # chunked prefill: queries are the last T positions (lower-right causal)
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
-        if self._cpu_kernel and query.device.type == "cpu" \
+        if self._cpu_kernel and mask is None and query.device.type == "cpu" \
                 and not cpu_kernels.usable("sdpa", "torch's scaled_dot_product_attention for CPU decode"):
-            self._cpu_kernel = False  # warned once; asked at every CPU call, so the eager prefill loads the
-            # kernel before a compiled decode step is traced (a build inside a trace would break the graph)
+            self._cpu_kernel = False  # warned once. Asked at every unmasked CPU call, so a causal LM's eager
+            # prefill loads the kernel before a compiled decode step is traced (a build inside a trace would
+            # break the graph); encoders always pass a mask and never build it
         if t == 1 and mask is None and self._cpu_kernel and query.device.type == "cpu":
             b, d = query.shape[0], query.shape[3]
             grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G

@@ -121,6 +121,31 @@ def test_cpu_decode_runs_the_sdk_kernel(monkeypatch: pytest.MonkeyPatch, dtype: 
     assert len(recorder.calls) == 3
 
 
+def test_only_unmasked_cpu_calls_ask_for_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder's calls carry a mask and never build the SDK's kernel; a causal prefill (no mask) loads it
+    eagerly, before a compiled decode step would be traced; a kernel that cannot build leaves SDPA, warned once
+    (by ``usable``), and is not asked again."""
+    asked: list[str] = []
+
+    def usable(owner: str, fallback: str) -> bool:
+        asked.append(owner)
+        return False
+
+    monkeypatch.setattr(dsr1_attention_sdpa.cpu_kernels, "usable", usable)
+    attention = make()
+    q = torch.randn(1, 2, 5, 8)
+    attention(q, q, q, mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))  # an encoder's call
+    assert asked == []
+    prefill = attention(q, q, q)  # a causal LM's prefill
+    decode = attention(q[:, :, :1], q, q)  # decode, the kernel refused: SDPA
+    assert asked == ["sdpa"]
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]  # (1, 1, T, S)
+    torch.testing.assert_close(prefill, softmax_attention(q, q, q, mask=causal, out_dtype=torch.float32), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(decode, softmax_attention(q[:, :, :1], q, q, out_dtype=torch.float32), atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_pinned_kernel_failure_is_a_one_line_error() -> None:
     attention = make(backend="efficient")
     q = torch.randn(1, 2, 3, 8)
