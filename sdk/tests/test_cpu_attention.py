@@ -1,8 +1,9 @@
 """The SDK's CPU decode attention (:func:`dsr1_sdk.kernels.cpu.decode_attention`) against the fp64 reference.
 
-Every dispatch path this CPU runs (forced), fp32/bf16/fp16, 1 to 9 query heads per key/value head (9: a second
-tile of the score GEMV), head sizes that leave masked and scalar tails, keys and values read in place from views
-of a longer cache with batch strides of their own. Under ``torch.compile`` it is one opaque op whose cache length
+Every dispatch path this CPU runs (forced), fp32/bf16/fp16, 1 to 16 query heads per key/value head (9 and 16: a
+second tile of the score GEMV), head sizes that leave masked and scalar tails, keys and values read in place from
+views of a longer cache with batch strides of their own, and one sequence of one key/value head whose 1,000 keys
+are split across the threads (the ranges' softmax parts merged). Under ``torch.compile`` it is one opaque op whose cache length
 stays a symbol (a new length compiles nothing). Bad input is one line.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ REASON = cpu.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels unavailable: {REASON}")
 
 #: (batch, key/value heads, query heads per key/value head, keys, head size)
-SHAPES = [(1, 4, 3, 100, 64), (2, 2, 9, 33, 72), (1, 3, 1, 5, 20), (3, 1, 8, 17, 130)]
+SHAPES = [(1, 4, 3, 100, 64), (2, 2, 9, 33, 72), (1, 3, 1, 5, 20), (3, 1, 8, 17, 130), (1, 1, 16, 1000, 40)]
 #: worst error allowed against the fp64 reference: fp32 accumulation, or the output's own rounding
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
@@ -37,8 +38,8 @@ def _operands(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> tuple[to
 def test_matches_the_reference(path: str, dtype: torch.dtype) -> None:
     for i, shape in enumerate(SHAPES):
         q, k, v = _operands(shape, dtype, seed=i)
-        assert not k.is_contiguous()
         b, hkv, g, s, d = shape
+        assert not k.is_contiguous() or b * hkv == 1  # (one sequence of one head: a prefix is contiguous)
         for scale in (None, 0.7):
             got = cpu.decode_attention(q, k, v, d**-0.5 if scale is None else scale, path=path)
             assert got.shape == q.shape and got.dtype == dtype
@@ -46,6 +47,24 @@ def test_matches_the_reference(path: str, dtype: torch.dtype) -> None:
             want = softmax_attention(q.reshape(b, hkv * g, 1, d), k, v, scale=scale).reshape(q.shape)
             err = (got.double() - want).abs().max().item()
             assert err < TOL[dtype] * max(1.0, want.abs().max().item()), f"{shape} {dtype} {path}: {err}"
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_split_keys_merge_to_the_reference(threads: int) -> None:
+    """One sequence of one key/value head: with more threads than (batch, head) pairs, the keys are split into
+    ranges (at most one per thread, 256 keys or more each) whose softmax parts merge to the whole; one thread
+    splits nothing. Scores far apart across ranges check the merge's rescaling."""
+    q, k, v = _operands((1, 1, 5, 1100, 48), torch.float32, seed=threads)
+    k = k.clone()
+    k[:, :, 900:] *= 6  # the last range's scores dwarf the first's
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu.decode_attention(q, k, v, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    want = softmax_attention(q.reshape(1, 5, 1, 48), k, v, scale=0.3).reshape(q.shape)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_large_scores_stay_finite() -> None:

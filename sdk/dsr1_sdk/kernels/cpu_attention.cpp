@@ -4,10 +4,11 @@
 //
 // Why it exists: torch's CPU attention kernel is written for long query blocks; for one query against a few
 // hundred keys its set-up (blocking, buffers, a parallel region per call) cost more than the arithmetic, and a
-// decode step calls it once per layer. Here a (b, h) pair is one task of at::parallel_for, its scores are
-// the GEMV rows of cpu_gemv.cpp (the G queries against each key row, read once: K is the "weight"), and the
-// weighted sum of V runs over 64 columns at a time in registers. K and V may be views of a larger cache (any
-// strides, the last one 1); nothing is copied. Paths as the GEMV's: AVX-512, AVX2 + FMA + F16C, plain C++.
+// decode step calls it once per layer. Here a (b, h) pair is one task of at::parallel_for (or a range of its
+// keys, when there are fewer pairs than threads: one sequence of a model with one or two key/value heads), its
+// scores are the GEMV rows of cpu_gemv.cpp (the G queries against each key row, read once: K is the "weight"),
+// and the weighted sum of V runs over 64 columns at a time in registers. K and V may be views of a larger cache
+// (any strides, the last one 1); nothing is copied. Paths as the GEMV's: AVX-512, AVX2 + FMA + F16C, plain C++.
 #include "cpu_gemv.h"
 
 #include <c10/util/BFloat16.h>
@@ -21,6 +22,9 @@ namespace dsr1_gemv {
 namespace {
 
 Fmt fmt_of(at::ScalarType t) { return t == at::kBFloat16 ? kBf16 : (t == at::kHalf ? kFp16 : kFp32); }
+
+// Fewest keys a range gets when one sequence's keys are split across threads.
+constexpr int64_t kMinRangeKeys = 256;
 
 float value_at(Fmt f, const uint8_t* p, int64_t j) {
   return f == kBf16 ? weight_at<kBf16>(p, j) : (f == kFp16 ? weight_at<kFp16>(p, j) : weight_at<kFp32>(p, j));
@@ -99,20 +103,34 @@ void pv(Path path, const float* p, int64_t G, int64_t S, const uint8_t* v, int64
   }
 }
 
-// Each row of scores (G, S) as softmax weights, left unnormalized: returns nothing, writes 1 / Σ into inv.
-void softmax_rows(float* scores, int64_t G, int64_t S, float* inv) {
+// Each row of scores (G, n) as exp(score − the row's maximum), left unnormalized; the maxima go to top, the
+// sums to sum (a key range's part of the softmax, merged with the other ranges' by merge_ranges).
+void softmax_part(float* scores, int64_t G, int64_t n, float* top, float* sum) {
   for (int64_t g = 0; g < G; ++g) {
-    float* r = scores + g * S;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < S; ++s) top = std::max(top, r[s]);
-    float sum = 0.0f;
-    for (int64_t s = 0; s < S; ++s) sum += (r[s] = std::exp(r[s] - top));
-    inv[g] = 1.0f / sum;
+    float* r = scores + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < n; ++s) m = std::max(m, r[s]);
+    float t = 0.0f;
+    for (int64_t s = 0; s < n; ++s) t += (r[s] = std::exp(r[s] - m));
+    top[g] = m;
+    sum[g] = t;
   }
 }
 
-// Shapes and dtypes; the meta kernel's checks too, so they read sizes as symbols: under torch.compile the cache
-// length S is one, and reading it as a number (even to compare) would compile the step again for every length.
+// n fp32 values · scale into out (fp32, bf16 or fp16 by f).
+void store_scaled(const float* values, int64_t n, float scale, Fmt f, uint8_t* out) {
+  for (int64_t d = 0; d < n; ++d) {
+    const float x = values[d] * scale;
+    if (f == kFp32) {
+      reinterpret_cast<float*>(out)[d] = x;
+    } else if (f == kBf16) {
+      reinterpret_cast<c10::BFloat16*>(out)[d] = c10::BFloat16(x);
+    } else {
+      reinterpret_cast<c10::Half*>(out)[d] = c10::Half(x);
+    }
+  }
+}
+
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "CPU decode attention takes q (B, Hkv, G, D) and k, v (B, Hkv, S, D), got ", q.sym_sizes(), ", ",
@@ -149,41 +167,67 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   uint8_t* op = static_cast<uint8_t*>(out.data_ptr());
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are (b, h, key range). With fewer (b, h) pairs than threads (one sequence of a model with one or two
+  // key/value heads) the keys are split, at least kMinRangeKeys each, so every thread has work: each range keeps
+  // its unnormalized weighted sum of V, its maxima and its sums, and merge_ranges combines them.
+  const int64_t pairs = B * H, threads = at::get_num_threads();
+  int64_t ranges =
+      pairs >= threads ? 1 : std::min((threads + pairs - 1) / pairs, std::max<int64_t>(1, S / kMinRangeKeys));
+  const int64_t per = (S + ranges - 1) / ranges;
+  ranges = (S + per - 1) / per;
+  const bool split = ranges > 1;
+  std::vector<float> part_acc(split ? static_cast<size_t>(pairs * ranges * G * D) : 0),
+      part_top(split ? pairs * ranges * G : 0), part_sum(split ? pairs * ranges * G : 0);
+  at::parallel_for(0, pairs * ranges, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf, sbuf, obuf;
     float* qf = aligned(qbuf, static_cast<size_t>(G * D));
-    float* scores = aligned(sbuf, static_cast<size_t>(G * S + G));
-    float* acc = aligned(obuf, static_cast<size_t>(G * D));
-    float* inv = scores + G * S;
-    for (int64_t i = begin; i < end; ++i) {
+    float* scores = aligned(sbuf, static_cast<size_t>(G * per + 2 * G));
+    float* own_top = scores + G * per;
+    float* own_sum = own_top + G;
+    float* own_acc = split ? nullptr : aligned(obuf, static_cast<size_t>(G * D));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / ranges, s0 = (task % ranges) * per, n = std::min(per, S - s0);
       const int64_t b = i / H, h = i % H;
       const uint8_t* qi = qp + i * G * D * es;
       for (int64_t j = 0; j < G * D; ++j) qf[j] = sc * value_at(f, qi, j);
-      const uint8_t* ki = kp + (b * k.stride(0) + h * k.stride(1)) * es;
-      const uint8_t* vi = vp + (b * v.stride(0) + h * v.stride(1)) * es;
-      for (int64_t g0 = 0; g0 < G; g0 += kMaxTile)  // q · kᵀ: the G queries against every key row
-        rows_into(f, path, qf + g0 * D, std::min<int64_t>(kMaxTile, G - g0), D, ki, k.stride(2) * es, S,
-                  scores + g0 * S);
-      softmax_rows(scores, G, S, inv);
+      const uint8_t* ki = kp + (b * k.stride(0) + h * k.stride(1) + s0 * k.stride(2)) * es;
+      const uint8_t* vi = vp + (b * v.stride(0) + h * v.stride(1) + s0 * v.stride(2)) * es;
+      for (int64_t g0 = 0; g0 < G; g0 += kMaxTile)  // q · kᵀ: the G queries against every key row of the range
+        rows_into(f, path, qf + g0 * D, std::min<int64_t>(kMaxTile, G - g0), D, ki, k.stride(2) * es, n,
+                  scores + g0 * n);
+      float* top = split ? part_top.data() + task * G : own_top;
+      float* sum = split ? part_sum.data() + task * G : own_sum;
+      softmax_part(scores, G, n, top, sum);
+      float* acc = split ? part_acc.data() + task * G * D : own_acc;
       if (f == kBf16) {
-        pv<kBf16>(path, scores, G, S, vi, v.stride(2) * es, D, acc);
+        pv<kBf16>(path, scores, G, n, vi, v.stride(2) * es, D, acc);
       } else if (f == kFp16) {
-        pv<kFp16>(path, scores, G, S, vi, v.stride(2) * es, D, acc);
+        pv<kFp16>(path, scores, G, n, vi, v.stride(2) * es, D, acc);
       } else {
-        pv<kFp32>(path, scores, G, S, vi, v.stride(2) * es, D, acc);
+        pv<kFp32>(path, scores, G, n, vi, v.stride(2) * es, D, acc);
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv[g];
-      uint8_t* oi = op + i * G * D * es;
-      if (f == kFp32) {
-        std::copy(acc, acc + G * D, reinterpret_cast<float*>(oi));
-      } else if (f == kBf16) {
-        for (int64_t j = 0; j < G * D; ++j) reinterpret_cast<c10::BFloat16*>(oi)[j] = c10::BFloat16(acc[j]);
-      } else {
-        for (int64_t j = 0; j < G * D; ++j) reinterpret_cast<c10::Half*>(oi)[j] = c10::Half(acc[j]);
-      }
+      if (!split)  // the whole softmax: normalize and write the rows here, in parallel
+        for (int64_t g = 0; g < G; ++g) store_scaled(acc + g * D, D, 1.0f / sum[g], f, op + (i * G + g) * D * es);
     }
   });
+    if (ranges == 1) return out;  // each task wrote its rows
+  // merge: out = Σ_r e^(m_r − M) acc_r / Σ_r e^(m_r − M) l_r, M the largest maximum of the ranges
+  std::vector<float> row(static_cast<size_t>(D));
+  for (int64_t i = 0; i < pairs; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+      for (int64_t r = 0; r < ranges; ++r) top = std::max(top, part_top[(i * ranges + r) * G + g]);
+      std::fill(row.begin(), row.end(), 0.0f);
+      for (int64_t r = 0; r < ranges; ++r) {
+        const int64_t at = (i * ranges + r) * G + g;
+        const float w = std::exp(part_top[at] - top);
+        total += w * part_sum[at];
+        const float* acc = part_acc.data() + at * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += w * acc[d];
+      }
+      store_scaled(row.data(), D, 1.0f / total, f, op + (i * G + g) * D * es);
+    }
+  }
   return out;
 }
 
