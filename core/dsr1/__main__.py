@@ -1,6 +1,4 @@
 """``python -m dsr1``: the ``dsr1`` command, also as ``torchrun --nproc-per-node N -m dsr1 generate ...``."""
-import sys
+from dsr1.cli import entry
 
-from dsr1.cli import main
-
-sys.exit(main())
+entry()

@@ -11,6 +11,7 @@ bug in dsr1 and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import errno
 import importlib
@@ -139,6 +140,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout, sys.stderr = out, err
 
 
+def entry() -> None:
+    """The process entry point (the ``dsr1`` script, ``python -m dsr1``): :func:`main`, then exit with its code.
+
+    A rank that ``torchrun`` started leaves by ``os._exit`` once its outputs are flushed and its process group
+    destroyed: torch's C++ teardown at interpreter exit now and then aborted a rank whose command had succeeded
+    ("terminate called without an active exception", SIGABRT), and torchrun then failed the whole run. Its
+    files are closed by then (every writer replaces its file before the command returns)."""
+    code = main()
+    if launched_rank() is None or "torch.distributed" not in sys.modules:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 def _main(argv: Sequence[str] | None, label: str, errors: TextIO) -> int:
     try:
         return _run(argv, label, errors)
@@ -183,4 +203,4 @@ def _run(argv: Sequence[str] | None, label: str, errors: TextIO) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

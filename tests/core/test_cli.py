@@ -14,6 +14,27 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.strip() == f"dsr1 {__version__}"
 
 
+@pytest.mark.parametrize(("rank", "args", "code", "out"), [
+    ("0", ["--version"], 0, f"dsr1 {__version__}"),  # rank 0 prints, and its output is flushed before os._exit
+    ("1", ["--version"], 0, ""),  # other ranks are silent
+    ("1", ["generate", "--max-new-tokens", "x"], 2, ""),  # a failing command keeps its code (rank 0 says why)
+])
+def test_a_launched_rank_leaves_with_its_code(rank: str, args: list[str], code: int, out: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1) with torch.distributed imported, ``python -m dsr1`` leaves by os._exit
+    after flushing: torch's C++ teardown at exit once aborted a rank whose command had succeeded."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = "import sys, torch.distributed; sys.argv = ['dsr1', *sys.argv[1:]]; import runpy; " \
+             "runpy.run_module('dsr1', run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.strip() == out
+
+
 def test_plugins_list_json_has_every_family():
     proc = run_cli("plugins", "list", "--json")
     assert proc.returncode == 0, proc.stderr
