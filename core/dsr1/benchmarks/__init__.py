@@ -31,6 +31,8 @@ Modules run with ``python -m``:
 * :mod:`.gpu_profile` - a profile of one prefill (CUDA);
 * :mod:`.pdl_probe` - programmatic dependent launch in a captured chain of one-row GEMVs (CUDA, Hopper);
 * :mod:`.cpu_linear_kernels`, :mod:`.quant_kernels_cpu` - CPU matmul kernels by layout and precision;
+* :mod:`.cpu_decode_ops` - a CPU decode step's operators under ``torch.profiler`` (the sdpa plugin's
+  ``cpu_decode`` settings side by side);
 * :mod:`.quant` - accuracy and CPU speed of the quant policies;
 * :mod:`.pruning_speed` - a pruned stage against its dense model (also what ``dsr1 prune`` measures with);
 * :mod:`.pruning_runs` - every committed ``dsr1 prune`` run and speed check.

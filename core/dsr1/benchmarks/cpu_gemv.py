@@ -59,16 +59,6 @@ def _weights(fmt: str, n: int, k: int, copies: int, seed: int) -> list[tuple[Any
     return out
 
 
-def w8a8_torch(x: Any, q: Any, s: Any) -> Any:
-    """The w8a8 plugin's product as torch runs it: ``x (M, K)`` quantized per row, ``torch._int_mm``, rescaled."""
-    import torch
-
-    from dsr1.quantization.schemes import int8_per_token
-
-    xq, xs = int8_per_token(x)  # (M, K) int8, (M, 1) fp32
-    return (torch._int_mm(xq, q.t()).float() * xs * s).to(x.dtype)  # (M, N)
-
-
 def _timings(fns: dict[str, Any], reps: int, flush: Any) -> dict[str, tuple[float, float]]:
     """(median, best) seconds of each function; every repetition runs all of them in turn."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -133,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         for q, s in ws:
                             torch.ops.aten._weight_int8pack_mm(x, q, s)
                 elif fmt == "w8a8":
+                    from dsr1_quant_w8a8 import w8a8_torch  # the plugin's own torch formulation
+
                     def old(ws: Any = ws, x: Any = x) -> None:
                         for q, s in ws:
                             w8a8_torch(x, q, s)

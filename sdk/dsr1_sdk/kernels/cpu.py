@@ -233,12 +233,25 @@ def gemv(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tensor |
     """``x (M, K) · W (N, K)ᵀ`` → ``(M, N)`` in ``x.dtype`` (see the module docstring); bad input is one line.
 
     The op checks its arguments itself (this runs per layer per token: no checks twice in Python)."""
+    return _call("op", "CPU GEMV", x, fmt, weight, scales, _path(path))  # (M, N)
+
+
+def _path(path: str | None) -> str:
+    """The path a call runs: its own, else the default (``$DSR1_CPU_GEMV_PATH`` or ``auto``); loads the kernel."""
     if "default" not in _loaded:
         _module()  # first call: build or load the kernel, read $DSR1_CPU_GEMV_PATH
+    return _loaded["default"] if path is None else path
+
+
+def _call(op: str, what: str, *args: Any) -> torch.Tensor:
+    """The loaded op ``op`` on ``args``; its error is one line (the op's message, or the dispatcher's for a
+    tensor on another device) as a :class:`Dsr1Error`."""
+    if op not in _loaded:
+        _module()
     try:
-        return _loaded["op"](x, fmt, weight, scales, _loaded["default"] if path is None else path)  # (M, N)
-    except RuntimeError as err:  # the op's one-line message (a tensor on another device: the dispatcher's)
-        raise Dsr1Error((str(err).strip().splitlines() or ["CPU GEMV failed"])[0]) from None
+        return _loaded[op](*args)
+    except RuntimeError as err:
+        raise Dsr1Error((str(err).strip().splitlines() or [f"{what} failed"])[0]) from None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -248,12 +261,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     in fp32, returned ``(B, Hkv, G, D)`` in that dtype. ``k`` and ``v`` may be views of a larger cache (their last
     dimension contiguous); no mask. ``torch.ops.dsr1_sdk.cpu_decode_attention``: one opaque call under
     ``torch.compile``, as :func:`gemv`. Bad input is one line."""
-    if "default" not in _loaded:
-        _module()
-    try:
-        return _loaded["attention"](q, k, v, scale, _loaded["default"] if path is None else path)  # (B, Hkv, G, D)
-    except RuntimeError as err:
-        raise Dsr1Error((str(err).strip().splitlines() or ["CPU decode attention failed"])[0]) from None
+    return _call("attention", "CPU decode attention", q, k, v, scale, _path(path))  # (B, Hkv, G, D)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -261,12 +269,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     RMSNorm (the sum in fp32; the result in the dtype ``weight`` and ``x`` promote to). One thread, for a few
     rows (decode): a plain loop where torch's CPU ``rms_norm`` is a handful of dispatcher ops.
     ``torch.ops.dsr1_sdk.cpu_rms_norm``. Bad input is one line."""
-    if "default" not in _loaded:
-        _module()
-    try:
-        return _loaded["rms_norm"](x, weight, eps)  # (..., C)
-    except RuntimeError as err:
-        raise Dsr1Error((str(err).strip().splitlines() or ["CPU rms_norm failed"])[0]) from None
+    return _call("rms_norm", "CPU rms_norm", x, weight, eps)  # (..., C)
 
 
 def stream_read(buffer: torch.Tensor, path: str = "auto") -> int:

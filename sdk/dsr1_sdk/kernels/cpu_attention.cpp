@@ -15,7 +15,6 @@
 
 #include <cmath>
 #include <limits>
-#include <string>
 #include <vector>
 
 namespace dsr1_gemv {
@@ -103,6 +102,17 @@ void pv(Path path, const float* p, int64_t G, int64_t S, const uint8_t* v, int64
   }
 }
 
+void pv(Fmt f, Path path, const float* p, int64_t G, int64_t S, const uint8_t* v, int64_t ldv, int64_t D,
+        float* out) {
+  if (f == kBf16) {
+    pv<kBf16>(path, p, G, S, v, ldv, D, out);
+  } else if (f == kFp16) {
+    pv<kFp16>(path, p, G, S, v, ldv, D, out);
+  } else {
+    pv<kFp32>(path, p, G, S, v, ldv, D, out);
+  }
+}
+
 // Each row of scores (G, n) as exp(score − the row's maximum), left unnormalized; the maxima go to top, the
 // sums to sum (a key range's part of the softmax, merged with the other ranges' by merge_ranges).
 void softmax_part(float* scores, int64_t G, int64_t n, float* top, float* sum) {
@@ -127,6 +137,29 @@ void store_scaled(const float* values, int64_t n, float scale, Fmt f, uint8_t* o
       reinterpret_cast<c10::BFloat16*>(out)[d] = c10::BFloat16(x);
     } else {
       reinterpret_cast<c10::Half*>(out)[d] = c10::Half(x);
+    }
+  }
+}
+
+// The ranges' parts of each (pair, query head) as one row of out (fp32, bf16 or fp16 by f):
+//   out = Σ_r e^(m_r − M) acc_r / Σ_r e^(m_r − M) l_r,   M the largest maximum m_r of the ranges.
+// acc (pairs, ranges, G, D), top and sum (pairs, ranges, G) as the tasks left them.
+void merge_ranges(const float* acc, const float* top, const float* sum, int64_t pairs, int64_t ranges, int64_t G,
+                  int64_t D, Fmt f, uint8_t* out) {
+  std::vector<float> row(static_cast<size_t>(D));
+  const int64_t es = elem_bytes(f);
+  for (int64_t i = 0; i < pairs; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -std::numeric_limits<float>::infinity(), total = 0.0f;
+      for (int64_t r = 0; r < ranges; ++r) m = std::max(m, top[(i * ranges + r) * G + g]);
+      std::fill(row.begin(), row.end(), 0.0f);
+      for (int64_t r = 0; r < ranges; ++r) {
+        const int64_t at = (i * ranges + r) * G + g;
+        const float w = std::exp(top[at] - m);
+        total += w * sum[at];
+        for (int64_t d = 0; d < D; ++d) row[d] += w * acc[at * D + d];
+      }
+      store_scaled(row.data(), D, 1.0f / total, f, out + (i * G + g) * D * es);
     }
   }
 }
@@ -169,7 +202,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   const float sc = static_cast<float>(scale);
   // Tasks are (b, h, key range). With fewer (b, h) pairs than threads (one sequence of a model with one or two
   // key/value heads) the keys are split, at least kMinRangeKeys each, so every thread has work: each range keeps
-  // its unnormalized weighted sum of V, its maxima and its sums, and merge_ranges combines them.
+  // its unnormalized weighted sum of V, its maxima and its sums, and merge_ranges combines them. Unsplit, each
+  // task normalizes and writes its own rows.
   const int64_t pairs = B * H, threads = at::get_num_threads();
   int64_t ranges =
       pairs >= threads ? 1 : std::min((threads + pairs - 1) / pairs, std::max<int64_t>(1, S / kMinRangeKeys));
@@ -199,35 +233,12 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
       float* sum = split ? part_sum.data() + task * G : own_sum;
       softmax_part(scores, G, n, top, sum);
       float* acc = split ? part_acc.data() + task * G * D : own_acc;
-      if (f == kBf16) {
-        pv<kBf16>(path, scores, G, n, vi, v.stride(2) * es, D, acc);
-      } else if (f == kFp16) {
-        pv<kFp16>(path, scores, G, n, vi, v.stride(2) * es, D, acc);
-      } else {
-        pv<kFp32>(path, scores, G, n, vi, v.stride(2) * es, D, acc);
-      }
+      pv(f, path, scores, G, n, vi, v.stride(2) * es, D, acc);
       if (!split)  // the whole softmax: normalize and write the rows here, in parallel
         for (int64_t g = 0; g < G; ++g) store_scaled(acc + g * D, D, 1.0f / sum[g], f, op + (i * G + g) * D * es);
     }
   });
-    if (ranges == 1) return out;  // each task wrote its rows
-  // merge: out = Σ_r e^(m_r − M) acc_r / Σ_r e^(m_r − M) l_r, M the largest maximum of the ranges
-  std::vector<float> row(static_cast<size_t>(D));
-  for (int64_t i = 0; i < pairs; ++i) {
-    for (int64_t g = 0; g < G; ++g) {
-      float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
-      for (int64_t r = 0; r < ranges; ++r) top = std::max(top, part_top[(i * ranges + r) * G + g]);
-      std::fill(row.begin(), row.end(), 0.0f);
-      for (int64_t r = 0; r < ranges; ++r) {
-        const int64_t at = (i * ranges + r) * G + g;
-        const float w = std::exp(part_top[at] - top);
-        total += w * part_sum[at];
-        const float* acc = part_acc.data() + at * D;
-        for (int64_t d = 0; d < D; ++d) row[d] += w * acc[d];
-      }
-      store_scaled(row.data(), D, 1.0f / total, f, op + (i * G + g) * D * es);
-    }
-  }
+  if (split) merge_ranges(part_acc.data(), part_top.data(), part_sum.data(), pairs, ranges, G, D, f, op);
   return out;
 }
 

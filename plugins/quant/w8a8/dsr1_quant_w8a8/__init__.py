@@ -37,7 +37,7 @@ from dsr1_sdk.quant import (
     linear_layers,
 )
 
-__all__ = ["W8A8Dynamic", "W8A8Linear", "dsr1_quant"]
+__all__ = ["W8A8Dynamic", "W8A8Linear", "dsr1_quant", "w8a8_linear", "w8a8_torch"]
 
 #: rows ``torch._int_mm`` needs on CUDA (it rejects 16 or fewer).
 CUDA_MIN_ROWS = 17
@@ -50,13 +50,20 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     if x.device.type == "cpu" and m <= cpu_kernels.MAX_ROWS and qweight.shape[1] <= cpu_kernels.W8A8_MAX_K \
             and cpu_kernels.usable("w8a8", "torch._int_mm"):
         y = cpu_kernels.gemv(x2, "w8a8", qweight, scales)  # (M, out) in x.dtype
-        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    else:
+        y = w8a8_torch(x2, qweight, scales)  # (M, out) in x.dtype
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def w8a8_torch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The torch formulation of :func:`w8a8_linear` for ``x2 (M, in)``: ``(M, out)`` in ``x2.dtype`` (the SDK's
+    CPU kernel equals it bit for bit; ``dsr1.benchmarks.cpu_gemv`` times it as the path the kernel replaced)."""
+    m = x2.shape[0]
     xq, xs = int8_per_token(x2)  # (M, in) int8, (M, 1) fp32
-    if x.device.type == "cuda" and m < CUDA_MIN_ROWS:
+    if x2.device.type == "cuda" and m < CUDA_MIN_ROWS:
         xq = F.pad(xq, (0, 0, 0, CUDA_MIN_ROWS - m))  # (17, in): zero rows, dropped below
     acc = torch._int_mm(xq, qweight.t())[:m]  # (M, out) int32
-    y = acc.float() * xs * scales  # (M, out) fp32
-    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    return (acc.float() * xs * scales).to(x2.dtype)  # (M, out)
 
 
 class W8A8Linear(Int8PerChannelLinear):
