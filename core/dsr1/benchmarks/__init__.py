@@ -33,6 +33,8 @@ Modules run with ``python -m``:
 * :mod:`.cpu_linear_kernels`, :mod:`.quant_kernels_cpu` - CPU matmul kernels by layout and precision;
 * :mod:`.cpu_decode_ops` - a CPU decode step's operators under ``torch.profiler`` (the sdpa plugin's
   ``cpu_decode`` settings side by side);
+* :mod:`.kernel_sass` - a Triton kernel compiled for a GPU this machine lacks: registers, shared memory, each
+  loop's SASS opcodes;
 * :mod:`.quant` - accuracy and CPU speed of the quant policies;
 * :mod:`.pruning_speed` - a pruned stage against its dense model (also what ``dsr1 prune`` measures with);
 * :mod:`.pruning_runs` - every committed ``dsr1 prune`` run and speed check.

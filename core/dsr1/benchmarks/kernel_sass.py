@@ -62,8 +62,15 @@ def _pairs(text: str, what: str) -> dict[str, str]:
     items = [item for item in text.split(",") if item]
     bad = [item for item in items if "=" not in item]
     if bad:
-        raise SystemExit(f"kernel_sass: {what} item {bad[0]!r} is not name=value (e.g. N=i32 or BLOCK_N=8)")
+        raise ValueError(f"{what} item {bad[0]!r} is not name=value (e.g. N=i32 or BLOCK_N=8)")
     return dict(item.split("=", 1) for item in items)
+
+
+def _ints(pairs: dict[str, str], what: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in pairs.items()}
+    except ValueError as err:
+        raise ValueError(f"{what} values are integers: {err}") from None
 
 
 def _cuobjdump() -> Path:
@@ -71,7 +78,7 @@ def _cuobjdump() -> Path:
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        raise SystemExit(f"kernel_sass: no cuobjdump at {tool}; install a triton wheel with the NVIDIA backend")
+        raise ValueError(f"no cuobjdump at {tool}; install a triton wheel with the NVIDIA backend")
     return tool
 
 
@@ -86,7 +93,7 @@ def compile_kernel(target: str, signature: dict[str, str], constexprs: dict[str,
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise SystemExit(f"kernel_sass: no kernel {target!r} ({err}); give module:function of a @triton.jit kernel")
+        raise ValueError(f"no kernel {target!r} ({err}); give module:function of a @triton.jit kernel") from None
     while not isinstance(fn, triton.runtime.JITFunction):  # an autotuned or heuristics-wrapped kernel
         fn = fn.fn
     names = list(signature) + [n for n in constexprs if n not in signature]
@@ -130,21 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("triton") is None:
         p.exit(2, "kernel_sass: needs the triton package (pip install triton; it compiles with no GPU)\n")
     try:
-        constexprs = {k: int(v) for k, v in _pairs(args.constexprs, "--constexprs").items()}
+        constexprs = _ints(_pairs(args.constexprs, "--constexprs"), "--constexprs")
         signature = _pairs(args.signature, "--signature")
+        try:
+            kernel = compile_kernel(args.kernel, signature, constexprs, set(args.divisible.split(",")), args.arch,
+                                    args.warps, args.stages)
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 - triton's compile errors: a wrong signature or constexpr
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{args.kernel} does not compile with that signature and constexprs: {first}") from None
+        out = report(kernel, args.weights)
     except ValueError as err:
-        p.exit(2, f"kernel_sass: --constexprs values are integers: {err}\n")
-    except SystemExit as err:
-        p.exit(2, f"{err}\n")
-    try:
-        kernel = compile_kernel(args.kernel, signature, constexprs, set(args.divisible.split(",")), args.arch,
-                                args.warps, args.stages)
-    except SystemExit as err:
-        p.exit(2, f"{err}\n")
-    except Exception as err:  # noqa: BLE001 - triton's compile errors: a wrong signature or constexpr
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        p.exit(2, f"kernel_sass: {args.kernel} does not compile with that signature and constexprs: {first}\n")
-    out = report(kernel, args.weights)
+        p.exit(2, f"kernel_sass: {err}\n")
     print(f"registers {out['registers']}, shared {out['shared_bytes']} B")
     for loop in out["loops"]:
         rate = f", {loop['per_weight']} per weight" if "per_weight" in loop else ""
