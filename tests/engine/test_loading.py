@@ -12,7 +12,8 @@ import torch
 
 from dsr1.auto import AutoModel, AutoTokenizer
 from dsr1.errors import Dsr1Error
-from dsr1.models.loading import CheckpointReader, resolve_model_dir
+from dsr1.models.checkpoint import CheckpointReader
+from dsr1.models.loading import resolve_model_dir
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ def test_torchrun_generate_prints_on_rank_0_only(ckpts: dict[str, Path], tmp_pat
 ])
 def test_read_slice_is_the_slice_of_read(name: str, dim: int, start: int, stop: int,
                                          ckpts: dict[str, Path]) -> None:
-    from dsr1.models.loading import CheckpointReader
+    from dsr1.models.checkpoint import CheckpointReader
 
     reader = CheckpointReader(ckpts["qwen2"])
     try:

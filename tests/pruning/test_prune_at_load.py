@@ -105,7 +105,7 @@ def test_wanda_with_calibration_text(tmp_path: Path, dense: Any) -> None:
     ({"name": "magnitude", "options": {"sparsity": 1.0}}, "pruning.options.sparsity"),
 ])
 def test_what_cannot_prune_is_refused_in_one_line(pruning: Any, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsr1.models.loading import CheckpointReader
+    from dsr1.models.checkpoint import CheckpointReader
 
     def no_read(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a weight was read before the config was refused")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from dsr1.errors import Dsr1Error
 from dsr1.models import fp8_blocks
-from dsr1.models.loading import CheckpointReader, block_fp8_config
+from dsr1.models.checkpoint import CheckpointReader, block_fp8_config
 from dsr1_sdk.reference.quant import sqnr
 
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from dsr1.auto import AutoModel, AutoTokenizer
 from dsr1.errors import Dsr1Error
-from dsr1.models.loading import CheckpointReader, bundled_dir
+from dsr1.models.checkpoint import CheckpointReader
+from dsr1.models.loading import bundled_dir
 
 TINY = bundled_dir() / "dsr1-tiny"
 GUARD_S = 60  # far above any load of dsr1-tiny; reached only by a hang

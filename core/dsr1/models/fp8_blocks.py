@@ -12,7 +12,7 @@ blocks are partial when a dimension is not a multiple of the block. ``config.jso
 This module holds the math (:func:`dequantize`, :func:`quantize`, :func:`row_scales`) and a
 writer that turns a plain safetensors checkpoint into such a one (:func:`write_block_fp8`),
 for tests and for users who want a small checkpoint in DeepSeek's format.
-:class:`dsr1.models.loading.CheckpointReader` reads the format.
+:class:`dsr1.models.checkpoint.CheckpointReader` reads the format.
 """
 from __future__ import annotations
 

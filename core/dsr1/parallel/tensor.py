@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsr1.errors import Dsr1Error
-from dsr1.models.loading import CheckpointReader
+from dsr1.models.checkpoint import CheckpointReader
 from dsr1.models.moe import Experts, MoEArgs, SparseMoE
 from dsr1.parallel.topology import TensorGroup, check_tensor, join, lost
 

@@ -276,7 +276,7 @@ def read_unit(path: Path, target: torch.Tensor) -> int:
     """Read the packed block of a file :func:`write_unit` wrote into the start of ``target`` (a CPU
     uint8 tensor, pinned or not) with one sequential read; returns its size. Page-faulting a memory
     map in would read a cold file in readahead-sized pieces, at a fraction of the disk's speed."""
-    from dsr1.models.loading import read_safetensors_header
+    from dsr1.models.checkpoint import read_safetensors_header
 
     entry = read_safetensors_header(path)["block"]
     size = entry.end - entry.begin

@@ -212,7 +212,8 @@ class TieredPool(Pool):
     def _checkpoint_units(self, model_dir: Path, itemsize: int | None = None
                           ) -> tuple[list[Unit], int, torch.dtype | None]:
         """The units of :meth:`plan_checkpoint`, the bytes outside them, and the checkpoint's floating dtype."""
-        from dsr1.models.loading import CheckpointReader, read_hf_config
+        from dsr1.models.checkpoint import CheckpointReader
+        from dsr1.models.loading import read_hf_config
 
         reader = CheckpointReader(model_dir)
         try:

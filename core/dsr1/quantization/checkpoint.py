@@ -28,7 +28,8 @@ from torch import nn
 from dsr1.config import EngineConfig, PluginChoice
 from dsr1.errors import Dsr1Error
 from dsr1.models.loading import QUANTIZED_MODEL_TYPE as QUANTIZED_MODEL_TYPE  # the writer's marker, read here
-from dsr1.models.loading import CheckpointReader, LoadOptions
+from dsr1.models.checkpoint import CheckpointReader
+from dsr1.models.loading import LoadOptions
 from dsr1.models.loading import quantized_hf_config as quantized_hf_config
 from dsr1.quantization.modules import QuantizedLinear
 from dsr1.quantization.policy import FORMAT_VERSION, QUANT_METHOD
@@ -113,7 +114,7 @@ def select_policy(config: EngineConfig, hf: dict[str, Any], model_dir: Path, reg
 class DequantizedReader:
     """A checkpoint reader that shows each quantized layer ``X`` as a float ``X.weight``.
 
-    Wraps a :class:`dsr1.models.loading.CheckpointReader`; the stored tensors stay readable
+    Wraps a :class:`dsr1.models.checkpoint.CheckpointReader`; the stored tensors stay readable
     unchanged through :meth:`read_raw`.
     """
 
