@@ -8,6 +8,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from dsr1_sdk.kernels import FORMATS, INTERPRETER_CASES, run_interpreted
 
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (CUDA builds of torch ship it)")
 
 #: ``worst`` relative error (max |y - want| / max |want|) of each case; fp16 activations: the interpreter
-#: has no bf16 atomics and its bf16 ``tl.dot`` is wrong (the GPU's are not), so bf16 runs one row unsplit.
+#: has no bf16 atomics (the dot kernel's split) and its bf16 ``tl.dot`` is wrong (the GPU's are not), so bf16
+#: runs one row only, unsplit and split (the GEMV's split adds fp32 partials, no atomics).
 _CASES = """
 import json, torch
 import torch.nn.functional as F
@@ -53,6 +55,11 @@ args, w = operands(40, 256, torch.bfloat16)
 x = torch.randn(1, 256, generator=g).to(torch.bfloat16)
 want = F.linear(x.float(), w)
 errors["1x40x256 bf16 (tuned op)"] = float((weight_only_mm(x, fmt, *args).float() - want).abs().max() / want.abs().max())
+# the GEMV's split sums fp32 partials in a workspace it leaves clean: bf16 too, the same bits on a second call
+split = {{"BLOCK_N": 16, "BLOCK_K": 64 if fmt == "int4" else 32, "SPLIT_K": 3}}
+first, again = (weight_only_mm_with(x, fmt, *args, split) for _ in range(2))
+assert torch.equal(first, again), "a second split call differs: the workspace was not left clean"
+errors["1x40x256 bf16 split 3"] = float((first.float() - want).abs().max() / want.abs().max())
 print(json.dumps(errors))
 """
 
@@ -60,7 +67,7 @@ print(json.dumps(errors))
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernels_match_the_dequantized_weight(fmt: str) -> None:
     errors = json.loads(run_interpreted(_CASES.format(fmt=fmt)).strip().splitlines()[-1])
-    assert len(errors) == len(INTERPRETER_CASES) + 2
+    assert len(errors) == len(INTERPRETER_CASES) + 3
     worst = max(errors, key=errors.__getitem__)
     # fp16 output rounding (2^-11), a split's extra roundings, bf16 rows (2^-8): all well inside 1e-2
     assert errors[worst] < 1e-2, f"{fmt}: worst case {worst}: relative error {errors[worst]:.2e}"
@@ -135,3 +142,50 @@ def test_tuning_space_keeps_splits_only_where_they_can_pay() -> None:
     shapes = [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"], c.num_warps, c.num_stages) for c in dot4]
     assert len(shapes) == len(set(shapes)) < len(wo.DOT_CONFIGS)  # BLOCK_K copies dropped: one group per step
     assert kept(wo.GEMV_CONFIGS, 16, 64, "int4", 128)  # nothing fits: still one config, never none
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the split's memory ordering is the GPU's)")
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_exact_split_on_cuda_for_every_config_and_in_graph_replays(fmt: str) -> None:
+    """Each split GEMV config sums its partials in a fixed order: equal to the unsplit fp32 sum up to the output
+    rounding, the same bits on every call, and the same again in replays of a captured CUDA graph (the counters
+    are back at 0 after each call; a leftover count would make the next call store a partial sum)."""
+    import torch.nn.functional as F
+
+    from dsr1_sdk.kernels.weight_only import GEMV_CONFIGS, weight_only_mm_with
+    from dsr1_sdk.quant import int8_dequantize, int8_per_channel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, k = 1000, 4096  # 1000 outputs: the last column block is partial (masked)
+    w = torch.randn(n, k, device="cuda", generator=g)
+    if fmt == "int8":
+        q, s = int8_per_channel(w, torch.bfloat16)
+        args, dense = (q, s, None, 0), int8_dequantize(q, s).float()
+    else:
+        args, dense = (w.to(torch.bfloat16), None, None, 0), w.to(torch.bfloat16).float()
+    x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+    want = F.linear(x.float(), dense)
+    splits = [c for c in GEMV_CONFIGS if c.kwargs["SPLIT_K"] > 1]
+    assert splits
+    for c in splits:
+        config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        first = weight_only_mm_with(x, fmt, *args, config)
+        again = weight_only_mm_with(x, fmt, *args, config)
+        assert torch.equal(first, again), config
+        err = float((first.float() - want).abs().max() / want.abs().max())
+        assert err < 1e-2, (config, err)
+    config = {**splits[-1].kwargs, "num_warps": splits[-1].num_warps, "num_stages": splits[-1].num_stages}
+    eager = weight_only_mm_with(x, fmt, *args, config)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        weight_only_mm_with(x, fmt, *args, config)  # warm-up on the capture's stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = weight_only_mm_with(x, fmt, *args, config)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)

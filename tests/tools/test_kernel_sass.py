@@ -33,8 +33,8 @@ def test_loops_are_backward_branches_with_their_opcodes() -> None:
 def test_the_int8_gemv_compiles_for_sm90_with_wide_loads(capsys: pytest.CaptureFixture[str]) -> None:
     """The GEMV's loop reads its weights 16 bytes at a time and converts int8 without conversion instructions;
     a slow compile (tens of seconds) but no GPU."""
-    code = kernel_sass.main(["dsr1_sdk.kernels.weight_only:_gemv_kernel", "--signature",
-                             "x_ptr=*bf16,w_ptr=*i8,s_ptr=*bf16,z_ptr=*bf16,y_ptr=*bf16,N=i32,K=i32", "--constexprs",
+    signature = "x_ptr=*bf16,w_ptr=*i8,s_ptr=*bf16,z_ptr=*bf16,y_ptr=*bf16,ws_ptr=*fp32,cnt_ptr=*i32,N=i32,K=i32"
+    code = kernel_sass.main(["dsr1_sdk.kernels.weight_only:_gemv_kernel", "--signature", signature, "--constexprs",
                              "FMT=0,GROUP=0,BLOCK_N=8,BLOCK_K=512,SPLIT_K=1,EVEN=1", "--warps", "4", "--weights", "32"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("registers ")

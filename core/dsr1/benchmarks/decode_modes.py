@@ -34,16 +34,18 @@ MODES: dict[str, dict[str, Any] | None] = {
 }
 
 
-def build(shape: str, quant: str | None, model_name: str | None = None) -> Any:
-    """``(model, pipeline)`` on CUDA: ``shape``'s random bf16 weights, or the checkpoint ``model_name``."""
+def build(shape: str, quant: str | None, model_name: str | None = None, attention: str | None = None) -> Any:
+    """``(model, pipeline)`` on CUDA: ``shape``'s random bf16 weights, or the checkpoint ``model_name``; ``quant``
+    and ``attention`` are a plugin name or JSON ``{"name": ..., "options": {...}}``."""
     import torch
 
     from dsr1.config import load_config
     from dsr1.registry import PluginRegistry
 
     overrides: dict[str, Any] = {"device": "cuda"}
-    if quant:  # a name, or JSON {"name": ..., "options": {...}}
-        overrides["quant"] = json.loads(quant) if quant.startswith("{") else quant
+    for family, choice in (("quant", quant), ("attention", attention)):
+        if choice:  # a name, or JSON {"name": ..., "options": {...}}
+            overrides[family] = json.loads(choice) if choice.startswith("{") else choice
     if model_name:  # a trained checkpoint, in bf16 (its greedy tokens are well separated)
         from dsr1.auto import AutoModel
 
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--quant", default=None, help="a quant policy (int8, int4...) applied to the same weights")
+    p.add_argument("--attention", default=None,
+                   help="the attention plugin, a name or JSON {\"name\": ..., \"options\": {...}} (default: the "
+                        "config's)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     require_cuda(p.prog)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsr1.graph.cudagraph import CudaGraphOptions, CudaGraphPass
     from dsr1.interfaces import GraphSteps
 
-    model, pipeline = build(args.shape, args.quant, args.model)
+    model, pipeline = build(args.shape, args.quant, args.model, args.attention)
     bandwidth = bandwidth_gbs("cuda")
     streamed = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
     streamed = active_bytes(model, model.config, streamed) or streamed  # MoE: a token reads only its experts

@@ -2,7 +2,7 @@
 instructions of each loop, counted from the SASS (no device time).
 
     python -m dsr1.benchmarks.kernel_sass dsr1_sdk.kernels.weight_only:_gemv_kernel \\
-        --signature "x_ptr=*bf16,w_ptr=*i8,s_ptr=*bf16,z_ptr=*bf16,y_ptr=*bf16,N=i32,K=i32" \\
+        --signature "x_ptr=*bf16,w_ptr=*i8,s_ptr=*bf16,z_ptr=*bf16,y_ptr=*bf16,ws_ptr=*fp32,cnt_ptr=*i32,N=i32,K=i32" \\
         --constexprs "FMT=0,GROUP=0,BLOCK_N=8,BLOCK_K=512,SPLIT_K=1,EVEN=1" --warps 4 --stages 3 --weights 32
 
 Pointer arguments and the integers named in ``--divisible`` (default ``N,K``) are compiled as multiples of 16,

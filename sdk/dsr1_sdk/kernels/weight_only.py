@@ -22,10 +22,17 @@ per SM on sm80/sm90, capped the first int8 GEMV: ``bench/results/quant-h200/``):
   ``OFFSET + q`` in the activation dtype by bits alone, and the group's scale, zero and offset are applied to
   the step's ``(BLOCK_M, BLOCK_N)`` product.
 * **split-K** (``SPLIT_K`` > 1, a tuning axis): programs split ``K`` as well as ``N``, so a layer with few
-  outputs and long rows (``down_proj``: 3584 × 18944) still fills the GPU; the partial sums are atomically
-  added into the output, which the config's pre-hook zeroes first (no fp32 buffer and no cast kernel: a
-  decode layer takes microseconds, a launch more is not free). Each partial is rounded to the output dtype
-  before the add: at most ``SPLIT_K`` roundings instead of one.
+  outputs (``qkv``, ``o_proj``, ``down_proj`` of a 7B model) still puts enough loads in flight.
+
+  - The GEMV sums the splits exactly and in a fixed order, with no kernel before it. Each split stores its
+    fp32 partial in a workspace and counts itself done on a counter of its column block. The last one to
+    finish adds the partials in split order, stores ``y``, and sets the counter back to 0 for the next call
+    or graph replay.
+  - The workspace and counters are kept per device, ``N`` and stream (:func:`_split_workspace`). So two
+    calls of one ``N`` must not run at once on one stream's buffers; a stream runs its kernels in order.
+  - A zeroing kernel per call would cost what the split saves: a decode layer takes microseconds.
+  - The dot kernel adds its partials atomically into an output that its config's pre-hook zeroes. Each
+    partial is rounded to the output dtype before the add: at most ``SPLIT_K`` roundings instead of one.
 
 Both are autotuned per shape on the first call (the decode graph's warm-up steps run before capture, so
 capture replays tuned kernels). :func:`weight_only_mm` is a ``torch.library`` custom op: ``torch.compile``
@@ -60,24 +67,25 @@ def _zero_output(nargs: dict[str, Any]) -> None:
     nargs["y_ptr"].zero_()
 
 
-def _config(split: int, num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
+def _config(split: int, num_warps: int, num_stages: int, zero: bool, **blocks: int) -> triton.Config:
+    """``zero``: the config adds split partials atomically into ``y`` (the dot kernel), so ``y`` starts at 0."""
     return triton.Config({**blocks, "SPLIT_K": split}, num_warps=num_warps, num_stages=num_stages,
-                         pre_hook=_zero_output if split > 1 else None)
+                         pre_hook=_zero_output if zero and split > 1 else None)
 
 
 #: (BLOCK_N, BLOCK_K, warps, stages) of the one-row kernel, each with every split: the int8 GEMV's winners on
 #: the H200 (``bench/results/quant-h200/session3``), whose longer K tiles also suit int4 (half the bytes per column).
 #: Few on purpose: each config is compiled once per format and benchmarked once per shape.
 GEMV_CONFIGS = [
-    _config(split, w, st, BLOCK_N=bn, BLOCK_K=bk)
+    _config(split, w, st, False, BLOCK_N=bn, BLOCK_K=bk)
     for bn, bk, w, st in [(1, 1024, 4, 1), (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3),
-                          (16, 512, 8, 3)]
+                          (16, 512, 8, 3), (2, 1024, 4, 1), (2, 2048, 4, 1)]
     for split in _SPLITS
 ]
 #: (BLOCK_N, BLOCK_K, warps, stages) of the tensor-core kernel, each with splits 1 and 2; BLOCK_M follows the
 #: rows. int4 walks one group per step whatever BLOCK_K says (its duplicates are pruned).
 DOT_CONFIGS = [
-    _config(split, w, st, BLOCK_N=bn, BLOCK_K=bk)
+    _config(split, w, st, True, BLOCK_N=bn, BLOCK_K=bk)
     for bn, bk, w, st in [(32, 256, 4, 3), (32, 512, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
     for split in _SPLITS[:2]
 ]
@@ -135,7 +143,7 @@ def _e4m3_to_fp32(w):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, FMT: tl.constexpr, GROUP: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, FMT: tl.constexpr, GROUP: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -200,8 +208,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, FMT: tl.constexpr, GRO
             y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask, sem="relaxed")
+    else:  # the module docstring's exact split: partials in ws (SPLIT_K, N), a counter per column block
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=n_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter's release says so
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:  # the last split of this block: the others' partials are visible (acquire)
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):  # in split order: the same sum on every call
+                total += tl.load(ws_ptr + j * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
 
 @triton.jit
@@ -318,6 +334,25 @@ def _patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+#: (device, N, stream) → the GEMV's split-K partials (fp32, splits × N) and column-block counters (int32, N; at 0
+#: between calls: the last split of each block resets its own).
+_WORKSPACES: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace of :func:`_gemv_kernel`'s exact split for ``n`` outputs on this device and stream, made
+    once (large enough for every split the tuner tries, or ``split`` where a fixed config asks for more)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), n, stream)
+    found = _WORKSPACES.get(key)
+    if found is None or found[0].numel() < split * n:
+        splits = max(split, *_SPLITS)
+        found = (torch.empty(splits * n, dtype=torch.float32, device=device),
+                 torch.zeros(n, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = found
+    return found
+
+
 def _launch(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
             group: int, config: dict[str, int] | None) -> torch.Tensor:
     m, k = x.shape
@@ -330,16 +365,17 @@ def _launch(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tenso
     if fmt == "int4" and m == 1 and "BLOCK_K" in fixed and fixed["BLOCK_K"] % group:
         raise ValueError(f"weight_only_mm int4 one-row config: BLOCK_K {fixed['BLOCK_K']} is not a multiple of the "
                          f"group {group}")
-    # split partials are added atomically: the autotuned configs zero y in their pre-hook, a fixed one here
-    y = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
+    # the dot kernel adds split partials atomically: its autotuned configs zero y in their pre-hook, a fixed one here
+    y = (torch.zeros if split > 1 and m > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
     s = scales if scales is not None else y  # never read (bf16 has none; only int4 has zeros)
     z = zeros if zeros is not None else y
     if _INTERPRET:
         _patch_interpreter()
     gemv, dot = (_gemv_fixed, _dot_fixed) if fixed else (_gemv, _dot)
     if m == 1:
+        ws, counters = _split_workspace(x.device, n, split)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        gemv[grid](x, weight, s, z, y, n, k, FMT=code, GROUP=group, **fixed)
+        gemv[grid](x, weight, s, z, y, ws, counters, n, k, FMT=code, GROUP=group, **fixed)
     else:
         block_m = min(max(16, triton.next_power_of_2(m)), MAX_ROWS)  # tl.dot wants at least 16
         magic, offset = _MAGIC[x.dtype]
