@@ -31,10 +31,10 @@ This module imports torch; ``import dsr1_sdk`` does not, so only quant plugins p
 """
 from __future__ import annotations
 
+from dsr1.models.checkpoint import block_fp8_reader
 from dsr1.models.fp8_blocks import dequantize as block_dequantize
 from dsr1.models.fp8_blocks import quantize as block_quantize
 from dsr1.models.fp8_blocks import row_scales as block_row_scales
-from dsr1.models.checkpoint import block_fp8_reader
 from dsr1.quantization.checkpoint import fused_modules, hf_sources
 from dsr1.quantization.modules import (
     DTYPES,

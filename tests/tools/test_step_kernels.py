@@ -12,6 +12,7 @@ def test_kernels_are_sorted_into_kinds_by_name() -> None:
     assert step_kernels.kind("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NTT") == "weights"
     assert step_kernels.kind("void pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention"
     assert step_kernels.kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused (inductor)"
+    assert step_kernels.kind("_decode_kernel") == "attention"  # the SDK's CUDA decode attention
     assert step_kernels.kind("Memcpy DtoD (Device -> Device)") == "copy"
     assert step_kernels.kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
 

@@ -27,7 +27,8 @@ from dsr1.benchmarks.shapes import SHAPES
 
 #: kind → substrings of kernel names (lower case), tried in this order; the first match names the kind.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),  # first: flash's ``splitkv`` is not a GEMM's
+    # first: flash's ``splitkv`` is not a GEMM's; ``_decode_kernel`` is the SDK's CUDA decode attention
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn", "_decode_kernel")),
     ("weights", ("_gemv_kernel", "_dot_kernel", "gemv", "gemm", "nvjet", "xmma", "cutlass", "tinygemm",
                  "_weight_int4", "scaled_mm")),
     ("fused (inductor)", ("triton_",)),  # before copy: inductor names kernels by their ops (``_to_copy``)

@@ -6,14 +6,18 @@
   a GEMV, 2 to :data:`MAX_ROWS` rows a ``tl.dot`` kernel; split-K is a tuning axis. The int8, int4 and
   fp8 quant plugins call it for ``cuda_kernel: triton``.
 
+* :mod:`dsr1_sdk.kernels.decode_attention` - one-query attention over a KV cache on CUDA, as a Triton
+  kernel that splits each head's keys across the GPU and merges the parts in the same launch. The sdpa
+  plugin calls it for ``cuda_decode: kernel``.
+
 * :mod:`dsr1_sdk.kernels.cpu` - weight-only GEMV for decode-sized calls on the CPU, as a C++ extension
   compiled at first use (cached per torch build; ``python -m dsr1_sdk.kernels.cpu`` builds it ahead):
   int8 per channel, bf16, fp16 and fp32 weights read once per call and converted in registers, with
   AVX-512, AVX2 and plain C++ paths picked at run time; and ``stream_read``, the plain streaming read
   the benchmarks' bandwidth floor includes. The int8, fp16 and bf16 quant plugins call it on the CPU.
 
-Importing this package is cheap (no triton); ``weight_only`` imports triton, so a plugin imports it on
-its first CUDA call. :func:`triton_problem` says whether it can (without importing triton).
+Importing this package is cheap (no triton). ``weight_only`` and ``decode_attention`` import triton, so a
+plugin imports them on its first CUDA call. :func:`triton_problem` says whether it can (without importing triton).
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+from typing import Any
 
-__all__ = ["FORMATS", "INTERPRETER_CASES", "MAX_ROWS", "run_interpreted", "triton_problem"]
+__all__ = ["FORMATS", "INTERPRETER_CASES", "MAX_ROWS", "patch_interpreter", "run_interpreted", "triton_problem"]
 
 #: most rows (tokens) a weight-only call takes; more rows are compute-bound: dequantize + cuBLAS wins.
 MAX_ROWS = 64
@@ -45,6 +50,23 @@ INTERPRETER_CASES: tuple[tuple[int, dict[str, int]], ...] = (
     (3, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),
     (3, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}),
 )
+
+
+def patch_interpreter() -> None:
+    """Triton 3.6's interpreter indexes with ``int(array)`` on the 1-element array a scalar argument becomes,
+    which numpy ≥ 2.3 refuses (``range(0, iters)`` fails); read its one element instead (3.9 is unaffected)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "dsr1_patched", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.dsr1_patched = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
 
 
 def run_interpreted(code: str, timeout: float = 300) -> str:

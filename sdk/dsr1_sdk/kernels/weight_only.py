@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsr1_sdk.kernels import FORMATS, MAX_ROWS
+from dsr1_sdk.kernels import FORMATS, MAX_ROWS, patch_interpreter
 
 __all__ = ["DOT_CONFIGS", "GEMV_CONFIGS", "MAX_ROWS", "tuned_config", "weight_only_mm", "weight_only_mm_with"]
 
@@ -317,23 +317,6 @@ _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}
 _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}
 
 
-def _patch_interpreter() -> None:
-    """Triton 3.6's interpreter indexes with ``int(array)`` on the 1-element array a scalar argument becomes,
-    which numpy ≥ 2.3 refuses (``range(0, iters)`` fails); read its one element instead (3.9 is unaffected)."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "dsr1_patched", False):
-        return
-
-    def patched(tensor: Any, scope: Any) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.dsr1_patched = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patched
-
-
 #: (device, N, stream) → the GEMV's split-K partials (fp32, splits × N) and column-block counters (int32, N; at 0
 #: between calls: the last split of each block resets its own).
 _WORKSPACES: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -370,7 +353,7 @@ def _launch(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tenso
     s = scales if scales is not None else y  # never read (bf16 has none; only int4 has zeros)
     z = zeros if zeros is not None else y
     if _INTERPRET:
-        _patch_interpreter()
+        patch_interpreter()
     gemv, dot = (_gemv_fixed, _dot_fixed) if fixed else (_gemv, _dot)
     if m == 1:
         ws, counters = _split_workspace(x.device, n, split)

@@ -24,12 +24,19 @@ decode attention (:func:`dsr1_sdk.kernels.cpu.decode_attention`) while ``cpu_dec
 query against a cache of a few hundred keys its set-up per call cost more than the arithmetic, and
 decode calls it once per layer and token. Where the kernel cannot build, one warning says so and
 SDPA runs.
+
+The same on CUDA: a one-query call (decode) with backend ``auto``, fp16/bf16, and no mask or a boolean
+``(B, 1, 1, S)`` one goes to the SDK's split-key decode attention
+(:func:`dsr1_sdk.kernels.decode_attention.decode_attention`) while ``cuda_decode`` is ``kernel``. torch's
+kernels give each key/value head one thread block, so batch-1 decode ran a few blocks on the whole GPU, and the
+captured step's validity mask kept flash out. Without triton, one warning says so and SDPA runs.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Literal
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 import torch.nn.attention
@@ -37,6 +44,7 @@ import torch.nn.functional as F
 
 from dsr1_sdk import AttentionMechanism, Dsr1Error, Field, PluginOptions, PluginSpec, hookimpl
 from dsr1_sdk.kernels import cpu as cpu_kernels
+from dsr1_sdk.kernels import triton_problem
 
 __all__ = ["SdpaAttention", "SdpaOptions", "dsr1_attention"]
 
@@ -60,6 +68,25 @@ AUTO_PREFILL = [
 HAS_ENABLE_GQA = torch.__version__ >= "2.5"
 
 
+#: the SDK's CUDA decode attention once loaded (None: not asked yet; False: triton is missing, warned once).
+_CUDA_DECODE: dict[str, Any] = {}
+
+
+def _cuda_decode() -> Callable[..., torch.Tensor] | None:
+    """The SDK's CUDA decode attention, imported on the first CUDA call (an eager prefill, before a compiled
+    decode step is traced); None, with one warning, where triton is missing. A dict read after that."""
+    if "fn" not in _CUDA_DECODE:
+        problem = triton_problem("sdpa cuda_decode 'kernel'")
+        if problem is None:
+            from dsr1_sdk.kernels.decode_attention import decode_attention
+
+            _CUDA_DECODE["fn"] = decode_attention
+        else:
+            warnings.warn(f"{problem}; CUDA decode keeps torch's scaled_dot_product_attention", stacklevel=3)
+            _CUDA_DECODE["fn"] = None
+    return _CUDA_DECODE["fn"]
+
+
 class SdpaOptions(PluginOptions):
     """Options of the ``sdpa`` plugin."""
 
@@ -69,6 +96,11 @@ class SdpaOptions(PluginOptions):
     cpu_decode: Literal["kernel", "sdpa"] = Field(
         "kernel", description="one-query CPU calls without a mask (decode) with backend auto: 'kernel' = the "
         "SDK's decode attention (a warning and SDPA where it cannot build), 'sdpa' = torch's SDPA",
+    )
+    cuda_decode: Literal["kernel", "sdpa"] = Field(
+        "kernel", description="one-query CUDA calls (decode) in fp16/bf16 with no mask or a (B, 1, 1, S) boolean one, "
+        "with backend auto: 'kernel' = the SDK's split-key decode attention (a warning and SDPA without triton), "
+        "'sdpa' = torch's SDPA",
     )
 
 
@@ -82,6 +114,7 @@ class SdpaAttention(AttentionMechanism):
         super().__init__(options)
         self._pinned = None if self.options.backend == "auto" else self.options.backend
         self._cpu_kernel = self._pinned is None and self.options.cpu_decode == "kernel"
+        self._cuda_kernel = self._pinned is None and self.options.cuda_decode == "kernel"
 
     def validate(self, device: str = "cpu", dtype: torch.dtype | None = None) -> list[str]:
         backend = self.options.backend
@@ -136,6 +169,15 @@ class SdpaAttention(AttentionMechanism):
             b, d = query.shape[0], query.shape[3]
             grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
             out = cpu_kernels.decode_attention(grouped, key, value, d ** -0.5 if scale is None else scale)
+            return out.reshape(b, h, 1, d)  # (B, H, 1, D)
+        if self._cuda_kernel and query.is_cuda and _cuda_decode() is None:
+            self._cuda_kernel = False  # warned once; asked at every CUDA call, so an eager prefill imports it
+        if t == 1 and self._cuda_kernel and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) \
+                and query.shape[3] <= 256 and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4
+                                                               and mask.shape[1] == mask.shape[2] == 1)):
+            b, d = query.shape[0], query.shape[3]
+            grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
+            out = _cuda_decode()(grouped, key, value, mask, d ** -0.5 if scale is None else scale)  # type: ignore[misc]
             return out.reshape(b, h, 1, d)  # (B, H, 1, D)
         if t == 1 and h != hkv:
             # GQA decode as plain multi-head attention: the G = H / Hkv query heads that share a key/value
