@@ -25,7 +25,7 @@ def test_forms_parse_beside_the_existing_bench() -> None:
     parser = build_parser()
     args = parser.parse_args(["bench", "attention", "--plugins", "eager,sdpa", "--seq", "1024,4096", "--device",
                               "cuda", "--dtype", "bfloat16", "--json", "--plot", "m.png"])
-    assert args.func is attention.run and args.plugins == "eager,sdpa" and args.device == "cuda"
+    assert args.func.__wrapped__ is attention.run and args.plugins == "eager,sdpa" and args.device == "cuda"
     args = parser.parse_args(["bench", "kvcache", "--context", "512,1024", "--caches", "contiguous,int8"])
     assert args.func.__module__ == "dsr1.benchmarks.kvcache" and args.context == "512,1024"
     args = parser.parse_args(["bench", "--shape", "tiny-125m", "--random-weights"])
@@ -86,7 +86,8 @@ def test_a_plugin_not_installed_yet_is_skipped() -> None:
 def test_a_saved_report_is_replotted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [{"plugin": p, "seq": t, "status": "ok", "peak_mem_bytes": m * t, "time_s": 0.001 * t}
             for p, m in (("eager", 100), ("linear", 10)) for t in (1024, 32768)]
-    saved = {"settings": {"plugins": ["eager", "linear"], "batch": 1, "heads": 7, "kv_heads": 1, "head_dim": 128,
+    saved = {"command": "dsr1 bench attention --plugins eager,linear --seq 1024,32768",
+             "settings": {"plugins": ["eager", "linear"], "batch": 1, "heads": 7, "kv_heads": 1, "head_dim": 128,
                           "dtype": "bfloat16"}, "machine": {"gpu": "NVIDIA H200", "cpu": "x"}, "results": rows}
     (tmp_path / "h.json").write_text(json.dumps(saved))
     png = tmp_path / "h.png"

@@ -25,11 +25,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from dsr1.benchmarks import common
 from dsr1.errors import Dsr1Error
+from dsr1.output_files import write_atomic
 
 #: the plugins issue 4 builds: skipped with a reason while not installed (others are typos).
 EXPECTED = ("eager", "sdpa", "linear", "sliding")
@@ -115,10 +115,14 @@ def command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_json:
-        saved = common.read_report(args.from_json)
-        if args.plot:
-            plot(saved, args.plot)
-        print(target(saved["results"])["summary"])
+        saved = common.read_report(args.from_json, "attention")
+
+        def show() -> None:
+            if args.plot:
+                plot(saved, args.plot)
+            print(target(saved["results"])["summary"])
+
+        common.from_report(args.from_json, show)
         return 0
     s = settings(args)
     report: dict[str, Any] = {"command": command(args), **common.environment(s["device"], s["threads"])}
@@ -262,8 +266,8 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig.suptitle(f"prefill attention, B={s['batch']} H={s['heads']} Hkv={s['kv_heads']} D={s['head_dim']} "
                  f"{s['dtype']} on {where}", fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": "dsr1 bench"}),
+                 "--plot")
     plt.close(fig)
 
 

@@ -131,20 +131,52 @@ def environment(device: str, threads: int | None = None) -> dict[str, Any]:
     }
 
 
-def read_report(path: str) -> dict[str, Any]:
-    """A report an earlier run wrote with ``--output``, for ``--from-json`` (unreadable: one-line error)."""
+def read_report(path: str, form: str | None = None) -> dict[str, Any]:
+    """A report an earlier run wrote with ``--output``, for ``--from-json``; with ``form`` (``"attention"``), one
+    of ``dsr1 bench FORM``'s (its ``command`` says so). Unreadable or another command's: a one-line error."""
     try:
-        return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise Dsr1Error(f"--from-json {path}: {err}") from None
+    want = f"dsr1 bench {form} "
+    if not isinstance(data, dict) or (form and not str(data.get("command", "")).startswith(want)) \
+            or not isinstance(data.get("results"), list):
+        raise Dsr1Error(f"--from-json {path} is not a report of dsr1 bench {form or ''} (no command "
+                        f"'{want.strip()} ...' and results list); pass a file that its --output wrote")
+    return data
 
 
-def write_report(report: dict[str, Any], output: str | None) -> str:
-    """``report`` as indented JSON, also written to ``output`` when given; returns the text."""
-    text = json.dumps(report, indent=2)
+def from_report(path: str, show: Any) -> None:
+    """``show()`` on a report read by :func:`read_report`; a report damaged since (a field missing or of another
+    type) is a one-line error, not a traceback."""
+    try:
+        show()
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise Dsr1Error(f"--from-json {path}: the report is damaged ({type(err).__name__}: {err}); run the "
+                        f"measurement again with --output") from None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float as its name (``"inf"``, ``"nan"``): strict JSON has no Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], output: str | None, flag: str = "--output") -> str:
+    """``report`` as indented strict JSON, marked as dsr1's (``writer``), also written to ``output`` when given
+    (:func:`dsr1.output_files.write_json`: never over a file dsr1 did not write, atomically); returns the text."""
+    from dsr1.output_files import is_dsr1_report, write_json
+
+    if not is_dsr1_report(report):
+        report = {"writer": "dsr1", **report}
+    text = json.dumps(_finite(report), indent=2, allow_nan=False)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text + "\n", encoding="utf-8")
+        write_json(output, text, flag)
     return text
 
 

@@ -18,10 +18,9 @@ import datetime
 import functools
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from dsr1.benchmarks.common import bandwidth_gbs
+from dsr1.benchmarks.common import bandwidth_gbs, write_report
 from dsr1.benchmarks.cuda_timing import decode_rate, require_cuda, sync_time
 from dsr1.benchmarks.shapes import SHAPES, build_random, random_weights
 from dsr1.benchmarks.throughput import active_bytes
@@ -153,7 +152,7 @@ def write(args: Any, bandwidth: float, streamed: int, rows: list[dict[str, Any]]
         "results": rows,
     }
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from dsr1.benchmarks.common import write_report
 from dsr1.benchmarks.cuda_timing import require_cuda
 from dsr1.benchmarks.decode_modes import build
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "calls": rows}
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.output)
     return 0
 
 

@@ -30,11 +30,11 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from dsr1.benchmarks import common
 from dsr1.errors import Dsr1Error
+from dsr1.output_files import write_atomic
 
 #: the caches issue 4 builds: skipped with a reason while not installed (others are typos).
 EXPECTED = ("contiguous", "paged", "int8", "streaming", "heavy-hitter")
@@ -119,10 +119,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.from_json:
-        saved = common.read_report(args.from_json)
-        if args.plot:
-            plot(saved, args.plot)
-        print("\n".join(target(saved["results"])["summary"]))
+        saved = common.read_report(args.from_json, "kvcache")
+
+        def show() -> None:
+            if args.plot:
+                plot(saved, args.plot)
+            print("\n".join(target(saved["results"])["summary"]))
+
+        common.from_report(args.from_json, show)
         return 0
     s = settings(args)
     if s["threads"]:
@@ -180,8 +184,8 @@ def make_cache(name: str, s: dict[str, Any], context: int, keep: float) -> tuple
 
 
 def measure(model: Any, s: dict[str, Any], log: bool = True) -> list[dict[str, Any]]:
-    from dsr1.models.loading import resolve_model_dir
     from dsr1.benchmarks.quant_accuracy import heldout_ids
+    from dsr1.models.loading import resolve_model_dir
 
     stream = heldout_ids(resolve_model_dir(s["model"]), s["eval_tokens"])
     trained = trained_context(s["model"], model)
@@ -347,6 +351,6 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig.suptitle(f"{report['model']['name']}: KV memory vs perplexity per cache (labels: share of the context "
                  f"kept; green band: ≥ 3× less KV than contiguous)", fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": "dsr1 bench"}),
+                 "--plot")
     plt.close(fig)

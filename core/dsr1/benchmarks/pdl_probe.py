@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         rt.append(_elapsed_ms(flat.sum))
     out["read_floor_ms"] = round(min(rt), 4)
     out["command"] = "python -m dsr1.benchmarks.pdl_probe" + (f" --output {args.output}" if args.output else "")
-    print(json.dumps(out, indent=1))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.output:  # dsr1.output_files needs nothing beyond the standard library (this probe runs without deps)
+        from dsr1.output_files import write_json
+
+        write_json(args.output, text)
     return 0
 
 

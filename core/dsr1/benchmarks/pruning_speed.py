@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
 import statistics
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsr1.benchmarks.common import cpu_model
+from dsr1.benchmarks.common import cpu_model, write_report
 from dsr1.errors import Dsr1Error
 
 #: The speed figure plotted and compared, per model kind.
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense": str(args.dense), "stage": str(args.stage), "kind": kind, "headline": HEADLINE[kind],
         "settings": settings, "rounds": args.rounds, "result": result,
     }
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    print(write_report(report, args.output))
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsr1.benchmarks.common import cpu_model
+from dsr1.benchmarks.common import cpu_model, write_report
 from dsr1.benchmarks.quant_accuracy import (
     embedding_cosine,
     heldout_ids,
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         **body,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    write_report(json.loads(json.dumps(report, default=str)), args.output)
     return 0
 
 

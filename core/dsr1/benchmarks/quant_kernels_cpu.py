@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dsr1.benchmarks.common import cpu_model
+from dsr1.benchmarks.common import cpu_model, write_report
 
 
 def median_us(fns: dict[str, Callable[[], Any]], rounds: int = 7, inner: int = 5) -> dict[str, float]:
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
         "torchao": ao_note, "results": results,
     }
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, args.output)
     return 0
 
 

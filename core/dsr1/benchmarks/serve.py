@@ -142,9 +142,27 @@ def _engine(args: argparse.Namespace, scheduler: str, model: Any | None) -> Any:
     return Engine(AutoModel.from_pretrained(args.model, args.config, **overrides), num_blocks=args.num_blocks)
 
 
+def _own_trace(path: Path) -> bool:
+    """Whether ``path`` is a trace this command wrote: JSON lines of exactly a :class:`TraceItem`'s fields."""
+    try:
+        with path.open("rb") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and set(first) == {"arrival", "prompt_len", "output_len"}
+
+
+def trace_path(output: str) -> Path:
+    """Where the trace of a run with ``--output OUTPUT`` goes: beside it, ``.trace.jsonl``."""
+    return Path(output).with_suffix(".trace.jsonl")
+
+
 def run(args: argparse.Namespace) -> int:
     from dsr1.benchmarks.common import environment
+    from dsr1.output_files import check_output, write_atomic
 
+    if args.output:  # before any work: neither file may replace one that dsr1 did not write
+        check_output(trace_path(args.output), "--output (its .trace.jsonl)", _own_trace)
     trace = read_trace(args.trace) if args.trace else draw_trace(args.requests, args.rate, args.lengths, args.seed)
     if args.shared_prefix < 0:
         raise Dsr1Error(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
@@ -193,9 +211,10 @@ def run(args: argparse.Namespace) -> int:
         a, b = results["continuous"]["output_tok_s"], results[name]["output_tok_s"]
         report[f"continuous_vs_{name}"] = round(a / b, 3) if b else None
     if args.output:
-        trace_file = Path(args.output).with_suffix(".trace.jsonl")
-        trace_file.parent.mkdir(parents=True, exist_ok=True)
-        trace_file.write_text("".join(json.dumps(asdict(it)) + "\n" for it in trace), encoding="utf-8")
+        trace_file = trace_path(args.output)
+        lines = "".join(json.dumps(asdict(it)) + "\n" for it in trace)
+        write_atomic(trace_file, lambda tmp: tmp.write_text(lines, encoding="utf-8"), "--output (its .trace.jsonl)",
+                     _own_trace)
         report["trace_file"] = trace_file.name
     text = write_report(report, args.output)
     if args.plot:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsr1.errors import Dsr1Error
+from dsr1.output_files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
         ax.set_title(f"{key.upper()} (ms)")
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": "dsr1 bench"}),
+                 "--plot")
     plt.close(fig)
 

@@ -8,7 +8,9 @@ forms ``attention``, ``kvcache``, ``serve`` and ``precision`` in the modules of 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from dsr1.benchmarks import throughput
@@ -27,6 +29,8 @@ def add_parser(subparsers: Any) -> None:
     kvcache.add_parser(forms)
     serve.add_parser(forms)
     precision.add_parser(forms)
+    for form in forms.choices.values():  # every form checks its output files before it measures
+        form.set_defaults(func=_outputs_checked(form.get_default("func")))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="model name or HF-format directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="a built-in model shape (use with --random-weights)")
@@ -47,7 +51,23 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--output", help="also write the JSON to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one engine and batch size, spawned by throughput.spawn
-    p.set_defaults(func=run)
+    p.set_defaults(func=_outputs_checked(run))
+
+
+def _outputs_checked(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func`` after the refusal of an ``--output`` or ``--plot`` that dsr1 may not write
+    (:func:`dsr1.output_files.check_output`): a directory, or a file dsr1 did not write. Before any measuring."""
+    @functools.wraps(func)
+    def checked(args: argparse.Namespace) -> int:
+        from dsr1.output_files import check_output
+
+        if not getattr(args, "worker", None):
+            for flag in ("output", "plot"):
+                if getattr(args, flag, None):
+                    check_output(getattr(args, flag), f"--{flag}")
+        return func(args)
+
+    return checked
 
 
 def run(args: argparse.Namespace) -> int:
