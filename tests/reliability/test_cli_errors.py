@@ -310,3 +310,20 @@ def test_generate_refuses_a_seed_outside_64_bits_in_python(seed: object) -> None
     model = AutoModel.from_pretrained("dsr1-tiny")
     with pytest.raises(Dsr1Error, match=r"seed must be an integer in \[0, 2\*\*64\)"):
         model.generate([[5, 6, 7]], max_new_tokens=2, do_sample=True, seed=seed)
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--dtype", "float33"], "--dtype 'float33' is not a dtype dsr1 runs; use float32"),
+    (["--dtype", "int8"], "--dtype 'int8' is not a dtype dsr1 runs"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--device", "nosuch"], "no device plugin named 'nosuch'"),
+    (["--config", "/nonexistent/dsr1.yaml"], "does not exist"),
+])
+def test_bench_refuses_engine_settings_before_its_workers(capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                          needle: str) -> None:
+    """Checked in the parent, in one line without the worker's prefix twice (they failed inside each worker
+    with its exception, a Python AttributeError for an unknown dtype)."""
+    code, _, err = cli(capsys, "bench", "--shape", "tiny-125m", "--random-weights", "--batch-size", "1",
+                       "--new-tokens", "2", "--reps", "1", *flags)
+    assert_one_line(code, err, needle)
+    assert "bench worker" not in err

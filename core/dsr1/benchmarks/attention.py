@@ -76,12 +76,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     plugins = common.name_list(args.plugins, "--plugins")
     seqs = common.int_list(args.seq, "--seq")
     layer = LAYER_DEFAULTS[args.device]
+    for flag in ("heads", "kv_heads", "head_dim", "ffn", "threads", "batch"):  # 0 is not "the default"
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise Dsr1Error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.reps < 0:
+        raise Dsr1Error(f"--reps must be ≥ 0, got {args.reps}")
     heads = args.heads or layer["heads"]
     kv_heads = args.kv_heads or layer["kv_heads"]
     head_dim = args.head_dim or layer["head_dim"]
-    if min(heads, kv_heads, head_dim, args.batch, args.reps + 1) < 1 or heads % kv_heads:
-        raise Dsr1Error(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads}); "
-                        "all sizes ≥ 1, --reps ≥ 0")
+    if heads % kv_heads:
+        raise Dsr1Error(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise Dsr1Error(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")

@@ -197,7 +197,7 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "dsr1.cli", "bench", "--shape", "tiny-125m", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("dsr1: error: ")
         raise Dsr1Error(f"bench worker ({spec['engine']}, batch {spec['batch_size']}) failed: {tail}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 

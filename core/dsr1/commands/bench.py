@@ -70,6 +70,25 @@ def _outputs_checked(func: Callable[[argparse.Namespace], int]) -> Callable[[arg
     return checked
 
 
+def _check_engine(args: argparse.Namespace) -> None:
+    """Refuse in one line, before any worker starts, what a worker would only fail on: a dtype dsr1 does not run,
+    fewer than one thread, a config that does not parse or names no installed plugin, a device not here."""
+    from dsr1.config import load_config
+    from dsr1.models.loading import parse_dtype
+    from dsr1.registry import PluginRegistry
+
+    if args.dtype is not None:
+        try:
+            parse_dtype(args.dtype)
+        except Dsr1Error:
+            raise Dsr1Error(f"--dtype {args.dtype!r} is not a dtype dsr1 runs; use float32, float16 or bfloat16"
+                            ) from None
+    if args.threads is not None and args.threads < 1:
+        raise Dsr1Error(f"--threads must be at least 1, got {args.threads} (leave it out for every core)")
+    overrides = {"device": args.device} if args.device else {}
+    PluginRegistry.from_env().resolve(load_config(args.config, **overrides)).require_device()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(throughput.worker(json.loads(args.worker))))
@@ -86,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if (not batches or min(batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.reps < 1
             or args.rounds < 1):
         raise Dsr1Error("--batch-size ≥ 1, --prompt-len ≥ 1, --new-tokens ≥ 2, --reps ≥ 1 and --rounds ≥ 1 are required")
+    _check_engine(args)
     from dsr1.cli import launched_rank
 
     rank = launched_rank()
