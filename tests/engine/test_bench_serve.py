@@ -47,3 +47,15 @@ def test_serve_refuses_comparisons_it_cannot_make(extra: list[str], needle: str,
     assert _exit_code(["bench", "serve", "--requests", "3", *extra]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_trace_key_it_would_ignore_and_a_prefix_longer_than_the_prompts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 0, "prompt_len": 8, "output_len": 4, "foo": 1}\n')
+    assert _exit_code(["bench", "serve", "--trace", str(trace)]) == 2
+    assert "unknown key 'foo'" in capsys.readouterr().err
+    assert _exit_code(["bench", "serve", "--requests", "2", "--lengths", "uniform:8-16,4-8",
+                       "--shared-prefix", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--shared-prefix 100 is longer than the shortest prompt" in err and "Traceback" not in err

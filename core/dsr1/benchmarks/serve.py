@@ -166,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace) if args.trace else draw_trace(args.requests, args.rate, args.lengths, args.seed)
     if args.shared_prefix < 0:
         raise Dsr1Error(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
+    shortest = min(it.prompt_len for it in trace)
+    if args.shared_prefix > shortest:  # the prompts could not hold it: it would not be what was asked
+        raise Dsr1Error(f"--shared-prefix {args.shared_prefix} is longer than the shortest prompt ({shortest} tokens); "
+                        f"give at most {shortest}, or longer prompts")
     if args.url:
         from dsr1.benchmarks.serve_http import main_http
 
@@ -175,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     longest = max(it.prompt_len + it.output_len for it in trace)
     if longest > engine.max_model_len:
         raise Dsr1Error(f"the trace's longest request needs {longest} tokens, the model's context is "
-                        f"{engine.max_model_len}; lower --lengths")
+                        f"{engine.max_model_len}; " + ("shorten the trace's requests" if args.trace
+                                                        else "lower --lengths"))
     if "hf" in args.compare:
         from dsr1.benchmarks.serve_hf import check_trace
 

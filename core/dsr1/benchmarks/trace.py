@@ -65,6 +65,10 @@ def read_trace(path: str) -> list[TraceItem]:
         except (ValueError, KeyError, TypeError):
             raise Dsr1Error(f"--trace {path}:{no}: each line must be a JSON object with arrival, prompt_len, "
                             f"output_len") from None
+        unknown = sorted(set(d) - {"arrival", "prompt_len", "output_len"})
+        if unknown:  # a key the replay would ignore (a typo of one it reads, or another tool's field)
+            raise Dsr1Error(f"--trace {path}:{no}: unknown key {unknown[0]!r}; a line holds arrival, prompt_len "
+                            f"and output_len only")
         if item.arrival < 0 or item.prompt_len < 1 or item.output_len < 1:
             raise Dsr1Error(f"--trace {path}:{no}: arrival must be >= 0 and lengths >= 1")
         items.append(item)
