@@ -137,3 +137,13 @@ def test_plugins_new_installs_and_is_selected_by_name(tmp_path):
     out = json.loads(gen.stdout)
     assert out["pipeline"]["attention"]["distribution"] == "dsr1-attention-foo"
     assert out["new_tokens"] == 4
+
+
+def test_plugins_new_refuses_the_name_of_an_installed_plugin(tmp_path, capsys):
+    """Its package (dsr1-attention-sdpa) would replace the built-in distribution of that name when installed."""
+    from dsr1.cli import main
+
+    assert main(["plugins", "new", "--family", "attention", "--name", "sdpa", "--dir", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "attention plugin 'sdpa' is already installed (distribution dsr1-attention-sdpa)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "p").exists()

@@ -114,6 +114,12 @@ def run_new(args: argparse.Namespace) -> int:
         from dsr1_sdk.scaffold import new_plugin
     except ModuleNotFoundError:
         raise Dsr1Error("`dsr1 plugins new` needs the plugin SDK; `pip install dsr1-sdk`") from None
+    dist = f"dsr1-{args.family}-{args.name}"
+    for row in collect(no_load=True, family=args.family):  # installing it would shadow or replace that one
+        if row["name"] == args.name or str(row["distribution"]).lower() == dist:
+            raise Dsr1Error(f"{args.family} plugin {args.name!r} is already installed (distribution "
+                            f"{row['distribution']}): a package named {dist} would replace or shadow it; pick "
+                            f"another --name")
     path = new_plugin(args.family, args.name, args.dir)
     print(f"wrote plugin package dsr1-{args.family}-{args.name} to {path}")
     print(f"next: pip install -e '{path}[test]' && pytest {path}")
