@@ -18,6 +18,7 @@ import importlib
 import io
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -140,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout, sys.stderr = out, err
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """A warning as the command line prints it: ``dsr1: warning: ...``, one line (``--debug`` keeps Python's
+    form, with the file, line and source it came from)."""
+    return f"dsr1: warning: {str(message).strip()}\n"
+
+
 def entry() -> None:
     """The process entry point (the ``dsr1`` script, ``python -m dsr1``): :func:`main`, then exit with its code.
 
@@ -147,6 +155,8 @@ def entry() -> None:
     destroyed: torch's C++ teardown at interpreter exit now and then aborted a rank whose command had succeeded
     ("terminate called without an active exception", SIGABRT), and torchrun then failed the whole run. Its
     files are closed by then (every writer replaces its file before the command returns)."""
+    if "--debug" not in sys.argv[1:]:
+        warnings.formatwarning = _warning_line
     code = main()
     if launched_rank() is None or "torch.distributed" not in sys.modules:
         sys.exit(code)

@@ -20,6 +20,7 @@ import functools
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any
@@ -57,6 +58,10 @@ def parse_allowlist(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [entry for entry in re.split(r"[,\s]+", value) if entry]
+
+
+#: allow-list entries already warned about in this process.
+_WARNED_ENTRIES: set[str] = set()
 
 
 def _check_family(family: str) -> None:
@@ -122,7 +127,34 @@ class PluginRegistry:
         environ = os.environ if environ is None else environ
         allowlist = parse_allowlist(environ.get("DSR1_PLUGINS"))
         trace = environ.get("DSR1_DEBUG_PLUGINS", "") not in ("", "0", "false")
-        return cls(allowlist=allowlist, trace=trace)
+        registry = cls(allowlist=allowlist, trace=trace)
+        registry.warn_unmatched()
+        return registry
+
+    def unmatched(self) -> list[str]:
+        """The allow-list entries that name no installed plugin, ``family:name`` or distribution."""
+        if not self.allowlist:
+            return []
+        installed = self.discover()
+        names = {i.name for i in installed}
+        pairs = {(i.family, i.name) for i in installed}
+        dists = {normalize_distribution(i.distribution) for i in installed}
+        out = []
+        for entry in sorted(self.allowlist):
+            family, sep, name = entry.partition(":")
+            found = (family, name) in pairs if sep else entry in names or normalize_distribution(entry) in dists
+            if not found:
+                out.append(entry)
+        return out
+
+    def warn_unmatched(self) -> None:
+        """One warning per process for allow-list entries that allow nothing installed (a typo allows nothing,
+        and the plugin it meant stays out); not an error: an allow-list may name a plugin installed later."""
+        for entry in self.unmatched():
+            if entry not in _WARNED_ENTRIES:
+                _WARNED_ENTRIES.add(entry)
+                warnings.warn(f"DSR1_PLUGINS entry {entry!r} names no installed plugin or distribution; it allows "
+                              f"nothing (installed: dsr1 plugins list)", stacklevel=3)
 
     # --- discovery (imports nothing) ----------------------------------------------------
 

@@ -175,3 +175,22 @@ def test_config_check_refuses_ambiguous_name_in_one_line(sentinel, tmp_path):
     ok = run_cli("config", "check", str(cfg), env={**env, "DSR1_PLUGINS": "dsr1-attention-sdpa,dsr1-device-cpu"})
     assert ok.returncode == 0, ok.stderr
     assert imported(marks) == []
+
+
+def test_an_entry_that_names_nothing_installed_is_warned_about_once() -> None:
+    """A typo in DSR1_PLUGINS allows nothing and keeps the plugin it meant out: said once per process, not an
+    error (an allow-list may name a plugin that is installed later)."""
+    import warnings
+
+    from dsr1 import registry as reg
+    from dsr1.registry import PluginRegistry
+
+    reg._WARNED_ENTRIES.discard("nosuchplugin")
+    reg._WARNED_ENTRIES.discard("attention:nosuch")
+    env = {"DSR1_PLUGINS": "sdpa,cpu,nosuchplugin,attention:nosuch,dsr1-attention-sdpa"}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert PluginRegistry.from_env(env).unmatched() == ["attention:nosuch", "nosuchplugin"]
+        PluginRegistry.from_env(env)
+    messages = [str(w.message) for w in seen if "DSR1_PLUGINS entry" in str(w.message)]
+    assert len(messages) == 2 and "'attention:nosuch' names no installed plugin" in messages[0]

