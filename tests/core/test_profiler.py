@@ -411,6 +411,7 @@ BAD: dict[str, tuple[list[str], str]] = {
     "no_sampled_step": (["--steps", "2", "--every", "3"], "samples no step"),
     "zero_layers": (["--layers", "0"], "--layers must be an integer >= 1 or 'all'"),
     "missing_model": (["--model", "/nonexistent/dsr1-model"], "/nonexistent/dsr1-model"),
+    "past_context": (["--steps", "600"], "--steps 600 + 1 (the prefill's token) exceeds the model's context"),
 }
 
 

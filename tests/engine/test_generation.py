@@ -117,7 +117,8 @@ def test_bad_prompts(model: Any) -> None:
         model.generate(torch.tensor([[5, 6], [0, 0]]), torch.tensor([[1, 1], [0, 0]]))
     with pytest.raises(Dsr1Error, match="prompt has 129 tokens, longer than the model's context of 128 tokens"):
         model.generate(torch.ones(1, 129, dtype=torch.long))
-    with pytest.raises(Dsr1Error, match="longer than the model's context of 128 tokens; shorten it or pass truncation"):
+    with pytest.raises(Dsr1Error, match=r"longer than the model's context of 128 tokens; shorten it \(from Python, "
+                                        r"truncation=True"):
         model.tokenizer("word " * 200, return_tensors="pt")
     assert model.tokenizer("word " * 200, return_tensors="pt", truncation=True)["input_ids"].shape == (1, 128)
 

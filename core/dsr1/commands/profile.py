@@ -252,6 +252,11 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(model, "generate"):
         raise Dsr1Error(f"model {args.model!r} ({model.config.get('model_type')}) is an encoder; dsr1 profile "
                         "times decode steps of a causal LM")
+    context = model.context_length
+    if args.prompt_len + args.steps + 1 > context:  # checked here, not by generate (whose words are its own)
+        raise Dsr1Error(f"--prompt-len {args.prompt_len} + --steps {args.steps} + 1 (the prefill's token) exceeds the "
+                        f"model's context of {context} tokens; pass --steps at most "
+                        f"{max(context - args.prompt_len - 1, 0)}")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for b in batches:

@@ -194,7 +194,7 @@ class Tokenizer:
             if limit is not None and len(row) > limit:
                 if not truncation:
                     raise Dsr1Error(f"prompt has {len(row)} tokens, longer than the model's context of {limit} tokens; "
-                                    f"shorten it or pass truncation=True")
+                                    f"shorten it (from Python, truncation=True keeps its first {limit} tokens)")
                 ids[i], types[i] = row[:limit], types[i][:limit]
         masks = [[1] * len(r) for r in ids]
         longest = max(len(r) for r in ids)
