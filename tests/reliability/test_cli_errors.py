@@ -382,3 +382,12 @@ def test_warnings_print_as_one_line_of_dsr1s(tmp_path: Path) -> None:
     assert lines == ["dsr1: warning: DSR1_PLUGINS entry 'nosuchplugin' names no installed plugin or distribution; "
                      "it allows nothing (installed: dsr1 plugins list)"], proc.stderr
     assert "UserWarning" not in proc.stderr
+
+
+def test_config_check_refuses_a_model_it_cannot_find_whatever_the_pool(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """With the single pool it answered "valid" and a plan for a model that does not exist."""
+    config = tmp_path / "c.yaml"
+    config.write_text("attention: sdpa\n")
+    code, _, err = cli(capsys, "config", "check", str(config), "--model", str(tmp_path / "nope"))
+    assert_one_line(code, err, "does not exist")

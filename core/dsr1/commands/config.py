@@ -24,10 +24,13 @@ def resolve_report(config_path: str, model: str | None = None) -> dict[str, Any]
     pipeline = PluginRegistry.from_env().resolve(config)
     report: dict[str, Any] = {"config": json.loads(config.to_json()), "resolved": pipeline.describe()}
     plan_checkpoint = getattr(pipeline.pool, "plan_checkpoint", None)
-    if model is not None and callable(plan_checkpoint):  # a pool that plans (tiered): its plan for this model
+    model_dir = None
+    if model is not None:  # found (or refused in one line) whatever the pool: the plan is for this model
         from dsr1.models.loading import resolve_model_dir
 
-        plan = plan_checkpoint(resolve_model_dir(model, download=False), pipeline.device)
+        model_dir = resolve_model_dir(model, download=False)
+    if model_dir is not None and callable(plan_checkpoint):  # a pool that plans (tiered): its plan for this model
+        plan = plan_checkpoint(model_dir, pipeline.device)
         report["pool_plan"] = plan.as_dict()
         report["pool_plan_text"] = plan.table()
     elif model is not None:
