@@ -16,6 +16,7 @@ import torch
 from dsr1.config import EngineConfig, load_config
 from dsr1.errors import Dsr1Error
 from dsr1.input_files import is_regular, read_text
+from dsr1.models.hf_fields import token_ids
 from dsr1.models.loading import read_hf_config, resolve_model_dir
 
 
@@ -32,7 +33,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def generation_defaults(model_dir: Path, hf: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """eos/pad ids: ``generation_config.json``, then ``config.json``, then the tokenizer."""
     gen = _read_json(model_dir / "generation_config.json")
-    eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+    eos = token_ids(gen, "eos_token_id", "generation_config.json") if "eos_token_id" in gen else (
+        token_ids(hf, "eos_token_id"))
     if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
     pad = gen.get("pad_token_id", hf.get("pad_token_id"))
@@ -103,6 +105,36 @@ class AutoModel:
         runtime.generation_defaults = generation_defaults(model_dir, hf, runtime.tokenizer)
         pipeline.fire_model_loaded(model)
         return model
+
+
+def encoder_error(name: str | os.PathLike[str], model_type: Any) -> Dsr1Error:
+    """The one line for a command that needs a causal LM and was given an encoder (BERT, MiniLM)."""
+    return Dsr1Error(f"model {str(name)!r} ({model_type}) is an encoder; it cannot generate: give a causal LM, "
+                     f"e.g. --model dsr1-tiny")
+
+
+def require_causal_lm(name_or_path: str | os.PathLike[str], config: Any = None) -> None:
+    """Refuse, before any weights load, a checkpoint whose model plugin declares the ``encoder``
+    capability: ``chat``, ``serve`` and ``bench`` generate. What cannot be told here (a model that is
+    not found, a config that names no plugin) is left to loading, which says it in its own words; an
+    encoder from a plugin that does not declare itself one is refused once built (:class:`~dsr1.engine.Engine`)."""
+    from dsr1.models.loading import QUANTIZED_MODEL_TYPE
+    from dsr1.pipeline import ENCODER_CAPABILITY, builder_for
+    from dsr1.registry import PluginRegistry
+
+    hf = read_hf_config(resolve_model_dir(name_or_path))
+    model_type = hf["model_type"]
+    if model_type == QUANTIZED_MODEL_TYPE and isinstance(hf.get("quantization_config"), dict):
+        model_type = hf["quantization_config"].get("model_type")
+    try:
+        chosen = load_config(config).model
+        registry = PluginRegistry.from_env()
+        name = chosen.name if chosen is not None else builder_for(registry, str(model_type))
+        encoder = ENCODER_CAPABILITY in registry.load("model", name).capabilities
+    except Dsr1Error:
+        return
+    if encoder:
+        raise encoder_error(name_or_path, model_type)
 
 
 def native_attention(cfg: EngineConfig, hf: dict[str, Any], model_dir: Path) -> EngineConfig:

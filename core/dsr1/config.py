@@ -469,18 +469,61 @@ def _parse(text: str, suffix: str, shown: str) -> Any:
             raise Dsr1Error(f"TOML syntax error in {shown}: {err}") from None
     if suffix == ".json":
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, shown))
         except json.JSONDecodeError as err:
             raise Dsr1Error(f"JSON syntax error in {shown} at line {err.lineno}: {err.msg}") from None
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise Dsr1Error(f"config file {shown} has the key {quote(dup.key)} twice (lines {dup.first} and {dup.again}); "
+                        f"keep one (the last would win silently)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise Dsr1Error(f"YAML syntax error in {shown}{line}: {problem}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], shown: str) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice in it (``json`` keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise Dsr1Error(f"config file {shown} has the key {quote(key)} twice in one object; keep one (the last "
+                            f"would win silently)")
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+def _unique_key_loader() -> Any:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+    Keys merged in with ``<<`` may be overridden, as YAML intends."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                except TypeError:  # an unhashable key: SafeLoader says so below
+                    continue
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def parse_option_items(items: list[str]) -> dict[str, Any]:

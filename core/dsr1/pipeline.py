@@ -50,6 +50,9 @@ class PluginSource(Protocol):
 
 #: prefix of the capabilities a model plugin declares for each ``config.json`` ``model_type`` it builds.
 MODEL_TYPE_CAPABILITY = "model_type:"
+#: the capability of a model plugin whose models only encode (no ``generate``): the commands that generate
+#: refuse its checkpoints before loading them (:func:`dsr1.auto.require_causal_lm`).
+ENCODER_CAPABILITY = "encoder"
 
 
 def declared_model_types(capabilities: frozenset[str]) -> list[str]:

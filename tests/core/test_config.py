@@ -128,6 +128,35 @@ def test_toml_syntax_error_names_line(tmp_path):
         read_config_file(path)
 
 
+#: a key given twice, at the top and nested: the last would win silently, so both are refused
+DUPLICATE_KEYS = {
+    "top.yaml": ("attention: sdpa\nattention: eager\n", "the key 'attention' twice (lines 1 and 2)"),
+    "nested.yaml": ("kvcache:\n  name: paged\n  options:\n    block_size: 16\n    block_size: 32\n",
+                    "the key 'block_size' twice (lines 4 and 5)"),
+    "flow.yaml": ("kvcache: {name: paged, name: contiguous}\n", "the key 'name' twice (lines 1 and 1)"),
+    "top.json": ('{"attention": "sdpa", "attention": "eager"}', "the key 'attention' twice in one object"),
+    "nested.json": ('{"kvcache": {"name": "paged", "options": {"block_size": 16, "block_size": 32}}}',
+                    "the key 'block_size' twice in one object"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DUPLICATE_KEYS))
+def test_duplicate_keys_are_refused(tmp_path, name):
+    text, fragment = DUPLICATE_KEYS[name]
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(Dsr1Error) as err:
+        read_config_file(path)
+    msg = str(err.value)
+    assert "\n" not in msg and f"config file '{path}'" in msg and fragment in msg and "keep one" in msg
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {name: paged}\nkvcache:\n  <<: *b\n  name: contiguous\n")
+    assert read_config_file(path)["kvcache"] == {"name": "contiguous"}
+
+
 @pytest.mark.parametrize("content", ["", "   \n", "# only a comment\n"])
 def test_empty_config_file(tmp_path, content):
     path = tmp_path / "empty.yaml"

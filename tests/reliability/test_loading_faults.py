@@ -319,3 +319,74 @@ def test_a_cast_that_overflows_is_named_as_such(tmp_path: Path) -> None:
             reader.read("big", torch.float16, torch.device("cpu"))
     finally:
         reader.close()
+
+
+# --- config.json fields of the wrong type or out of range ------------------------------------------------
+
+#: field → (bad value, the message). They gave tracebacks (int("big"), int(None)) or were taken silently
+#: (4.5 heads truncated, a negative eps, an unknown dtype name, a string eos id).
+CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
+    "vocab_size": ("big", "config.json vocab_size must be a positive integer, got 'big'"),
+    "hidden_size": (None, "config.json hidden_size must be a positive integer, got None"),
+    "num_attention_heads": (4.5, "config.json num_attention_heads must be a positive integer, got 4.5"),
+    "num_hidden_layers": (0, "config.json num_hidden_layers must be a positive integer, got 0"),
+    "max_position_embeddings": ("abc", "config.json max_position_embeddings must be a positive integer, got 'abc'"),
+    "rope_theta": ("abc", "config.json rope_theta must be a positive number, got 'abc'"),
+    "rope_parameters": ({"rope_theta": "abc"}, "config.json rope_parameters.rope_theta must be a positive number, "
+                                               "got 'abc'"),
+    "rope_scaling": ("x", "config.json rope_scaling must be an object (or null), got 'x'"),
+    "rms_norm_eps": (-1, "config.json rms_norm_eps must be a positive number, got -1"),
+    "tie_word_embeddings": ("false", "config.json tie_word_embeddings must be true or false, got 'false'"),
+    "torch_dtype": ("float33", "config.json torch_dtype must be a torch dtype name or 'auto', got 'float33'; "
+                               "did you mean 'float32'"),
+    "dtype": ("float33", "config.json dtype must be a torch dtype name or 'auto', got 'float33'"),
+    "eos_token_id": ("x", "config.json eos_token_id must be a token id (an integer >= 0) or a list of them, "
+                          "got 'x'"),
+}
+
+
+def _edit_config(model_dir: Path, **fields: Any) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("field", sorted(CONFIG_FIELDS))
+def test_a_config_field_of_the_wrong_type_is_one_line(tiny: Path, field: str) -> None:
+    value, message = CONFIG_FIELDS[field]
+    _edit_config(tiny, **{field: value})
+    assert message in load_error(tiny)
+
+
+def test_a_config_field_of_the_wrong_type_from_the_cli(tiny: Path) -> None:
+    _edit_config(tiny, vocab_size="big")
+    assert_one_line(cli("generate", "--model", str(tiny), "--max-new-tokens", "2", "hi"),
+                    "config.json vocab_size must be a positive integer, got 'big'")
+
+
+@pytest.mark.parametrize("fields", [{"torch_dtype": "torch.bfloat16"}, {"dtype": "auto"}, {"torch_dtype": None},
+                                    {"eos_token_id": [1, 2]}, {"num_attention_heads": 4.0}, {"head_dim": None}])
+def test_valid_spellings_still_load(tiny: Path, fields: dict[str, Any]) -> None:
+    _edit_config(tiny, **fields)
+    assert AutoModel.from_pretrained(tiny).args.n_heads == 4
+
+
+def test_a_bad_eos_in_generation_config_is_named(tiny: Path) -> None:
+    (tiny / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, "two"]}))
+    assert ("generation_config.json eos_token_id must be a token id (an integer >= 0) or a list of them, "
+            "got [1, 'two']") in load_error(tiny)
+
+
+def test_deepseek_and_bert_fields_are_checked_too() -> None:
+    from dsr1.models.bert import BertArgs
+    from dsr1.models.deepseek import DeepseekArgs
+
+    bert = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 16}
+    assert BertArgs.from_hf(bert).head_dim == 4
+    with pytest.raises(Dsr1Error, match=r"^config.json layer_norm_eps must be a positive number, got 'tiny'$"):
+        BertArgs.from_hf({**bert, "layer_norm_eps": "tiny"})
+    with pytest.raises(Dsr1Error, match=r"^config.json num_attention_heads must be a positive integer, got 2.5$"):
+        BertArgs.from_hf({**bert, "num_attention_heads": 2.5})
+    with pytest.raises(Dsr1Error, match=r"^config.json kv_lora_rank must be a positive integer, got '16'$"):
+        DeepseekArgs.from_hf({"model_type": "deepseek_v2", **bert, "kv_lora_rank": "16", "qk_nope_head_dim": 4,
+                              "qk_rope_head_dim": 4, "v_head_dim": 4})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -92,3 +93,22 @@ def test_history_is_trimmed_to_the_context_oldest_first(reference: Any) -> None:
     assert convo.turns[-1]["content"] == "answer number 11 about lists"  # the refused message is not kept
     convo.reset()
     assert convo.turns == []
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on() -> None:
+    # as `dsr1 generate -` says for its stdin; chat refuses that one message (as a message too long for the
+    # context) and reads the next, so the conversation so far is not lost
+    proc = subprocess.run([sys.executable, "-m", "dsr1.cli", "chat", "--max-tokens", "2"], cwd=str(REPO), env=ENV,
+                          input=b"hi \xff\xfe there\n/exit\n", capture_output=True, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+    assert "dsr1: this message is not valid UTF-8 (byte 3); type or pipe it in UTF-8 (it was not sent)\n" in out
+
+
+def test_not_utf8_names_the_byte() -> None:
+    from dsr1.commands.chat import not_utf8
+
+    assert not_utf8("héllo") is None
+    assert not_utf8(b"h\xc3\xa9 \xff".decode("utf-8", "surrogateescape")) is not None
+    assert "(byte 4)" in str(not_utf8(b"h\xc3\xa9 \xff".decode("utf-8", "surrogateescape")))

@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_model(s: dict[str, Any]) -> Any:
-    from dsr1.auto import AutoModel
+    from dsr1.auto import AutoModel, require_causal_lm
 
+    require_causal_lm(s["model"])  # it measures perplexity under each cache: a causal LM
     overrides: dict[str, Any] = {"device": s["device"]}
     if s["attention"]:
         overrides["attention"] = s["attention"]

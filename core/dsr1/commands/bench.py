@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
             or args.rounds < 1):
         raise Dsr1Error("--batch-size ≥ 1, --prompt-len ≥ 1, --new-tokens ≥ 2, --reps ≥ 1 and --rounds ≥ 1 are required")
     _check_engine(args)
+    if args.model:  # an encoder is refused here, before any worker loads it
+        from dsr1.auto import require_causal_lm
+
+        require_causal_lm(args.model, args.config)
     from dsr1.cli import launched_rank
 
     rank = launched_rank()

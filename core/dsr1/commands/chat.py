@@ -13,6 +13,7 @@ answer goes back into the history (as DeepSeek-R1's template expects).
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import sys
 from typing import Any
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:  # pragma: no cover - platforms without readline
             pass
+    # a line that is not UTF-8 reaches input() as text with surrogate escapes, refused per message below
+    # (a strict decoder would raise mid-read and lose the rest of the line)
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     async_engine = AsyncEngine(engine)
     print(f"dsr1 chat with {args.model} ({HELP})", flush=True)
     try:
@@ -124,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
                 continue
             text = line.strip()
             if not text:
+                continue
+            problem = not_utf8(line)
+            if problem is not None:
+                print(f"dsr1: {problem}", flush=True)
                 continue
             if text.startswith("/"):
                 if text in ("/exit", "/quit"):
@@ -145,6 +154,16 @@ def run(args: argparse.Namespace) -> int:
             convo.answered(_answer(async_engine, ids, params))
     finally:
         async_engine.shutdown()
+
+
+def not_utf8(line: str) -> str | None:
+    """Why ``line`` (read with surrogate escapes) is refused, or None when it is valid UTF-8."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:
+        offset = len(line[:err.start].encode("utf-8", "surrogateescape"))
+        return f"this message is not valid UTF-8 (byte {offset}); type or pipe it in UTF-8 (it was not sent)"
+    return None
 
 
 #: how thinking is set apart: dim italic on a terminal (ANSI), a labelled line elsewhere.

@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
                  args.temperature > 0)
     if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
         raise Dsr1Error(f"--max-thinking-tokens must be an integer >= 0, got {args.max_thinking_tokens}")
-    from dsr1.auto import AutoModel, AutoTokenizer
+    from dsr1.auto import AutoModel, AutoTokenizer, encoder_error, require_causal_lm
     from dsr1.progress import progress
+
+    require_causal_lm(args.model, args.config)
 
     chat = None
     if args.chat:  # the checkpoint's template is rendered before its weights load: a bad one fails at once
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise Dsr1Error(f"model {args.model!r} has no tokenizer.json; dsr1 generate needs one")
     if not hasattr(model, "generate"):
-        raise Dsr1Error(f"model {args.model!r} ({model.config.get('model_type')}) is an encoder; it cannot generate")
+        raise encoder_error(args.model, model.config.get("model_type"))
     enc = chat if chat is not None else tokenizer(args.prompt, return_tensors="pt")
     sampling = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,

@@ -172,6 +172,10 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any = None, num_blocks: int | None = None,
                  scheduler: Any = None, eos_ids: Sequence[int] | None = None,
                  runner: BatchRunner | None = None, detokenize: bool = True) -> None:
+        if not hasattr(model, "generate"):  # an encoder a plugin did not declare one (require_causal_lm)
+            from dsr1.auto import encoder_error
+
+            raise encoder_error(model.source_dir or type(model).__name__, model.config.get("model_type"))
         runtime = model.runtime
         pipeline = runtime.pipeline
         self.model, self.pipeline = model, pipeline
@@ -241,10 +245,11 @@ class Engine:
                         **overrides: Any) -> Engine:
         """Load a model with the engine's defaults (scheduler ``continuous``, kvcache ``paged``)
         for the families that neither ``config`` nor ``overrides`` set."""
-        from dsr1.auto import AutoModel
+        from dsr1.auto import AutoModel, require_causal_lm
         from dsr1.config import load_config
 
         chosen = load_config(config, **overrides)
+        require_causal_lm(name, chosen)  # an encoder is refused before its weights load
         for family, name_ in ENGINE_DEFAULTS.items():
             if getattr(chosen, family) is None:
                 overrides[family] = name_

@@ -19,6 +19,7 @@ from torch import nn
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
 from dsr1.models.common import AttentionCall, Dsr1Model, EncoderOutput, bind_attention
+from dsr1.models.hf_fields import integer, positive_number
 from dsr1.models.loading import CheckpointBuilder, LoadOptions, check_names, choose_dtype
 from dsr1.parallel.topology import refuse_tensor_parallel
 from dsr1.specs import PluginSpec
@@ -52,21 +53,18 @@ class BertArgs:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> BertArgs:
-        try:
-            args = cls(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=int(hf["hidden_size"]),
-                n_layers=int(hf["num_hidden_layers"]),
-                n_heads=int(hf["num_attention_heads"]),
-                intermediate_size=int(hf["intermediate_size"]),
-                max_positions=int(hf.get("max_position_embeddings", 512)),
-                type_vocab_size=int(hf.get("type_vocab_size", 2)),
-                eps=float(hf.get("layer_norm_eps", 1e-12)),
-                act=str(hf.get("hidden_act", "gelu")),
-                head_dim=int(hf.get("head_dim") or 0),
-            )
-        except KeyError as err:
-            raise Dsr1Error(f"config.json lacks {err.args[0]!r}, which a bert model needs") from None
+        args = cls(
+            vocab_size=integer(hf, "vocab_size"),
+            hidden_size=integer(hf, "hidden_size"),
+            n_layers=integer(hf, "num_hidden_layers"),
+            n_heads=integer(hf, "num_attention_heads"),
+            intermediate_size=integer(hf, "intermediate_size"),
+            max_positions=integer(hf, "max_position_embeddings", 512),
+            type_vocab_size=integer(hf, "type_vocab_size", 2),
+            eps=positive_number(hf, "layer_norm_eps", 1e-12),
+            act=str(hf.get("hidden_act", "gelu")),
+            head_dim=integer(hf, "head_dim", 0, minimum=0),
+        )
         if args.act not in ACTIVATIONS:
             raise Dsr1Error(f"config.json: hidden_act {args.act!r} not supported; supported: {', '.join(ACTIVATIONS)}")
         if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -274,6 +272,6 @@ def dsr1_model() -> PluginSpec:
         family="model",
         impl=BertBuilder,
         options=LoadOptions,
-        capabilities=frozenset({"model_type:bert"}),
+        capabilities=frozenset({"model_type:bert", "encoder"}),  # no generate: see ENCODER_CAPABILITY
         description="BERT / MiniLM encoders: last_hidden_state, pooler and normalized mean-pooled embeddings",
     )

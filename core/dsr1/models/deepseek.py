@@ -44,6 +44,7 @@ from dsr1.models.common import (
     RMSNorm,
     bind_attention,
 )
+from dsr1.models.hf_fields import flag, integer, positive_number
 from dsr1.models.loading import (
     CheckpointBuilder,
     LoadOptions,
@@ -66,12 +67,6 @@ from dsr1.specs import PluginSpec
 
 #: the router's score function each routing needs (``scoring_func`` of DeepSeek's configs).
 SCORING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
-
-
-def _need(hf: Mapping[str, Any], key: str) -> Any:
-    if hf.get(key) is None:
-        raise Dsr1Error(f"config.json lacks {key!r}, which a {hf.get('model_type')} model needs")
-    return hf[key]
 
 
 @dataclass(frozen=True)
@@ -106,7 +101,9 @@ class DeepseekArgs:
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise Dsr1Error(f"config.json: hidden_act {act!r} is not supported by the deepseek builder (silu only)")
-        n_layers = int(_need(hf, "num_hidden_layers"))
+        n_layers = integer(hf, "num_hidden_layers")
+        vocab, hidden = integer(hf, "vocab_size"), integer(hf, "hidden_size")
+        intermediate = integer(hf, "intermediate_size")
         moe = None
         if hf.get("n_routed_experts"):
             routing = str(hf.get("topk_method") or ("noaux_tc" if mt == "deepseek_v3" else "greedy"))
@@ -114,31 +111,31 @@ class DeepseekArgs:
             if routing in SCORING and scoring != SCORING[routing]:
                 raise Dsr1Error(f"config.json: scoring_func {scoring!r} does not go with topk_method {routing!r}; "
                                 f"supported pairs: " + ", ".join(f"{r}+{s}" for r, s in SCORING.items()))
-            if int(hf.get("moe_layer_freq") or 1) != 1:
+            if integer(hf, "moe_layer_freq", 1) != 1:
                 raise Dsr1Error(f"config.json: moe_layer_freq {hf['moe_layer_freq']} is not supported; "
                                 "supported: 1 (every layer after first_k_dense_replace is MoE)")
             moe = MoEArgs.from_hf(dict(hf), routing, router_fp32=True)
-        q_lora = hf.get("q_lora_rank")
+        q_lora = integer(hf, "q_lora_rank", 0, minimum=0)  # 0 or null: no low-rank query (V2-Lite)
         return cls(
             model_type=mt,
-            vocab_size=int(_need(hf, "vocab_size")),
-            hidden_size=int(_need(hf, "hidden_size")),
+            vocab_size=vocab,
+            hidden_size=hidden,
             n_layers=n_layers,
-            n_heads=int(_need(hf, "num_attention_heads")),
-            q_lora_rank=int(q_lora) if q_lora else None,
-            kv_lora_rank=int(_need(hf, "kv_lora_rank")),
-            qk_nope_head_dim=int(_need(hf, "qk_nope_head_dim")),
-            qk_rope_head_dim=int(_need(hf, "qk_rope_head_dim")),
-            v_head_dim=int(_need(hf, "v_head_dim")),
-            intermediate_size=int(_need(hf, "intermediate_size")),
-            eps=float(hf.get("rms_norm_eps", 1e-6)),
-            context_length=int(hf.get("max_position_embeddings", 2048)),
+            n_heads=integer(hf, "num_attention_heads"),
+            q_lora_rank=q_lora or None,
+            kv_lora_rank=integer(hf, "kv_lora_rank"),
+            qk_nope_head_dim=integer(hf, "qk_nope_head_dim"),
+            qk_rope_head_dim=integer(hf, "qk_rope_head_dim"),
+            v_head_dim=integer(hf, "v_head_dim"),
+            intermediate_size=intermediate,
+            eps=positive_number(hf, "rms_norm_eps", 1e-6),
+            context_length=integer(hf, "max_position_embeddings", 2048),
             rope=rope_parameters(dict(hf)),
-            rope_interleave=mt == "deepseek_v2" or bool(hf.get("rope_interleave", True)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            first_k_dense_replace=int(hf.get("first_k_dense_replace") or 0) if moe else n_layers,
-            n_shared_experts=int(hf.get("n_shared_experts") or 0),
+            rope_interleave=mt == "deepseek_v2" or flag(hf, "rope_interleave", True),
+            attention_bias=flag(hf, "attention_bias", False),
+            tie_embeddings=flag(hf, "tie_word_embeddings", False),
+            first_k_dense_replace=integer(hf, "first_k_dense_replace", 0, minimum=0) if moe else n_layers,
+            n_shared_experts=integer(hf, "n_shared_experts", 0, minimum=0),
             moe=moe,
         )
 

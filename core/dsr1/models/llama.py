@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dsr1.errors import Dsr1Error
+from dsr1.errors import Dsr1Error, quote
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import AttentionContext, CacheShape, KVCache
 from dsr1.models.common import (
@@ -31,6 +31,7 @@ from dsr1.models.common import (
     RMSNorm,
     bind_attention,
 )
+from dsr1.models.hf_fields import flag, integer, positive_number
 from dsr1.models.loading import (
     CheckpointBuilder,
     LoadOptions,
@@ -46,12 +47,6 @@ from dsr1.parallel.pipeline import PipelineStage, check_pipeline, join_stages, s
 from dsr1.parallel.tensor import ParallelLMHead, TensorPlan
 from dsr1.parallel.topology import check_tensor, stage_tensor_group
 from dsr1.specs import PluginSpec
-
-
-def _need(hf: Mapping[str, Any], key: str) -> Any:
-    if key not in hf:
-        raise Dsr1Error(f"config.json lacks {key!r}, which a {hf.get('model_type')} model needs")
-    return hf[key]
 
 
 @dataclass(frozen=True)
@@ -84,50 +79,53 @@ class LlamaArgs:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> LlamaArgs:
         mt = str(hf.get("model_type"))
-        hidden, heads = int(_need(hf, "hidden_size")), int(_need(hf, "num_attention_heads"))
-        n_layers = int(_need(hf, "num_hidden_layers"))
-        kv = int(hf.get("num_key_value_heads") or heads)
+        hidden, heads = integer(hf, "hidden_size"), integer(hf, "num_attention_heads")
+        n_layers = integer(hf, "num_hidden_layers")
+        kv = integer(hf, "num_key_value_heads", heads)
         if heads % kv:
             raise Dsr1Error(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise Dsr1Error(f"config.json: hidden_act {act!r} is not supported by the llama builder (silu only)")
-        window = hf.get("sliding_window")
-        if mt in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
+        window = integer(hf, "sliding_window", None)
+        if mt in ("qwen2", "qwen3", "qwen3_moe") and not flag(hf, "use_sliding_window", False):
             window = None
         layer_types = hf.get("layer_types")
+        if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != n_layers):
+            raise Dsr1Error(f"config.json layer_types must be a list of {n_layers} entries (one per layer, "
+                            f"num_hidden_layers), got {quote(layer_types)}")
         if window is None:
             windows: tuple[int | None, ...] = (None,) * n_layers
         elif layer_types:
-            windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+            windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
         elif mt in ("qwen2", "qwen3", "qwen3_moe"):
-            first = int(hf.get("max_window_layers", n_layers))
-            windows = tuple(int(window) if i >= first else None for i in range(n_layers))
+            first = integer(hf, "max_window_layers", n_layers, minimum=0)
+            windows = tuple(window if i >= first else None for i in range(n_layers))
         else:
-            windows = (int(window),) * n_layers
+            windows = (window,) * n_layers
         moe, dense = None, frozenset[int]()
         if mt == "qwen3_moe":
             moe = MoEArgs.from_hf(dict(hf), "greedy", router_fp32=False)
-            step = int(hf.get("decoder_sparse_step") or 1)
+            step = integer(hf, "decoder_sparse_step", 1)
             dense = frozenset(i for i in range(n_layers)
                               if i in set(hf.get("mlp_only_layers") or ()) or (i + 1) % step)
         return cls(
             model_type=mt,
-            vocab_size=int(_need(hf, "vocab_size")),
+            vocab_size=integer(hf, "vocab_size"),
             hidden_size=hidden,
             n_layers=n_layers,
             n_heads=heads,
             n_kv_heads=kv,
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            intermediate_size=int(_need(hf, "intermediate_size")),
-            eps=float(hf.get("rms_norm_eps", 1e-6)),
-            context_length=int(hf.get("max_position_embeddings", 2048)),
+            head_dim=integer(hf, "head_dim", hidden // heads),
+            intermediate_size=integer(hf, "intermediate_size"),
+            eps=positive_number(hf, "rms_norm_eps", 1e-6),
+            context_length=integer(hf, "max_position_embeddings", 2048),
             rope=rope_parameters(dict(hf)),
-            qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
+            qkv_bias=flag(hf, "attention_bias", mt == "qwen2"),
             qk_norm=mt in ("qwen3", "qwen3_moe"),
-            o_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            o_bias=flag(hf, "attention_bias", False),
+            mlp_bias=flag(hf, "mlp_bias", False),
+            tie_embeddings=flag(hf, "tie_word_embeddings", False),
             windows=windows,
             moe=moe,
             dense_layers=dense,

@@ -27,6 +27,7 @@ from dsr1.input_files import is_regular, kind, list_dir, probe, read_text
 from dsr1.interfaces import GraphSteps, ModelBuilder
 from dsr1.models.checkpoint import DTYPE_NAMES, CheckpointReader
 from dsr1.models.common import Dsr1Model, ModelRuntime
+from dsr1.models.hf_fields import check_dtype, token_ids
 from dsr1.outputs import plan_output
 
 #: Files copied along with the weights by ``save_pretrained``.
@@ -199,6 +200,9 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
         raise Dsr1Error(f"{cfg_path} must hold a JSON object")
     if "model_type" not in data:
         raise Dsr1Error(f"{cfg_path} has no 'model_type'; supported: bert, llama, mistral, qwen2, qwen3")
+    for key in ("torch_dtype", "dtype"):  # the builders read the weights' dtype; a bad name is still refused
+        check_dtype(data, key)
+    token_ids(data, "eos_token_id")
     return data
 
 

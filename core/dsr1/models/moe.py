@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsr1.errors import Dsr1Error
+from dsr1.models.hf_fields import flag, integer, positive_number
 
 #: (token, expert) pairs up to which a CUDA step runs quantized experts as matrix-vector products; past it
 #: (long prefills) the stacks are dequantized for the grouped GEMM.
@@ -68,14 +69,15 @@ class MoEArgs:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], routing: str, router_fp32: bool) -> MoEArgs:
-        e = int(hf.get("n_routed_experts") or hf.get("num_experts") or hf.get("num_local_experts") or 0)
-        k = int(hf.get("num_experts_per_tok") or 0)
+        count = next((key for key in ("n_routed_experts", "num_experts", "num_local_experts") if hf.get(key)),
+                     "n_routed_experts")
+        e, k = integer(hf, count, 0, minimum=0), integer(hf, "num_experts_per_tok", 0, minimum=0)
         if e < 1 or not 1 <= k <= e:
             raise Dsr1Error(f"config.json: num_experts_per_tok {k} must be between 1 and the expert count {e}")
         if routing not in ROUTINGS:
             raise Dsr1Error(f"config.json: topk_method {routing!r} is not supported; supported: {', '.join(ROUTINGS)}")
-        groups = int(hf.get("n_group") or 1) if routing != "greedy" else 1
-        topk_group = int(hf.get("topk_group") or groups) if routing != "greedy" else 1
+        groups = integer(hf, "n_group", 1) if routing != "greedy" else 1
+        topk_group = integer(hf, "topk_group", groups) if routing != "greedy" else 1
         if e % groups or not 1 <= topk_group <= groups:
             raise Dsr1Error(f"config.json: n_group {groups} must divide the {e} experts and topk_group {topk_group} "
                             f"must be between 1 and n_group")
@@ -86,12 +88,12 @@ class MoEArgs:
             raise Dsr1Error(f"config.json: topk_group {topk_group} groups of {e // groups} experts hold fewer than "
                             f"num_experts_per_tok {k}")
         return cls(
-            n_experts=e, top_k=k, hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+            n_experts=e, top_k=k, hidden_size=integer(hf, "hidden_size"),
+            intermediate_size=integer(hf, "moe_intermediate_size", None) or integer(hf, "intermediate_size"),
             routing=routing,  # type: ignore[arg-type]  # checked against ROUTINGS above
             n_group=groups, topk_group=topk_group,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+            norm_topk_prob=flag(hf, "norm_topk_prob", False),
+            routed_scaling_factor=positive_number(hf, "routed_scaling_factor", 1.0),
             router_fp32=router_fp32,
         )
 

@@ -10,22 +10,45 @@ from typing import Any
 
 import torch
 
-from dsr1.errors import Dsr1Error
+from dsr1.errors import Dsr1Error, quote
+from dsr1.models.hf_fields import positive_number
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+#: the numeric rope settings, each a positive number where present (``factor`` and the llama3 ones
+#: are required by the rope types that use them, below)
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+#: the settings each rope type cannot do without
+ROPE_NEEDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     """The rope settings of a ``config.json``: transformers 5 ``rope_parameters`` or 4.x
-    ``rope_theta`` + ``rope_scaling``, as one dict with ``rope_type`` and ``rope_theta``."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
+    ``rope_theta`` + ``rope_scaling``, as one dict with ``rope_type`` and ``rope_theta``.
+    A setting of the wrong type is refused naming where it came from (``rope_parameters.rope_theta``)."""
+    sources = {"rope_scaling": hf.get("rope_scaling") or {}, "rope_parameters": hf.get("rope_parameters") or {}}
+    for name, source in sources.items():
+        if not isinstance(source, dict):
+            raise Dsr1Error(f"config.json {name} must be an object (or null), got {quote(source)}")
+        for key in ROPE_NUMBERS:
+            positive_number(source, key, None, where=f"config.json {name}.")
+    positive_number(hf, "rope_theta", None)
+    params = {**sources["rope_scaling"], **sources["rope_parameters"]}
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    if params["rope_theta"] is None:
+        params["rope_theta"] = 10000.0
     rope_type = params.get("rope_type", params.get("type", "default"))
     params["rope_type"] = rope_type
     if rope_type not in ROPE_TYPES:
-        raise Dsr1Error(f"unsupported rope_type {rope_type!r} in config.json; supported: {', '.join(ROPE_TYPES)}")
+        raise Dsr1Error(f"unsupported rope_type {quote(rope_type)} in config.json; supported: {', '.join(ROPE_TYPES)}")
+    missing = [key for key in ROPE_NEEDS.get(rope_type, ()) if params.get(key) is None]
+    if missing:
+        raise Dsr1Error(f"config.json rope_type {rope_type!r} needs {', '.join(missing)} in rope_parameters (or "
+                        f"rope_scaling)")
+    if not 0 < float(params.get("partial_rotary_factor") or 1.0) <= 1:
+        raise Dsr1Error(f"config.json partial_rotary_factor must be in (0, 1], got {params['partial_rotary_factor']}")
     return params
 
 
