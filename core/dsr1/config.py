@@ -534,6 +534,8 @@ def parse_option_items(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise Dsr1Error(f"--option takes KEY=VALUE, got {item!r}")
+        if key.strip() in out:  # the last would win silently
+            raise Dsr1Error(f"--option {quote(key.strip())} is given twice; give it once")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

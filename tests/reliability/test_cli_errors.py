@@ -301,6 +301,8 @@ def test_option_values_are_bounded_too() -> None:
                            ("[" * 40 + "]" * 40, "nested more than 32 levels deep")):
         with pytest.raises(Dsr1Error, match=message):
             parse_option_items([f"a={value}"])
+    with pytest.raises(Dsr1Error, match="--option 'group_size' is given twice; give it once"):
+        parse_option_items(["group_size=64", "group_size=128"])  # the last won silently
 
 
 @pytest.mark.parametrize("seed", [2**70, -1, 1.5, True])
