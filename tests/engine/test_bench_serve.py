@@ -59,3 +59,10 @@ def test_serve_refuses_a_trace_key_it_would_ignore_and_a_prefix_longer_than_the_
                        "--shared-prefix", "100"]) == 2
     err = capsys.readouterr().err
     assert "--shared-prefix 100 is longer than the shortest prompt" in err and "Traceback" not in err
+
+
+def test_serve_refuses_zero_kv_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    """0 blocks meant "size the pool for me" (a falsy check in the engine); that is leaving the option out."""
+    assert _exit_code(["bench", "serve", "--requests", "2", "--num-blocks", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "num_blocks must be at least 1 (KV blocks in the pool), got 0" in err and "Traceback" not in err

@@ -50,18 +50,24 @@ class ServerProcess:
                                      cwd=REPO, env=env)
         self.lines: list[str] = []
         self.url: str | None = None
+        #: ``/health``'s status code when first asked after "listening" (None: no answer)
+        self.first_health: int | None = None
         self._found = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self._found.wait(START_TIMEOUT_S) or self.url is None:
             self.stop()
             raise RuntimeError(f"dsr1 serve did not start: {self.output()}")
         deadline = time.monotonic() + START_TIMEOUT_S
+        asked = False
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
+                status = httpx.get(f"{self.url}/health", timeout=5).status_code
             except httpx.HTTPError:
-                pass
+                status = None
+            if not asked:
+                self.first_health, asked = status, True
+            if status == 200:
+                return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.2)

@@ -48,6 +48,13 @@ def test_health_and_models(server: ServerProcess, client: Any) -> None:
     assert [m.id for m in models.data] == [MODEL]
 
 
+def test_listening_is_said_once_the_model_is_in(server: ServerProcess) -> None:
+    said = [line for line in server.lines if line.startswith("dsr1 serve:")]
+    assert said[0] == f"dsr1 serve: loading model {MODEL!r}; {server.url}/health says 503 until it is in\n", said
+    assert said[1] == f"dsr1 serve: listening on {server.url} (model {MODEL!r})\n", said
+    assert server.first_health == 200  # asked right after "listening": no "loading" left to see
+
+
 def test_greedy_completion_equals_model_generate(client: Any, reference: Any) -> None:
     prompt = "The Python interpreter"
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from dsr1.errors import Dsr1Error
+from dsr1.errors import Dsr1Error, did_you_mean
 
 
 def add_parser(subparsers: Any) -> None:
@@ -59,12 +59,19 @@ def run(args: argparse.Namespace) -> int:
         args.api_key = os.environ.get("DSR1_API_KEY")
     if args.api_key is not None and not args.api_key.strip():
         raise Dsr1Error("--api-key is empty; give a non-empty key or leave the option out")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise Dsr1Error(f"--served-model-name must not be empty or blank, got {args.served_model_name!r}; give the "
+                        f"model id clients send, e.g. 'my-model', or leave the option out to serve it as --model")
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise Dsr1Error(f"--num-blocks must be >= 1 (KV blocks in the pool), got {args.num_blocks}; leave it out "
+                        f"to size the pool from free memory")
     try:
         import fastapi  # noqa: F401 - only checking that the extra is installed
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
-        raise Dsr1Error(f"dsr1 serve needs the serve extra ({err.name} is missing): pip install 'dsr1[serve]'") from None
+        raise Dsr1Error(f"dsr1 serve needs the serve extra ({err.name} is missing): "
+                        f"pip install 'dsr1[serve]'") from None
     from dsr1.cli import launched_rank
 
     rank = launched_rank()
@@ -73,15 +80,24 @@ def run(args: argparse.Namespace) -> int:
 
         follow(_build(args))
         return 0
-    from dsr1.serve.server import serve
+    from dsr1.serve.server import bind, serve
     from dsr1.serve.state import ServeSettings, ServeState
 
+    # A taken port or an unknown host is told before the model is looked at, let alone loaded; the socket
+    # is bound, not listening, so a client that comes early is refused rather than left waiting.
+    sockets = bind(args.host, args.port)
+    try:
+        _check_model(args)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     name = args.served_model_name or (args.shape if args.shape else args.model)
     state = ServeState(ServeSettings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                      drain_timeout_s=args.drain_timeout,
                                      reasoning_parser=args.reasoning_parser,
                                      exit_on_engine_error=rank is not None))
-    serve(state, lambda: _engine(args), args.host, args.port, args.log_level)
+    serve(state, lambda: _engine(args), sockets, args.log_level)
     if state.load_error is not None:
         err = state.load_error
         raise err if isinstance(err, Dsr1Error) else Dsr1Error(f"loading {name!r} failed: {type(err).__name__}: {err}")
@@ -89,6 +105,35 @@ def run(args: argparse.Namespace) -> int:
         err = state.engine.error
         raise err if isinstance(err, Dsr1Error) else Dsr1Error(f"the engine loop failed: {type(err).__name__}: {err}")
     return 0
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """Refuse, in one line and before the server opens, what would only fail once the model loads: an
+    unknown shape, a config that does not parse or names no installed plugin, a device that is not here,
+    a model that is not found. A hub name not on this machine is fetched here, as loading would."""
+    from dsr1.config import load_config
+    from dsr1.engine.engine import ENGINE_DEFAULTS
+    from dsr1.registry import PluginRegistry
+
+    if args.shape:
+        from dsr1.benchmarks.shapes import SHAPES
+
+        if args.shape not in SHAPES:
+            raise Dsr1Error(f"unknown --shape {args.shape!r}{did_you_mean(args.shape, SHAPES)}")
+    chosen = load_config(args.config)
+    overrides = {f: n for f, n in ENGINE_DEFAULTS.items() if getattr(chosen, f) is None}
+    PluginRegistry.from_env().resolve(load_config(args.config, **overrides)).require_device()
+    if not args.shape:
+        from dsr1.models.loading import read_hf_config, resolve_model_dir
+
+        try:
+            model_dir = resolve_model_dir(args.model, download=False)
+        except Dsr1Error:  # not on this machine: the hub's copy, or the one-line reason there is none
+            model_dir = resolve_model_dir(args.model)
+        read_hf_config(model_dir)
+        from dsr1.auto import require_causal_lm
+
+        require_causal_lm(args.model, args.config)  # an encoder (BERT, MiniLM) cannot serve completions
 
 
 def _engine(args: argparse.Namespace) -> Any:

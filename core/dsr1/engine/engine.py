@@ -192,8 +192,11 @@ class Engine:
         self.runner: PagedRunner | BatchRunner
         #: the pool's answer to ``kv_swap`` (None: preempted requests are always recomputed)
         self.swap_policy: SwapPolicy | None = None
+        if num_blocks is not None and num_blocks < 1:  # 0 is not "size it for me": that is None
+            raise Dsr1Error(f"num_blocks must be at least 1 (KV blocks in the pool), got {num_blocks}; leave it out "
+                            f"to size the pool from free memory")
         if runner is not None:  # whole batches over the kvcache plugin's rows: a "block" is one row of it
-            rows = num_blocks or (self.scheduler.options.max_batch_size
+            rows = num_blocks if num_blocks is not None else (self.scheduler.options.max_batch_size
                                   if isinstance(self.scheduler, StaticScheduler) else 256)
             self.block_size, self.num_blocks = self.max_model_len, rows
             self.blocks = BlockManager(rows, self.max_model_len, prefix_caching=False)
@@ -207,7 +210,8 @@ class Engine:
             block_size = int(getattr(kv_opts, "block_size", 16))
             self.block_size = block_size
             per_block = self._bytes_per_block(block_size)
-            self.num_blocks = num_blocks or getattr(kv_opts, "num_blocks", None) or self._default_blocks(per_block)
+            chosen = num_blocks if num_blocks is not None else getattr(kv_opts, "num_blocks", None)
+            self.num_blocks = chosen if chosen is not None else self._default_blocks(per_block)
             policy = self.swap_policy = swap_policy(pipeline.pool, per_block // block_size, model.device)
             host_blocks = max(0, policy.host_bytes // per_block) if policy is not None else 0
             swap = SwapSpace(host_blocks, policy.should_swap) if policy is not None and host_blocks else None
