@@ -23,7 +23,7 @@ CORE = Path(__file__).resolve().parents[2] / "core"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # what everything imports: errors, plugin records, the config, the family base classes
     ("base", ("dsr1", "errors", "distributions", "specs", "config", "hookspecs", "interfaces", "input_files",
-              "outputs", "progress", "corpus", "hugepages",
+              "outputs", "output_files", "progress", "corpus", "hugepages",
               # plain data that the base classes and the scheduler family share; they live beside the code that
               # owns them, and their packages' __init__ import nothing at run time (see the last test)
               "decoding.params", "engine.request", "engine.plan", "engine.blocks", "engine.swap_space")),
