@@ -115,9 +115,10 @@ def encoder_error(name: str | os.PathLike[str], model_type: Any) -> Dsr1Error:
 
 def require_causal_lm(name_or_path: str | os.PathLike[str], config: Any = None) -> None:
     """Refuse, before any weights load, a checkpoint whose model plugin declares the ``encoder``
-    capability: ``chat``, ``serve`` and ``bench`` generate. What cannot be told here (a model that is
-    not found, a config that names no plugin) is left to loading, which says it in its own words; an
-    encoder from a plugin that does not declare itself one is refused once built (:class:`~dsr1.engine.Engine`)."""
+    capability: ``chat``, ``serve`` and ``bench`` generate. A model that is not found, or whose
+    ``config.json`` is bad, is refused here in loading's words; a config that names no model plugin is
+    left to loading. An encoder from a plugin that does not declare itself one is refused once built
+    (:class:`~dsr1.engine.Engine`)."""
     from dsr1.models.loading import QUANTIZED_MODEL_TYPE
     from dsr1.pipeline import ENCODER_CAPABILITY, builder_for
     from dsr1.registry import PluginRegistry

@@ -12,6 +12,7 @@ UTF-8 text files of at most :data:`MAX_CONFIG_BYTES`, nested at most
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -503,6 +504,7 @@ class _DuplicateKey(Exception):
         self.key, self.first, self.again = key, first, again
 
 
+@functools.cache
 def _unique_key_loader() -> Any:
     """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently).
     Keys merged in with ``<<`` may be overridden, as YAML intends."""

@@ -81,10 +81,16 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], Any], fla
     checks of :func:`check_output`, again: the file may have appeared while the work ran)."""
     p = check_output(path, flag, own)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    replace_atomic(p, write)
+
+
+def replace_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` into ``.NAME.tmp-PID`` beside ``path``, then rename it over ``path``: whole or not at all.
+    No checks: the caller has decided that ``path`` may be replaced (:func:`write_atomic` checks first)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        os.replace(tmp, p)  # whole or not at all
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -60,8 +60,9 @@ def parse_allowlist(value: str | None) -> list[str] | None:
     return [entry for entry in re.split(r"[,\s]+", value) if entry]
 
 
-#: allow-list entries already warned about in this process.
-_WARNED_ENTRIES: set[str] = set()
+#: allow-lists already checked against the installed plugins in this process (each is checked, and its
+#: unmatched entries warned about, once: the check reads every distribution's metadata).
+_CHECKED_ALLOWLISTS: set[frozenset[str]] = set()
 
 
 def _check_family(family: str) -> None:
@@ -148,13 +149,14 @@ class PluginRegistry:
         return out
 
     def warn_unmatched(self) -> None:
-        """One warning per process for allow-list entries that allow nothing installed (a typo allows nothing,
+        """One warning per process and allow-list for entries that allow nothing installed (a typo allows nothing,
         and the plugin it meant stays out); not an error: an allow-list may name a plugin installed later."""
+        if not self.allowlist or self.allowlist in _CHECKED_ALLOWLISTS:
+            return
+        _CHECKED_ALLOWLISTS.add(self.allowlist)
         for entry in self.unmatched():
-            if entry not in _WARNED_ENTRIES:
-                _WARNED_ENTRIES.add(entry)
-                warnings.warn(f"DSR1_PLUGINS entry {entry!r} names no installed plugin or distribution; it allows "
-                              f"nothing (installed: dsr1 plugins list)", stacklevel=3)
+            warnings.warn(f"DSR1_PLUGINS entry {entry!r} names no installed plugin or distribution; it allows "
+                          f"nothing (installed: dsr1 plugins list)", stacklevel=3)
 
     # --- discovery (imports nothing) ----------------------------------------------------
 

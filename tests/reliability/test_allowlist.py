@@ -185,9 +185,8 @@ def test_an_entry_that_names_nothing_installed_is_warned_about_once() -> None:
     from dsr1 import registry as reg
     from dsr1.registry import PluginRegistry
 
-    reg._WARNED_ENTRIES.discard("nosuchplugin")
-    reg._WARNED_ENTRIES.discard("attention:nosuch")
     env = {"DSR1_PLUGINS": "sdpa,cpu,nosuchplugin,attention:nosuch,dsr1-attention-sdpa"}
+    reg._CHECKED_ALLOWLISTS.discard(frozenset(reg.parse_allowlist(env["DSR1_PLUGINS"])))  # as in a new process
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert PluginRegistry.from_env(env).unmatched() == ["attention:nosuch", "nosuchplugin"]

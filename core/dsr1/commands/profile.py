@@ -26,11 +26,11 @@ import json
 import os
 import platform
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dsr1.errors import Dsr1Error
+from dsr1.output_files import replace_atomic
 
 #: the PNG text chunk (``Software``) that marks a chart as this command's.
 CHART_MARK = "dsr1 profile"
@@ -138,15 +138,6 @@ def plan_files(out: Path, batches: list[int]) -> dict[str, Path]:
     return files
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # whole or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- measuring ---------------------------------------------------------------------------------
 
 
@@ -230,7 +221,7 @@ def draw_chart(plt: Any, results: list[dict[str, Any]], path: Path, title: str) 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": CHART_MARK}))
+    replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": CHART_MARK}))
     plt.close(fig)
 
 
@@ -273,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "results": results,
     }
-    _write_atomic(files["report"], lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
+    replace_atomic(files["report"], lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
     draw_chart(plt, results, files["chart"], f"{args.model} · {report['device']} · {report['dtype']}")
     print(f"wrote {files['report']}, {files['chart']} and {len(batches)} trace(s) under {out}")
     return 0

@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import heapq
 import json
-import os
 import re
 import threading
 import time
@@ -47,14 +46,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from torch.utils.hooks import RemovableHandle
 from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.hooks import RemovableHandle
 
 from dsr1.errors import Dsr1Error
 from dsr1.hookspecs import hookimpl
 from dsr1.interfaces import OperatorStat
 from dsr1.monitor.clocks import CudaClock, HostClock, RunningStat
 from dsr1.monitor.timing import TimingMonitor
+from dsr1.output_files import replace_atomic
 from dsr1.specs import PluginSpec
 
 #: The operator categories, in the order data flows through a layer.
@@ -457,12 +457,8 @@ class ProfilerMonitor(TimingMonitor):
         if path.exists() or path.is_symlink():
             if not is_own_trace(path):
                 raise Dsr1Error(f"{path} exists and is not a trace dsr1 wrote; pass another path or move it away")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.trace()), encoding="utf-8")
-            os.replace(tmp, path)  # whole or not at all
-        finally:
-            tmp.unlink(missing_ok=True)
+        text = json.dumps(self.trace())
+        replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return path
 
 

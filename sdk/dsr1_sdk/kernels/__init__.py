@@ -27,7 +27,8 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["FORMATS", "INTERPRETER_CASES", "MAX_ROWS", "patch_interpreter", "run_interpreted", "triton_problem"]
+__all__ = ["FORMATS", "INTERPRETER_CASES", "MAX_ROWS", "patch_interpreter", "run_interpreted", "split_workspace",
+           "triton_problem"]
 
 #: most rows (tokens) a weight-only call takes; more rows are compute-bound: dequantize + cuBLAS wins.
 MAX_ROWS = 64
@@ -50,6 +51,27 @@ INTERPRETER_CASES: tuple[tuple[int, dict[str, int]], ...] = (
     (3, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),
     (3, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}),
 )
+
+
+#: (device, stream, the caller's key) → the partials and counters of a split kernel (:func:`split_workspace`).
+_SPLIT_WORKSPACES: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def split_workspace(device: Any, key: tuple[Any, ...], partials: int, counters: int) -> tuple[Any, Any]:
+    """The scratch of a kernel that splits a reduction across programs and lets the last one merge (the weight-only
+    GEMV's split-K, the decode attention's key chunks): ``partials`` fp32 values, left unset, and ``counters``
+    int32 at 0, which the merging program puts back to 0. Made once per device, stream and ``key`` (which must
+    fix both sizes) and never replaced, so a captured CUDA graph keeps its pointers valid; two calls share
+    one only on one stream, where they run in order."""
+    import torch
+
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    full = (str(device), stream, *key)
+    found = _SPLIT_WORKSPACES.get(full)
+    if found is None:
+        found = _SPLIT_WORKSPACES[full] = (torch.empty(partials, dtype=torch.float32, device=device),
+                                           torch.zeros(counters, dtype=torch.int32, device=device))
+    return found
 
 
 def patch_interpreter() -> None:

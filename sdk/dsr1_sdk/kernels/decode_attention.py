@@ -23,13 +23,12 @@ it checks that first.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from dsr1_sdk.kernels import patch_interpreter
+from dsr1_sdk.kernels import patch_interpreter, split_workspace
 
 __all__ = ["decode_attention", "split_plan"]
 
@@ -109,22 +108,6 @@ def split_plan(heads: int, keys: int, programs: int) -> tuple[int, int]:
     return chunk, max(1, -(-keys // chunk))
 
 
-#: (device, stream, B·Hkv, splits, BLOCK_G, BLOCK_D) → (partials, counters): made once, counters at 0 between calls.
-_WORKSPACES: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, heads: int, splits: int, block_g: int, block_d: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream, heads, splits, block_g, block_d)
-    found = _WORKSPACES.get(key)
-    if found is None:
-        found = (torch.empty(heads * splits * block_g * (block_d + 2), dtype=torch.float32, device=device),
-                 torch.zeros(heads, dtype=torch.int32, device=device))
-        _WORKSPACES[key] = found
-    return found
-
-
 def _programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -160,7 +143,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     block_g, block_d = max(16, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))
     chunk, splits = split_plan(b * hkv, s, _programs(q.device))
-    ws, counters = _workspace(q.device, b * hkv, splits, block_g, block_d)
+    ws, counters = split_workspace(q.device, ("decode_attention", b * hkv, splits, block_g, block_d),
+                                   b * hkv * splits * block_g * (block_d + 2), b * hkv)
     m = mask if mask is not None else out  # never read without HAS_MASK
     sm_b = (mask.stride(0) if mask.shape[0] > 1 else 0) if mask is not None else 0
     sm_s = mask.stride(3) if mask is not None else 0

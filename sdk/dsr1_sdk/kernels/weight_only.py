@@ -28,8 +28,8 @@ per SM on sm80/sm90, capped the first int8 GEMV: ``bench/results/quant-h200/``):
     fp32 partial in a workspace and counts itself done on a counter of its column block. The last one to
     finish adds the partials in split order, stores ``y``, and sets the counter back to 0 for the next call
     or graph replay.
-  - The workspace and counters are kept per device, ``N`` and stream (:func:`_split_workspace`). So two
-    calls of one ``N`` must not run at once on one stream's buffers; a stream runs its kernels in order.
+  - The workspace and counters are kept per device, stream and ``N``
+    (:func:`dsr1_sdk.kernels.split_workspace`): calls that share them run in order, on one stream.
   - A zeroing kernel per call would cost what the split saves: a decode layer takes microseconds.
   - The dot kernel adds its partials atomically into an output that its config's pre-hook zeroes. Each
     partial is rounded to the output dtype before the add: at most ``SPLIT_K`` roundings instead of one.
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsr1_sdk.kernels import FORMATS, MAX_ROWS, patch_interpreter
+from dsr1_sdk.kernels import FORMATS, MAX_ROWS, patch_interpreter, split_workspace
 
 __all__ = ["DOT_CONFIGS", "GEMV_CONFIGS", "MAX_ROWS", "tuned_config", "weight_only_mm", "weight_only_mm_with"]
 
@@ -317,25 +317,6 @@ _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}
 _MAGIC = {torch.bfloat16: (0x4300, 128), torch.float16: (0x6400, 1024)}
 
 
-#: (device, N, stream) → the GEMV's split-K partials (fp32, splits × N) and column-block counters (int32, N; at 0
-#: between calls: the last split of each block resets its own).
-_WORKSPACES: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_workspace(device: torch.device, n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The workspace of :func:`_gemv_kernel`'s exact split for ``n`` outputs on this device and stream, made
-    once (large enough for every split the tuner tries, or ``split`` where a fixed config asks for more)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), n, stream)
-    found = _WORKSPACES.get(key)
-    if found is None or found[0].numel() < split * n:
-        splits = max(split, *_SPLITS)
-        found = (torch.empty(splits * n, dtype=torch.float32, device=device),
-                 torch.zeros(n, dtype=torch.int32, device=device))
-        _WORKSPACES[key] = found
-    return found
-
-
 def _launch(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
             group: int, config: dict[str, int] | None) -> torch.Tensor:
     m, k = x.shape
@@ -356,7 +337,8 @@ def _launch(x: torch.Tensor, fmt: str, weight: torch.Tensor, scales: torch.Tenso
         patch_interpreter()
     gemv, dot = (_gemv_fixed, _dot_fixed) if fixed else (_gemv, _dot)
     if m == 1:
-        ws, counters = _split_workspace(x.device, n, split)
+        cap = max(split, *_SPLITS)  # every split the tuner tries (or a fixed config's own, in the tests)
+        ws, counters = split_workspace(x.device, ("gemv", n, cap), cap * n, n)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         gemv[grid](x, weight, s, z, y, ws, counters, n, k, FMT=code, GROUP=group, **fixed)
     else:

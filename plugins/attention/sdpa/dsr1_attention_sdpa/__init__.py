@@ -170,14 +170,16 @@ class SdpaAttention(AttentionMechanism):
             grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
             out = cpu_kernels.decode_attention(grouped, key, value, d ** -0.5 if scale is None else scale)
             return out.reshape(b, h, 1, d)  # (B, H, 1, D)
-        if self._cuda_kernel and query.is_cuda and _cuda_decode() is None:
-            self._cuda_kernel = False  # warned once; asked at every CUDA call, so an eager prefill imports it
-        if t == 1 and self._cuda_kernel and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) \
+        # asked at every CUDA call, so an eager prefill imports it; without triton, warned once and SDPA from then on
+        decode = _cuda_decode() if self._cuda_kernel and query.is_cuda else None
+        if decode is None and self._cuda_kernel and query.is_cuda:
+            self._cuda_kernel = False
+        if t == 1 and decode is not None and query.dtype in (torch.float16, torch.bfloat16) \
                 and query.shape[3] <= 256 and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4
                                                                and mask.shape[1] == mask.shape[2] == 1)):
             b, d = query.shape[0], query.shape[3]
             grouped = query.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): head i reads key/value head i // G
-            out = _cuda_decode()(grouped, key, value, mask, d ** -0.5 if scale is None else scale)  # type: ignore[misc]
+            out = decode(grouped, key, value, mask, d ** -0.5 if scale is None else scale)
             return out.reshape(b, h, 1, d)  # (B, H, 1, D)
         if t == 1 and h != hkv:
             # GQA decode as plain multi-head attention: the G = H / Hkv query heads that share a key/value
